@@ -1,0 +1,673 @@
+"""PVC: Progressive Visual Token Compression (Yang et al., CVPR 2025, arXiv 2412.09613).
+
+Every visual input is a clip of frames: a video is its sampled frames, an image (each of its tiles) is a
+"static video" of `image_repeat` identical frames. The vision tower is InternViT whose last layers add a
+frame-causal temporal attention, so that frame t encodes what frames < t did not; the token compressor keeps
+64 tokens per 448px frame (4x4 pixel shuffle) where InternVL2 keeps 256.
+
+    vision tower (PVCVisionModel) -> token compressor (PVCMultiModalProjector) -> language model
+
+Shape letters used in comments:
+    S  streams: one (clip, tile position) each; a stream is what temporal attention runs over
+    T  frames per clip               P  tiles per frame
+    N  tokens per frame (1 CLS + h*w patches)   h, w  patch grid
+    C  vision width                  M  compressed tokens per frame     D  text width
+"""
+
+import math
+
+import torch
+from einops import rearrange
+from torch import nn
+from transformers import AutoModel, GenerationMixin, GradientCheckpointingLayer, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import BaseModelOutput, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .configuration_pvc import PVCConfig, PVCVisionConfig, _as_pair
+
+IMAGE, VIDEO = 0, 1  # values of `visual_order`
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------------------------
+
+
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, is_causal=False, **kwargs):
+    """Plain attention over [batch, heads, length, head_dim]; returns [batch, length, heads, head_dim]."""
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # [B, H, L, L]
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    if is_causal:
+        length = query.shape[2]
+        future = torch.ones(length, length, dtype=torch.bool, device=query.device).triu(1)
+        scores = scores.masked_fill(future, torch.finfo(scores.dtype).min)
+    weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    output = torch.matmul(weights, value).transpose(1, 2).contiguous()  # [B, L, H, d]
+    return output, weights
+
+
+class PVCRMSNorm(nn.Module):
+    def __init__(self, hidden_size, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+NORMS = {"layer_norm": nn.LayerNorm, "rms_norm": PVCRMSNorm}
+
+
+class PVCVisionAttention(nn.Module):
+    """Multi-head self-attention over the second axis of [batch, length, C], dispatched through transformers'
+    attention interface (eager, sdpa, flash_attention_2). Spatial attention runs over the tokens of a frame;
+    temporal attention (`is_causal=True`) over the frames of one token position."""
+
+    def __init__(self, config: PVCVisionConfig, is_causal: bool = False):
+        super().__init__()
+        self.config = config
+        self.embed_dim = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.head_dim = self.embed_dim // self.num_heads
+        self.scale = self.head_dim**-0.5
+        self.is_causal = is_causal
+        self.q_proj = nn.Linear(self.embed_dim, self.embed_dim, bias=config.attention_bias)
+        self.k_proj = nn.Linear(self.embed_dim, self.embed_dim, bias=config.attention_bias)
+        self.v_proj = nn.Linear(self.embed_dim, self.embed_dim, bias=config.attention_bias)
+        self.projection_layer = nn.Linear(self.embed_dim, self.embed_dim)
+        self.projection_dropout = nn.Dropout(config.projection_dropout)
+        self.q_norm = PVCRMSNorm(self.embed_dim) if config.use_qk_norm else nn.Identity()
+        self.k_norm = PVCRMSNorm(self.embed_dim) if config.use_qk_norm else nn.Identity()
+
+    def forward(self, hidden_states):
+        batch, length, _ = hidden_states.shape
+        heads = (batch, length, self.num_heads, self.head_dim)
+        query = self.q_norm(self.q_proj(hidden_states)).view(heads).transpose(1, 2)  # [B, H, L, d]
+        key = self.k_norm(self.k_proj(hidden_states)).view(heads).transpose(1, 2)  # [B, H, L, d]
+        value = self.v_proj(hidden_states).view(heads).transpose(1, 2)  # [B, H, L, d]
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        output, _ = attention(
+            self,
+            query,
+            key,
+            value,
+            None,
+            scaling=self.scale,
+            dropout=self.config.attention_dropout if self.training else 0.0,
+            is_causal=self.is_causal,
+        )
+        output = output.reshape(batch, length, self.embed_dim)  # [B, L, C]
+        return self.projection_dropout(self.projection_layer(output))
+
+
+class PVCVisionMLP(nn.Module):
+    def __init__(self, config: PVCVisionConfig):
+        super().__init__()
+        self.activation_fn = ACT2FN[config.hidden_act]
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states):
+        return self.fc2(self.activation_fn(self.fc1(hidden_states)))
+
+
+class PVCZeroInitLinear(nn.Linear):
+    """A Linear that starts at zero (weight and bias), so the block it ends contributes nothing at first."""
+
+
+class PVCModulation(nn.Module):
+    """Per-token modulation MLP of an AdaLN: Linear -> SiLU -> Linear, the last one zero-initialised."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, intermediate_size)
+        self.act = nn.SiLU()
+        self.fc2 = PVCZeroInitLinear(intermediate_size, hidden_size)
+
+    def forward(self, condition):
+        return self.fc2(self.act(self.fc1(condition)))
+
+
+class PVCAdaLayerNorm(nn.Module):
+    """AdaLN(x; z) = (1 + scale(z)) * LayerNorm(x) + shift(z): a LayerNorm without its own affine whose
+    per-token affine is predicted from the condition z. Starts as the plain (identity-affine) LayerNorm."""
+
+    def __init__(self, hidden_size: int, modulation_size: int, eps: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden_size, eps=eps, elementwise_affine=False)
+        self.scale = PVCModulation(hidden_size, modulation_size)
+        self.shift = PVCModulation(hidden_size, modulation_size)
+
+    def forward(self, hidden_states, condition):
+        return self.norm(hidden_states) * (1 + self.scale(condition)) + self.shift(condition)
+
+
+class PVCTimestepEmbedding(nn.Module):
+    """Relative frame timestamps -> vectors: sinusoid (as a diffusion timestep embedder), then a 2-layer MLP."""
+
+    def __init__(self, hidden_size: int, frequency_size: int = 256, timestamp_scale: float = 1000.0):
+        super().__init__()
+        self.frequency_size = frequency_size
+        self.timestamp_scale = timestamp_scale
+        self.linear_1 = nn.Linear(frequency_size, hidden_size)
+        self.act = nn.SiLU()
+        self.linear_2 = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, timestamps):  # [T] in [0, 1]
+        half = self.frequency_size // 2
+        exponent = torch.arange(half, dtype=torch.float32, device=timestamps.device) / half
+        frequencies = torch.exp(-math.log(10000.0) * exponent)  # [256/2]
+        angles = (timestamps.float() * self.timestamp_scale)[:, None] * frequencies[None]  # [T, 128]
+        sinusoid = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)  # [T, 256]
+        sinusoid = sinusoid.to(self.linear_1.weight.dtype)
+        return self.linear_2(self.act(self.linear_1(sinusoid)))  # [T, width]
+
+
+def relative_timestamps(num_frames: int, device=None) -> torch.Tensor:
+    """t_k = k / (T - 1) for k = 0..T-1, and [0] for a single frame."""
+    return torch.linspace(0, 1, num_frames, device=device) if num_frames > 1 else torch.zeros(1, device=device)
+
+
+def in_chunks(function, frames: torch.Tensor, chunk_size: int | None) -> torch.Tensor:
+    """Apply a per-frame `function` to [F, N, C] at most `chunk_size` frames at a time (same result)."""
+    if chunk_size is None or frames.shape[0] <= chunk_size:
+        return function(frames)
+    return torch.cat([function(chunk) for chunk in frames.split(chunk_size)])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Vision tower
+# --------------------------------------------------------------------------------------------------------------
+
+
+class PVCVisionEmbeddings(nn.Module):
+    """Patch embedding, CLS token and learned absolute positions (bicubically interpolated for other sizes)."""
+
+    def __init__(self, config: PVCVisionConfig):
+        super().__init__()
+        self.patch_size = _as_pair(config.patch_size)
+        height, width = _as_pair(config.image_size)
+        self.grid = (height // self.patch_size[0], width // self.patch_size[1])
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.patch_embeddings = nn.Module()
+        self.patch_embeddings.projection = nn.Conv2d(
+            config.num_channels, config.hidden_size, kernel_size=self.patch_size, stride=self.patch_size
+        )
+        self.position_embeddings = nn.Parameter(torch.zeros(1, 1 + self.grid[0] * self.grid[1], config.hidden_size))
+
+    def position_embeddings_for(self, grid_h: int, grid_w: int) -> torch.Tensor:
+        if (grid_h, grid_w) == self.grid:
+            return self.position_embeddings
+        cls_position, patch_positions = self.position_embeddings[:, :1], self.position_embeddings[:, 1:]
+        patch_positions = rearrange(patch_positions, "1 (h w) c -> 1 c h w", h=self.grid[0])
+        patch_positions = nn.functional.interpolate(
+            patch_positions.float(), size=(grid_h, grid_w), mode="bicubic", align_corners=False
+        ).to(cls_position.dtype)
+        return torch.cat([cls_position, rearrange(patch_positions, "1 c h w -> 1 (h w) c")], dim=1)
+
+    def forward(self, pixel_values):  # [F, 3, H, W]
+        projection = self.patch_embeddings.projection
+        patches = projection(pixel_values.to(projection.weight.dtype))  # [F, C, h, w]
+        grid_h, grid_w = patches.shape[-2:]
+        patches = rearrange(patches, "f c h w -> f (h w) c")
+        cls = self.cls_token.expand(patches.shape[0], -1, -1)  # [F, 1, C]
+        return torch.cat([cls, patches], dim=1) + self.position_embeddings_for(grid_h, grid_w)  # [F, N, C]
+
+
+class PVCVisionLayer(GradientCheckpointingLayer):
+    """An InternViT layer, applied to each frame on its own: x + ls1 * S-MHA(LN1(x)), then x + ls2 * FFN(LN2(x))."""
+
+    def __init__(self, config: PVCVisionConfig):
+        super().__init__()
+        self.attention = PVCVisionAttention(config)
+        self.mlp = PVCVisionMLP(config)
+        self.layernorm_before = NORMS[config.norm_type](config.hidden_size, eps=config.layer_norm_eps)
+        self.layernorm_after = NORMS[config.norm_type](config.hidden_size, eps=config.layer_norm_eps)
+        self.lambda_1 = nn.Parameter(torch.full((config.hidden_size,), config.layer_scale_init_value))
+        self.lambda_2 = nn.Parameter(torch.full((config.hidden_size,), config.layer_scale_init_value))
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def spatial_block(self, hidden_states):  # [F, N, C]
+        return hidden_states + self.lambda_1 * self.attention(self.layernorm_before(hidden_states))
+
+    def mlp_block(self, hidden_states):  # [F, N, C]
+        return hidden_states + self.lambda_2 * self.dropout(self.mlp(self.layernorm_after(hidden_states)))
+
+    def forward(self, hidden_states):  # [F, N, C]
+        return self.mlp_block(self.spatial_block(hidden_states))
+
+
+class PVCVisionProgressiveLayer(PVCVisionLayer):
+    """An InternViT layer with frame-causal temporal attention between its spatial attention and its MLP:
+
+        x = x + ls1 * S-MHA(LN1(x))               per frame
+        x = x + g * T-MHA(AdaLN(x; x + TE))        per token position, over the frames of a stream, causal
+        x = x + ls2 * FFN(LN2(x))                  per frame
+
+    The gate g starts at zero, so a fresh layer is the InternViT layer it extends.
+    """
+
+    def __init__(self, config: PVCVisionConfig):
+        super().__init__(config)
+        self.temporal_norm = PVCAdaLayerNorm(config.hidden_size, config.adaln_hidden_size, config.layer_norm_eps)
+        self.temporal_attention = PVCVisionAttention(config, is_causal=True)
+        self.temporal_gate = nn.Parameter(torch.zeros(config.hidden_size))
+
+    def forward(self, hidden_states, temporal_embeds, num_streams: int, chunk_size: int | None = None):
+        # hidden_states: [S * T_in, N, C] with T_in = T, or T_in = 1 where all frames of a stream are one image
+        # (a static clip): they stay shared through the spatial attention and only split here.
+        hidden_states = in_chunks(self.spatial_block, hidden_states, chunk_size)
+        hidden_states = expand_frames(hidden_states, num_streams, temporal_embeds.shape[0])  # [S, T, N, C]
+        condition = hidden_states + temporal_embeds[:, None]  # [S, T, N, C] + [T, 1, C]
+        normed = rearrange(self.temporal_norm(hidden_states, condition), "s t n c -> (s n) t c")
+        temporal = rearrange(self.temporal_attention(normed), "(s n) t c -> s t n c", s=num_streams)
+        hidden_states = hidden_states + self.temporal_gate * temporal  # [S, T, N, C]
+        hidden_states = rearrange(hidden_states, "s t n c -> (s t) n c")
+        return in_chunks(self.mlp_block, hidden_states, chunk_size)  # [S * T, N, C]
+
+
+def expand_frames(hidden_states, num_streams: int, num_frames: int):
+    """[S * T_in, N, C] -> [S, T, N, C]; T_in is T, or 1 for a static clip whose frames share one image."""
+    frames = hidden_states.view(num_streams, -1, *hidden_states.shape[1:])  # [S, T_in, N, C]
+    return frames.expand(-1, num_frames, -1, -1)
+
+
+class PVCPreTrainedModel(PreTrainedModel):
+    config_class = PVCConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "video", "text")
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["PVCVisionLayer", "PVCVisionProgressiveLayer"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = False
+    _supports_attention_backend = True
+
+    def _init_weights(self, module):
+        config = self.config
+        vision_config = getattr(config, "vision_config", config)
+        std = getattr(config, "initializer_range", 0.02)
+        if isinstance(module, PVCZeroInitLinear):
+            init.zeros_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, (nn.Linear, nn.Conv2d)):
+            init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm) and module.elementwise_affine:
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, PVCRMSNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, PVCVisionEmbeddings):
+            init.normal_(module.cls_token, std=std)
+            init.normal_(module.position_embeddings, std=std)
+        if isinstance(module, PVCVisionLayer):
+            init.constant_(module.lambda_1, vision_config.layer_scale_init_value)
+            init.constant_(module.lambda_2, vision_config.layer_scale_init_value)
+        if isinstance(module, PVCVisionProgressiveLayer):
+            init.zeros_(module.temporal_gate)
+
+
+class PVCVisionEncoder(nn.Module):
+    """InternViT layers: the first ones per frame, the last `num_temporal_layers` progressive."""
+
+    def __init__(self, config: PVCVisionConfig):
+        super().__init__()
+        self.num_frame_layers = config.num_hidden_layers - config.num_temporal_layers
+        self.layer = nn.ModuleList(
+            [PVCVisionLayer(config) for _ in range(self.num_frame_layers)]
+            + [PVCVisionProgressiveLayer(config) for _ in range(config.num_temporal_layers)]
+        )
+
+    def forward(self, hidden_states, temporal_embeds, num_streams: int, chunk_size: int | None):
+        for layer in self.layer[: self.num_frame_layers]:
+            hidden_states = in_chunks(layer, hidden_states, chunk_size)  # [S * T_in, N, C]
+        for layer in self.layer[self.num_frame_layers :]:
+            hidden_states = layer(hidden_states, temporal_embeds, num_streams, chunk_size)  # [S * T, N, C]
+        return hidden_states
+
+
+class PVCVisionModel(PVCPreTrainedModel):
+    """InternViT with progressive layers. Encodes S streams of T frames each; frames are causal in time."""
+
+    config_class = PVCVisionConfig
+    main_input_name = "pixel_values"
+    input_modalities = ("image", "video")
+
+    def __init__(self, config: PVCVisionConfig):
+        super().__init__(config)
+        self.embeddings = PVCVisionEmbeddings(config)
+        self.encoder = PVCVisionEncoder(config)
+        # One temporal embedding for the whole tower; absent (None) without progressive layers.
+        self.temporal_embedding = (
+            PVCTimestepEmbedding(config.hidden_size, config.timestamp_embedding_size, config.timestamp_scale)
+            if config.num_temporal_layers
+            else None
+        )
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embeddings.patch_embeddings.projection
+
+    def forward(self, pixel_values, num_frames: int = 1, static: bool = False, frame_chunk_size="config"):
+        r"""
+        Args:
+            pixel_values (`torch.Tensor`): `[S * T, 3, H, W]`, the frames of S streams one stream after the other;
+                or, with `static=True`, `[S, 3, H, W]`: each stream is one image seen `num_frames` times (a static
+                clip). Its per-frame layers then run once per image and the result is broadcast to the frames at
+                the first progressive layer, which is exact.
+            num_frames (`int`): T, the frames per stream.
+            frame_chunk_size (`int` or `None`): overrides `config.frame_chunk_size` (frames per chunk in the
+                per-frame computations; does not change the result).
+
+        Returns:
+            `BaseModelOutput` whose `last_hidden_state` is `[S * T, N, C]` (CLS first in each frame).
+        """
+        if frame_chunk_size == "config":
+            frame_chunk_size = self.config.frame_chunk_size
+        frames_given = 1 if static else num_frames
+        if pixel_values.ndim != 4 or pixel_values.shape[0] % frames_given:
+            raise ValueError(
+                f"pixel_values must be [streams * {frames_given}, channels, height, width] for num_frames="
+                f"{num_frames}, static={static}; got shape {tuple(pixel_values.shape)}."
+            )
+        num_streams = pixel_values.shape[0] // frames_given
+        hidden_states = self.embeddings(pixel_values)  # [S * T_in, N, C]
+        temporal_embeds = None
+        if self.temporal_embedding is not None:
+            temporal_embeds = self.temporal_embedding(relative_timestamps(num_frames, pixel_values.device))  # [T, C]
+        hidden_states = self.encoder(hidden_states, temporal_embeds, num_streams, frame_chunk_size)
+        hidden_states = expand_frames(hidden_states, num_streams, num_frames).flatten(0, 1)  # [S * T, N, C]
+        return BaseModelOutput(last_hidden_state=hidden_states)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Token compressor
+# --------------------------------------------------------------------------------------------------------------
+
+
+class PVCMultiModalProjector(nn.Module):
+    """Adaptive compression: drop CLS, k x k pixel shuffle (k = 1 / downsample_ratio; InternVL's "v2" order),
+    AdaLN conditioned on the frame timestamp (or InternVL's LayerNorm), then Linear -> GELU -> Linear."""
+
+    def __init__(self, config: PVCConfig):
+        super().__init__()
+        vision = config.vision_config
+        self.scale = round(1 / config.downsample_ratio)
+        width = vision.hidden_size * self.scale**2
+        text_width = config.text_config.hidden_size
+        self.adaptive = config.projector_adaln
+        if self.adaptive:
+            self.temporal_embedding = PVCTimestepEmbedding(
+                width, vision.timestamp_embedding_size, vision.timestamp_scale
+            )
+            self.adaln = PVCAdaLayerNorm(width, config.projector_adaln_hidden_size, eps=1e-5)
+        else:
+            self.layer_norm = nn.LayerNorm(width)
+        self.linear_1 = nn.Linear(width, text_width)
+        self.act = ACT2FN[config.projector_hidden_act]
+        self.linear_2 = nn.Linear(text_width, text_width)
+
+    def pixel_shuffle(self, vision_features, num_frames: int):
+        """[S * T, N, C] -> [S, T, M, k*k*C]: each output token holds a k x k block of patches, row-major."""
+        side = math.isqrt(vision_features.shape[1] - 1)
+        if side * side != vision_features.shape[1] - 1 or side % self.scale:
+            raise ValueError(
+                f"The vision tower gave {vision_features.shape[1] - 1} patches per frame; the token compressor needs a "
+                f"square grid whose side is divisible by {self.scale} (1 / downsample_ratio)."
+            )
+        return rearrange(
+            vision_features[:, 1:],  # drop CLS
+            "(s t) (a i b j) c -> s t (a b) (i j c)",
+            t=num_frames,
+            a=side // self.scale,
+            i=self.scale,
+            j=self.scale,
+        )
+
+    def forward(self, vision_features, num_frames: int):  # [S * T, N, C]
+        hidden_states = self.pixel_shuffle(vision_features, num_frames)  # [S, T, M, k*k*C]
+        if self.adaptive:
+            timestamps = relative_timestamps(num_frames, hidden_states.device)
+            temporal_embeds = self.temporal_embedding(timestamps)[None, :, None]  # [1, T, 1, k*k*C]
+            hidden_states = self.adaln(hidden_states, hidden_states + temporal_embeds)
+        else:
+            hidden_states = self.layer_norm(hidden_states)
+        return self.linear_2(self.act(self.linear_1(hidden_states)))  # [S, T, M, D]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Vision-language model
+# --------------------------------------------------------------------------------------------------------------
+
+
+class PVCModel(PVCPreTrainedModel):
+    """Vision tower, token compressor and a native transformers decoder (no LM head)."""
+
+    def __init__(self, config: PVCConfig):
+        super().__init__(config)
+        self.vision_tower = PVCVisionModel(config.vision_config)
+        self.multi_modal_projector = PVCMultiModalProjector(config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def encode_clips(self, pixel_values, num_frames: int, static: bool = False):
+        """Frames of S streams -> LLM-width tokens [S, T, M, D] (see `PVCVisionModel.forward` for the layout)."""
+        vision_features = self.vision_tower(pixel_values, num_frames=num_frames, static=static).last_hidden_state
+        return self.multi_modal_projector(vision_features, num_frames)
+
+    def image_features_per_image(self, pixel_values, image_num_tiles=None) -> list[torch.Tensor]:
+        """Each image becomes a static clip of `image_repeat` frames holding all its tiles; frame-major tokens."""
+        tiles = _counts(image_num_tiles, pixel_values.shape[0], "image_num_tiles", "pixel_values")
+        features = self.encode_clips(pixel_values, self.config.image_repeat, static=True)  # [tiles, T, M, D]
+        return [rearrange(image, "p t m d -> (t p m) d") for image in features.split(tiles)]
+
+    def video_features_per_video(self, pixel_values_videos, video_num_frames, video_num_tiles=None):
+        """Each video is one clip of T frames (P tiles per frame, 1 by default); frame-major tokens."""
+        if video_num_frames is None:
+            raise ValueError("pixel_values_videos needs video_num_frames: the number of frames of each video.")
+        frames = [int(count) for count in video_num_frames]
+        tiles = [1] * len(frames) if video_num_tiles is None else [int(count) for count in video_num_tiles]
+        rows = _counts([t * p for t, p in zip(frames, tiles)], pixel_values_videos.shape[0], "video_num_frames "
+                       "(x video_num_tiles)", "pixel_values_videos")
+        features = []
+        for clip, num_frames, num_tiles in zip(pixel_values_videos.split(rows), frames, tiles):
+            clip = rearrange(clip, "(t p) c h w -> (p t) c h w", p=num_tiles)  # tile streams
+            clip_features = self.encode_clips(clip, num_frames)  # [P, T, M, D]
+            features.append(rearrange(clip_features, "p t m d -> (t p m) d"))
+        return features
+
+    def get_image_features(self, pixel_values, image_num_tiles=None):
+        """Projected image features in LLM order, [num_image_tokens, D]."""
+        return torch.cat(self.image_features_per_image(pixel_values, image_num_tiles))
+
+    def get_video_features(self, pixel_values_videos, video_num_frames, video_num_tiles=None):
+        """Projected video features in LLM order, [num_video_tokens, D]."""
+        return torch.cat(self.video_features_per_video(pixel_values_videos, video_num_frames, video_num_tiles))
+
+    def get_visual_features(
+        self,
+        pixel_values=None,
+        image_num_tiles=None,
+        pixel_values_videos=None,
+        video_num_frames=None,
+        video_num_tiles=None,
+        visual_order=None,
+    ):
+        """All visual features of a batch in the order their placeholders appear in the text, or None."""
+        images = [] if pixel_values is None else self.image_features_per_image(pixel_values, image_num_tiles)
+        videos = []
+        if pixel_values_videos is not None:
+            videos = self.video_features_per_video(pixel_values_videos, video_num_frames, video_num_tiles)
+        if not images and not videos:
+            return None
+        if visual_order is None:
+            if images and videos:
+                raise ValueError(
+                    "This batch holds both images and videos, whose placeholders share the <IMG_CONTEXT> token, so "
+                    "their order in the text is ambiguous. Pass `visual_order` (0 = image, 1 = video, one entry "
+                    "per visual in text order), as PVCProcessor returns it."
+                )
+            return torch.cat(images or videos)
+        order = [int(kind) for kind in visual_order]
+        if sorted(order) != [IMAGE] * len(images) + [VIDEO] * len(videos):
+            raise ValueError(
+                f"visual_order {order} must hold one 0 per image ({len(images)} given) and one 1 per video "
+                f"({len(videos)} given)."
+            )
+        images, videos = iter(images), iter(videos)
+        return torch.cat([next(videos) if kind == VIDEO else next(images) for kind in order])
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        pixel_values=None,
+        image_num_tiles=None,
+        pixel_values_videos=None,
+        video_num_frames=None,
+        video_num_tiles=None,
+        visual_order=None,
+        inputs_embeds=None,
+        **kwargs,
+    ):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)  # [B, L, D]
+
+        features = self.get_visual_features(
+            pixel_values, image_num_tiles, pixel_values_videos, video_num_frames, video_num_tiles, visual_order
+        )
+        if features is not None:
+            mask = self.placeholder_mask(input_ids, inputs_embeds)  # [B, L]
+            num_placeholders = int(mask.sum())
+            if num_placeholders != features.shape[0]:
+                raise ValueError(
+                    f"The text holds {num_placeholders} image tokens (id {self.config.image_token_id}) but the "
+                    f"images and videos give {features.shape[0]} features. Build the prompt with PVCProcessor, "
+                    f"which expands each <image>/<video> placeholder to the right number of tokens."
+                )
+            features = features.to(inputs_embeds.device, inputs_embeds.dtype)
+            inputs_embeds = inputs_embeds.masked_scatter(mask[..., None].to(inputs_embeds.device), features)
+
+        return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+
+    def placeholder_mask(self, input_ids, inputs_embeds):
+        if input_ids is not None:
+            return input_ids == self.config.image_token_id
+        token = torch.tensor(self.config.image_token_id, device=inputs_embeds.device)
+        return (inputs_embeds == self.get_input_embeddings()(token)).all(-1)
+
+
+class PVCForConditionalGeneration(PVCPreTrainedModel, GenerationMixin):
+    """PVC with a language-modelling head: `forward` for training, `generate` for inference."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: PVCConfig):
+        super().__init__(config)
+        self.model = PVCModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def get_image_features(self, pixel_values, image_num_tiles=None):
+        return self.model.get_image_features(pixel_values, image_num_tiles)
+
+    def get_video_features(self, pixel_values_videos, video_num_frames, video_num_tiles=None):
+        return self.model.get_video_features(pixel_values_videos, video_num_frames, video_num_tiles)
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        pixel_values=None,
+        image_num_tiles=None,
+        pixel_values_videos=None,
+        video_num_frames=None,
+        video_num_tiles=None,
+        visual_order=None,
+        inputs_embeds=None,
+        labels=None,
+        logits_to_keep=0,
+        **kwargs,
+    ):
+        r"""
+        Args:
+            input_ids, attention_mask, inputs_embeds: as any causal LM; `image_token_id` marks visual tokens.
+            pixel_values (`[total_tiles, 3, H, W]`) and image_num_tiles (`[num_images]`, default one tile each).
+            pixel_values_videos (`[total_frames * tiles, 3, H, W]`, frame-major) and video_num_frames
+                (`[num_videos]`); video_num_tiles (`[num_videos]`, tiles per frame, default 1).
+            visual_order (`[num_images + num_videos]`): 0 for an image, 1 for a video, in text order; needed only
+                when a batch holds both.
+            labels (`[B, L]`): next-token targets, -100 where no loss is wanted.
+            Other keyword arguments (cache, position_ids, use_cache, ...) go to the language model.
+        """
+        return_dict = kwargs.pop("return_dict", None)
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixel_values=pixel_values,
+            image_num_tiles=image_num_tiles,
+            pixel_values_videos=pixel_values_videos,
+            video_num_frames=video_num_frames,
+            video_num_tiles=video_num_tiles,
+            visual_order=visual_order,
+            inputs_embeds=inputs_embeds,
+            return_dict=True,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state  # [B, L, D]
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep])  # [B, L', vocab]
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
+        # The language model's own output fields (the cache is `cache` or `past_key_values`, by version).
+        extra = {key: value for key, value in outputs.items() if key != "last_hidden_state"}
+        output = CausalLMOutputWithPast(loss=loss, logits=logits, **extra)
+        return output.to_tuple() if return_dict is False else output
+
+
+def _counts(counts, total: int, counts_name: str, tensor_name: str) -> list[int]:
+    """Per-item row counts as a list of ints (one row each when `counts` is None), checked against the total."""
+    counts = [1] * total if counts is None else [int(count) for count in counts]
+    if sum(counts) != total or any(count < 1 for count in counts):
+        raise ValueError(
+            f"{counts_name} {counts} must be positive and add up to the {total} rows of {tensor_name}."
+        )
+    return counts
+
+
+__all__ = ["PVCPreTrainedModel", "PVCVisionModel", "PVCModel", "PVCForConditionalGeneration"]

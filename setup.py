@@ -1,0 +1,39 @@
+"""`pip install .` makes `import pvc` work from the very files the Hub loads with `trust_remote_code=True`."""
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+# The repository root is the `pvc` package; these root files are not part of it.
+NOT_IN_PACKAGE = {"setup.py"}
+
+
+class BuildPy(build_py):
+    def find_package_modules(self, package, package_dir):
+        modules = super().find_package_modules(package, package_dir)
+        return [module for module in modules if not (package == "pvc" and module[2].endswith(tuple(NOT_IN_PACKAGE)))]
+
+
+setup(
+    name="pvc",
+    version="0.1.0",
+    description="PVC: Progressive Visual Token Compression for image and video VLMs, for Hugging Face Transformers",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=["pvc"],
+    package_dir={"pvc": "."},
+    cmdclass={"build_py": BuildPy},
+    install_requires=[
+        "torch>=2.6",
+        "transformers>=5.17,<6",
+        "einops>=0.7",
+        "safetensors",
+        "pillow",
+        "numpy",
+    ],
+    extras_require={
+        "video": ["av>=12"],
+        "train": ["accelerate>=1.0", "peft>=0.15"],
+        "flash": ["flash-attn>=2.6"],
+        "test": ["pytest", "hypothesis", "av>=12", "accelerate>=1.0", "peft>=0.15", "sentencepiece", "protobuf"],
+    },
+)

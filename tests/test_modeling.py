@@ -1,0 +1,293 @@
+"""The core model on tiny configs: external references, the properties the design promises, the API."""
+
+import pytest
+import torch
+from conftest import ABLATIONS, IMAGE_TOKEN, TINY_TEXT, TINY_VISION, prompt, randomize_, tiny_config, tiny_model
+from transformers import AutoModelForImageTextToText, InternVLConfig, InternVLForConditionalGeneration
+from transformers import InternVLVisionConfig, InternVLVisionModel
+
+from pvc import PVCConfig, PVCForConditionalGeneration
+
+HF_VISION = dict(
+    hidden_size=TINY_VISION["hidden_size"],
+    num_hidden_layers=TINY_VISION["num_hidden_layers"],
+    num_attention_heads=TINY_VISION["num_attention_heads"],
+    intermediate_size=TINY_VISION["intermediate_size"],
+    image_size=TINY_VISION["image_size"],
+    patch_size=TINY_VISION["patch_size"],
+    attention_bias=True,
+    layer_norm_eps=1e-6,
+    use_mean_pooling=True,  # InternViT has no final norm
+)
+
+
+def internvl_reference(pvc_model):
+    """transformers' own InternVL with the same shapes, loaded with the PVC model's state dict (same names)."""
+    config = InternVLConfig(
+        vision_config=HF_VISION, text_config=dict(TINY_TEXT), image_token_id=IMAGE_TOKEN, downsample_ratio=0.5,
+        tie_word_embeddings=False,
+    )
+    config._attn_implementation = "eager"
+    reference = InternVLForConditionalGeneration(config).eval()
+    reference.load_state_dict(pvc_model.state_dict(), strict=True)
+    return reference
+
+
+def test_row_a_equals_transformers_internvl(pixels):
+    model = tiny_model("a", attn_implementation="eager")
+    reference = internvl_reference(model)
+    tiles = torch.tensor([3, 1, 2])  # three images of several tiles
+    pixel_values = pixels(int(tiles.sum()))
+    input_ids = prompt(16 * int(tiles.sum()))
+    with torch.no_grad():
+        ours = model(input_ids=input_ids, pixel_values=pixel_values, image_num_tiles=tiles).logits
+        theirs = reference(input_ids=input_ids, pixel_values=pixel_values).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_fresh_vit_equals_internvit_and_gates_make_static_frames_differ(pixels):
+    model = tiny_model("pvc", randomize=False)
+    # Give the InternViT part of the tower random weights; the PVC parts keep their fresh initialisation.
+    generator = torch.Generator().manual_seed(7)
+    tower = model.model.vision_tower
+    with torch.no_grad():
+        for name, param in tower.named_parameters():
+            if "temporal" not in name:
+                param.add_(0.1 * torch.randn(param.shape, generator=generator))
+    config = InternVLVisionConfig(**HF_VISION)
+    internvit = InternVLVisionModel(config).eval()
+    missing, unexpected = internvit.load_state_dict(tower.state_dict(), strict=False)
+    assert not missing and all("temporal" in key for key in unexpected)
+
+    images = pixels(3)
+    with torch.no_grad():
+        expected = internvit(images).last_hidden_state  # [3, N, C]
+        frames = tower(images, num_frames=4, static=True).last_hidden_state.view(3, 4, *expected.shape[1:])
+    for t in range(4):
+        torch.testing.assert_close(frames[:, t], expected, rtol=1e-6, atol=1e-6)
+
+    randomize_(model, seed=3)
+    with torch.no_grad():
+        frames = tower(images, num_frames=4, static=True).last_hidden_state.view(3, 4, *expected.shape[1:])
+        tokens = model.model.encode_clips(images, 4, static=True)  # [3, 4, M, D]
+    for t in range(1, 4):
+        assert not torch.allclose(frames[:, t], frames[:, 0], atol=1e-4)
+        assert not torch.allclose(tokens[:, t], tokens[:, 0], atol=1e-4)
+
+
+def test_frame_causality(pixels):
+    model = tiny_model("pvc")
+    video = pixels(6)
+    changed = video.clone()
+    changed[3] = torch.randn(3, 56, 56)
+    with torch.no_grad():
+        before = model.model.encode_clips(video, 6)[0]  # [T, M, D]
+        after = model.model.encode_clips(changed, 6)[0]
+    assert torch.equal(before[:3], after[:3])
+    for t in range(3, 6):
+        assert not torch.allclose(before[t], after[t], atol=1e-4)
+
+
+def test_static_clip_dedup_is_exact(pixels):
+    model = tiny_model("pvc")
+    tiles = pixels(2)
+    repeated = tiles.repeat_interleave(4, dim=0)  # each tile as an explicit 4-frame stream
+    with torch.no_grad():
+        deduplicated = model.model.encode_clips(tiles, 4, static=True)
+        explicit = model.model.encode_clips(repeated, 4, static=False)
+    torch.testing.assert_close(deduplicated, explicit, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_frame_chunking_does_not_change_results(pixels, chunk):
+    model = tiny_model("pvc")
+    video = pixels(7)
+    with torch.no_grad():
+        whole = model.model.vision_tower(video, num_frames=7, frame_chunk_size=None).last_hidden_state
+        chunked = model.model.vision_tower(video, num_frames=7, frame_chunk_size=chunk).last_hidden_state
+    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("row", sorted(ABLATIONS))
+def test_token_counts_per_ablation_row(pixels, row):
+    model = tiny_model(row)
+    config = model.config
+    per_frame = 16 if config.downsample_ratio == 0.5 else 4
+    assert config.tokens_per_frame == per_frame
+    with torch.no_grad():
+        image = model.get_image_features(pixels(3), torch.tensor([3]))
+        video = model.get_video_features(pixels(5), torch.tensor([5]))
+    assert image.shape == (per_frame * config.image_repeat * 3, TINY_TEXT["hidden_size"])
+    assert video.shape == (per_frame * 5, TINY_TEXT["hidden_size"])
+    names = dict(model.named_parameters())
+    assert any("temporal_attention" in name for name in names) == (ABLATIONS[row]["num_temporal_layers"] > 0)
+    assert ("model.multi_modal_projector.layer_norm.weight" in names) != ABLATIONS[row]["projector_adaln"]
+
+
+def test_image_tokens_are_frame_major(pixels):
+    """An image of P tiles gives frame 1 (tile 1 .. tile P), frame 2, ...: compare with each tile alone."""
+    model = tiny_model("pvc")
+    tiles = pixels(2)
+    with torch.no_grad():
+        together = model.get_image_features(tiles, torch.tensor([2])).view(4, 2, 4, -1)  # [T, P, M, D]
+        alone = [model.get_image_features(tiles[p : p + 1]).view(4, 4, -1) for p in range(2)]  # [T, M, D]
+    for p in range(2):
+        torch.testing.assert_close(together[:, p], alone[p], rtol=1e-5, atol=1e-6)
+
+
+def mixed_sample(model, pixels, order):
+    """One sample with an image (2 tiles) and a video (3 frames) in `order`, plus its separate inputs."""
+    image, video = pixels(2), pixels(3)
+    count = {"image": 4 * 4 * 2, "video": 4 * 3}
+    ids = [1, 2]
+    for kind in order:
+        ids += [125] + [IMAGE_TOKEN] * count[kind] + [126, 7]
+    inputs = dict(
+        input_ids=torch.tensor([ids]),
+        pixel_values=image,
+        image_num_tiles=torch.tensor([2]),
+        pixel_values_videos=video,
+        video_num_frames=torch.tensor([3]),
+        visual_order=torch.tensor([0 if kind == "image" else 1 for kind in order]),
+    )
+    return inputs
+
+
+def test_mixed_batch_matches_samples_one_by_one(pixels):
+    model = tiny_model("pvc")
+    first = mixed_sample(model, pixels, ["image", "video"])
+    second = mixed_sample(model, pixels, ["video", "image"])
+    batch = dict(
+        input_ids=torch.cat([first["input_ids"], second["input_ids"]]),
+        pixel_values=torch.cat([first["pixel_values"], second["pixel_values"]]),
+        image_num_tiles=torch.tensor([2, 2]),
+        pixel_values_videos=torch.cat([first["pixel_values_videos"], second["pixel_values_videos"]]),
+        video_num_frames=torch.tensor([3, 3]),
+        visual_order=torch.tensor([0, 1, 1, 0]),
+    )
+    with torch.no_grad():
+        batched = model(**batch).logits
+        one_by_one = torch.cat([model(**first).logits, model(**second).logits])
+    torch.testing.assert_close(batched, one_by_one, rtol=1e-5, atol=1e-5)
+
+    batch.pop("visual_order")
+    with pytest.raises(ValueError, match="visual_order"):
+        model(**batch)
+    with pytest.raises(ValueError, match="visual_order"):
+        model(**dict(batch, visual_order=torch.tensor([0, 0, 0, 1])))
+
+
+def test_every_parameter_gets_a_gradient(pixels):
+    model = tiny_model("pvc").train()
+    inputs = mixed_sample(model, pixels, ["image", "video"])
+    labels = inputs["input_ids"].clone()
+    labels[labels == IMAGE_TOKEN] = -100
+    model(**inputs, labels=labels).loss.backward()
+    dead = [name for name, param in model.named_parameters() if param.grad is None or not param.grad.any()]
+    assert not dead
+
+
+def test_fresh_gates_receive_a_gradient(pixels):
+    """At initialisation the temporal branch contributes nothing, but its gate must still learn."""
+    model = tiny_model("pvc", randomize=False).train()
+    inputs = mixed_sample(model, pixels, ["video"]) | {"pixel_values": None, "visual_order": None}
+    inputs["input_ids"] = prompt(12)
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    for layer in model.model.vision_tower.encoder.layer[-2:]:
+        assert layer.temporal_gate.grad is not None and layer.temporal_gate.grad.abs().sum() > 0
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(pixels):
+    inputs = dict(input_ids=prompt(4 * 4 * 2), pixel_values=pixels(2), image_num_tiles=torch.tensor([2]))
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model("pvc", vision=dict(frame_chunk_size=2)).train()
+        if checkpointing:
+            if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.2x
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            assert all(layer.gradient_checkpointing for layer in model.model.vision_tower.encoder.layer)
+        model(**inputs, labels=inputs["input_ids"]).loss.backward()
+        grads.append({name: param.grad for name, param in model.named_parameters()})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_eager_and_sdpa_agree(pixels):
+    inputs = dict(input_ids=prompt(4 * 4 * 2), pixel_values=pixels(2), image_num_tiles=torch.tensor([2]))
+    logits = {}
+    for implementation in ("eager", "sdpa"):
+        model = tiny_model("pvc", attn_implementation=implementation)
+        assert model.model.vision_tower.config._attn_implementation == implementation
+        with torch.no_grad():
+            logits[implementation] = model(**inputs).logits
+    torch.testing.assert_close(logits["sdpa"], logits["eager"], rtol=1e-5, atol=1e-5)
+
+
+def test_save_and_reload_with_remote_code(tmp_path, pixels):
+    model = tiny_model("pvc")
+    model.save_pretrained(tmp_path)
+    for name in ("modeling_pvc.py", "configuration_pvc.py", "config.json", "model.safetensors"):
+        assert (tmp_path / name).exists(), name
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path, trust_remote_code=True, dtype=torch.float32)
+    assert type(reloaded).__name__ == "PVCForConditionalGeneration"
+    assert type(reloaded).__module__ != PVCForConditionalGeneration.__module__  # really the saved code
+    inputs = dict(input_ids=prompt(4 * 4 * 2), pixel_values=pixels(2), image_num_tiles=torch.tensor([2]))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.eval()(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
+
+
+def greedy_by_hand(model, inputs, steps):
+    ids = inputs["input_ids"]
+    for _ in range(steps):
+        with torch.no_grad():
+            logits = model(**dict(inputs, input_ids=ids)).logits
+        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+@pytest.mark.parametrize("kind", ["images", "video"])
+def test_generate_equals_greedy_loop_over_forward(pixels, kind):
+    model = tiny_model("pvc")
+    if kind == "images":
+        inputs = dict(input_ids=prompt(4 * 4 * 3), pixel_values=pixels(3), image_num_tiles=torch.tensor([2, 1]))
+    else:
+        inputs = dict(input_ids=prompt(4 * 5), pixel_values_videos=pixels(5), video_num_frames=torch.tensor([5]))
+    generated = model.generate(**inputs, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(generated, greedy_by_hand(model, inputs, 6))
+
+
+def test_token_count_mismatch_names_both_counts(pixels):
+    model = tiny_model("pvc")
+    with pytest.raises(ValueError, match=r"31 image tokens.*32 features"):
+        model(input_ids=prompt(31), pixel_values=pixels(2), image_num_tiles=torch.tensor([2]))
+    with pytest.raises(ValueError, match="image_num_tiles"):
+        model(input_ids=prompt(32), pixel_values=pixels(2), image_num_tiles=torch.tensor([3]))
+
+
+def test_config_errors_name_the_problem():
+    with pytest.raises(ValueError, match="model_type"):
+        PVCConfig(text_config={"hidden_size": 8})
+    with pytest.raises(ValueError, match="downsample_ratio"):
+        tiny_config(downsample_ratio=0.3)
+    with pytest.raises(ValueError, match="num_temporal_layers"):
+        tiny_config(vision=dict(num_temporal_layers=9))
+
+
+def test_config_round_trip(tmp_path):
+    config = tiny_config("pvc")
+    config.save_pretrained(tmp_path)
+    loaded = PVCConfig.from_pretrained(tmp_path)
+    assert loaded.text_config.model_type == "qwen2"
+    assert loaded.vision_config.num_temporal_layers == 2
+    assert loaded.tokens_per_frame == 4
+    assert loaded.auto_map["AutoModelForImageTextToText"] == "modeling_pvc.PVCForConditionalGeneration"
+
+
+def test_bfloat16_forward(pixels):
+    model = tiny_model("pvc").to(torch.bfloat16)
+    inputs = dict(input_ids=prompt(4 * 4), pixel_values=pixels(1))  # float32 pixels are cast by the model
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()

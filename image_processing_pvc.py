@@ -1,0 +1,359 @@
+"""Pixels for PVC: InternVL's dynamic-resolution tiling for images, uniform frame sampling for videos.
+
+An image becomes its tiles (an aspect-ratio grid of 448px tiles, plus a thumbnail when there is more than one
+tile); the model turns each image into a static clip of `image_repeat` frames itself, so pixels are sent once.
+A video becomes `num_frames` frames sampled at segment midpoints, decoded with PyAV by seeking, one tile per
+frame by default.
+"""
+
+import logging
+import math
+import os
+from fractions import Fraction
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import BatchFeature, ImageProcessingMixin
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Seek instead of decoding forward when the next wanted frame lies this many frames ahead or more.
+SEEK_DISTANCE = 32
+
+
+def tile_grid(width: int, height: int, min_tiles: int, max_tiles: int, tile_size: int) -> tuple[int, int]:
+    """InternVL's rule: the (columns, rows) grid with min_tiles <= columns * rows <= max_tiles whose aspect ratio
+    is closest to the image's; on a tie, the larger grid wins if the image covers more than half of it."""
+    grids = sorted(
+        {(c, r) for c in range(1, max_tiles + 1) for r in range(1, max_tiles + 1) if min_tiles <= c * r <= max_tiles},
+        key=lambda grid: (grid[0] * grid[1], grid),
+    )
+    aspect = width / height
+    best, best_difference = (1, 1), float("inf")
+    for columns, rows in grids:
+        difference = abs(aspect - columns / rows)
+        if difference < best_difference:
+            best, best_difference = (columns, rows), difference
+        elif difference == best_difference and width * height > 0.5 * tile_size * tile_size * columns * rows:
+            best = (columns, rows)
+    return best
+
+
+def to_pil(image) -> Image.Image:
+    """A PIL image, numpy array (HWC or HW; uint8, or float in [0, 1]), torch tensor (CHW or HWC) or path, as RGB."""
+    if isinstance(image, (str, os.PathLike)):
+        image = _open_image(image)
+    elif isinstance(image, torch.Tensor):
+        array = image.detach().cpu()
+        if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+            array = array.permute(1, 2, 0)  # CHW -> HWC
+        image = array.numpy()
+    if isinstance(image, np.ndarray):
+        image = _array_to_pil(image)
+    if not isinstance(image, Image.Image):
+        raise TypeError(
+            f"Unsupported image type {type(image).__name__}: pass a PIL image, a numpy array, a torch tensor or a "
+            "path (or a list of these)."
+        )
+    if image.width == 0 or image.height == 0:
+        raise ValueError(f"Got an empty image ({image.width}x{image.height} pixels).")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return image.convert("RGB")
+
+
+def _open_image(path) -> Image.Image:
+    path = str(path)
+    if path.startswith(("http://", "https://")):
+        from transformers.image_utils import load_image
+
+        return load_image(path)
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except FileNotFoundError:
+        raise ValueError(f"Image file not found: {path}") from None
+    except OSError as error:
+        raise ValueError(f"Could not read the image {path}: {error}") from None
+
+
+def _array_to_pil(array: np.ndarray) -> Image.Image:
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+        raise ValueError(f"An image array must be HxW or HxWx3 (or 4); got shape {array.shape}.")
+    if array.size == 0:
+        raise ValueError(f"Got an empty image (array of shape {array.shape}).")
+    if array.dtype != np.uint8:
+        array = np.clip(np.rint(array.astype(np.float64) * 255), 0, 255).astype(np.uint8)
+    return Image.fromarray(array)
+
+
+class PVCImageProcessor(ImageProcessingMixin):
+    r"""
+    Images and videos to PVC's pixel inputs.
+
+    Args:
+        image_size (`int`, defaults to 448): tile side.
+        min_tiles, max_tiles (`int`, defaults to 1 and 12): bounds of the tile grid of an image.
+        use_thumbnail (`bool`, defaults to `True`): append a whole-image tile when an image has several tiles.
+        image_mean, image_std: normalisation (ImageNet).
+        num_frames (`int`, defaults to 16): frames sampled from a video.
+        video_max_tiles (`int`, defaults to 1): tile grid bound for each video frame (1: one resized tile).
+    """
+
+    model_input_names = ["pixel_values", "image_num_tiles", "pixel_values_videos", "video_num_frames", "video_num_tiles"]
+
+    def __init__(
+        self,
+        image_size=448,
+        min_tiles=1,
+        max_tiles=12,
+        use_thumbnail=True,
+        image_mean=IMAGENET_MEAN,
+        image_std=IMAGENET_STD,
+        num_frames=16,
+        video_max_tiles=1,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.image_size = image_size
+        self.min_tiles = min_tiles
+        self.max_tiles = max_tiles
+        self.use_thumbnail = use_thumbnail
+        self.image_mean = list(image_mean)
+        self.image_std = list(image_std)
+        self.num_frames = num_frames
+        self.video_max_tiles = video_max_tiles
+
+    # ---------------------------------------------------------------------------------------------------- images
+
+    def tiles(self, image: Image.Image, max_tiles: int | None = None) -> list[Image.Image]:
+        """The tiles of one RGB image: the grid row by row, then the thumbnail (when there is more than one)."""
+        max_tiles = self.max_tiles if max_tiles is None else max_tiles
+        if not 1 <= self.min_tiles <= max_tiles:
+            raise ValueError(f"Need 1 <= min_tiles ({self.min_tiles}) <= max_tiles ({max_tiles}).")
+        size = self.image_size
+        columns, rows = tile_grid(image.width, image.height, self.min_tiles, max_tiles, size)
+        resized = image.resize((columns * size, rows * size), Image.BICUBIC)
+        tiles = [
+            resized.crop((c * size, r * size, (c + 1) * size, (r + 1) * size)) for r in range(rows) for c in range(columns)
+        ]
+        if self.use_thumbnail and len(tiles) > 1:
+            tiles.append(image.resize((size, size), Image.BICUBIC))
+        return tiles
+
+    def to_tensor(self, tiles: list[Image.Image]) -> torch.Tensor:
+        """RGB tiles -> normalised [len, 3, size, size] float32."""
+        array = np.stack([np.asarray(tile, dtype=np.float32) for tile in tiles]) / 255.0  # [n, H, W, 3]
+        array = (array - np.asarray(self.image_mean, dtype=np.float32)) / np.asarray(self.image_std, dtype=np.float32)
+        return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
+
+    def preprocess_images(self, images, max_tiles: int | None = None) -> dict:
+        """`pixel_values` [total_tiles, 3, S, S] and `image_num_tiles` [num_images]."""
+        tiles_per_image = [self.tiles(to_pil(image), max_tiles) for image in _flatten(images)]
+        return {
+            "pixel_values": self.to_tensor([tile for tiles in tiles_per_image for tile in tiles]),
+            "image_num_tiles": torch.tensor([len(tiles) for tiles in tiles_per_image]),
+        }
+
+    # ---------------------------------------------------------------------------------------------------- videos
+
+    def preprocess_videos(
+        self,
+        videos,
+        num_frames: int | None = None,
+        fps: float | None = None,
+        max_frames: int | None = None,
+        start: float | None = None,
+        end: float | None = None,
+        max_tiles: int | None = None,
+    ) -> dict:
+        """`pixel_values_videos` [total_frames * tiles, 3, S, S] (frame-major), `video_num_frames` and
+        `video_num_tiles` (tiles per frame) [num_videos]. See `sample_frames` for the sampling options."""
+        max_tiles = self.video_max_tiles if max_tiles is None else max_tiles
+        pixels, frame_counts, tile_counts = [], [], []
+        for video in _flatten_videos(videos):
+            frames = self.sample_frames(video, num_frames, fps, max_frames, start, end)
+            tiles = [tile for frame in frames for tile in self._tile_frame(frame, max_tiles)]
+            pixels.append(self.to_tensor(tiles))
+            frame_counts.append(len(frames))
+            tile_counts.append(len(tiles) // len(frames))
+        return {
+            "pixel_values_videos": torch.cat(pixels),
+            "video_num_frames": torch.tensor(frame_counts),
+            "video_num_tiles": torch.tensor(tile_counts),
+        }
+
+    def _tile_frame(self, frame: Image.Image, max_tiles: int) -> list[Image.Image]:
+        if max_tiles == 1:
+            return [frame.resize((self.image_size, self.image_size), Image.BICUBIC)]
+        return self.tiles(frame, max_tiles)
+
+    def sample_frames(self, video, num_frames=None, fps=None, max_frames=None, start=None, end=None):
+        """RGB frames of one video (a path, a list of frames, or an array/tensor [T, H, W, 3]).
+
+        By default `num_frames` frames at the midpoints of equal segments: frame floor((k + 1/2) * n / num_frames)
+        of the n frames in the window, k = 0 .. num_frames - 1. With `fps`, frames every 1/fps seconds instead, at
+        most `max_frames` (beyond that, `max_frames` at segment midpoints). `start`/`end` (seconds) restrict a video
+        file to a time window. A video with fewer frames than asked for repeats frames. Frames given in memory
+        are sampled by the same rule as a file; pass `num_frames=len(frames)` to keep them all.
+        """
+        num_frames = self.num_frames if num_frames is None else num_frames
+        if num_frames is not None and num_frames < 1:
+            raise ValueError(f"num_frames must be at least 1, got {num_frames}.")
+        if isinstance(video, (str, os.PathLike)):
+            return read_video(str(video), num_frames, fps, max_frames, start, end)
+        frames = _frames_in_memory(video)
+        if start is not None or end is not None:
+            raise ValueError("start/end select a time window of a video file; slice frames given in memory instead.")
+        indices = sample_indices(len(frames), num_frames, None, None, max_frames)
+        return [to_pil(frames[index]) for index in indices]
+
+    # ---------------------------------------------------------------------------------------------------- call
+
+    def __call__(self, images=None, videos=None, return_tensors="pt", **kwargs) -> BatchFeature:
+        """Images and/or videos -> a `BatchFeature` of the model's pixel inputs."""
+        video_options = {key: kwargs.pop(key) for key in ("num_frames", "fps", "max_frames", "start", "end") if key in kwargs}
+        video_max_tiles = kwargs.pop("video_max_tiles", None)
+        max_tiles = kwargs.pop("max_tiles", None)
+        if kwargs:
+            raise TypeError(f"Unexpected arguments: {sorted(kwargs)}.")
+        data = {}
+        if images is not None:
+            data.update(self.preprocess_images(images, max_tiles))
+        if videos is not None:
+            data.update(self.preprocess_videos(videos, max_tiles=video_max_tiles, **video_options))
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    preprocess = __call__
+
+
+def sample_indices(total: int, num_frames: int | None, fps: float | None, native_fps: float | None, max_frames):
+    """Indices of the frames to keep among `total` (see `PVCImageProcessor.sample_frames`)."""
+    if total < 1:
+        raise ValueError("The video has no decodable frames.")
+    if fps is not None:
+        if native_fps is None:
+            raise ValueError("fps sampling needs the video's own frame rate (a video file).")
+        count = max(1, math.floor(total * fps / native_fps))
+        if max_frames is None or count <= max_frames:
+            return [min(total - 1, math.floor((k + 0.5) * native_fps / fps)) for k in range(count)]
+        num_frames = max_frames
+    elif max_frames is not None:
+        num_frames = min(num_frames, max_frames)
+    if num_frames > total:
+        logger.debug("The video has %d frames, fewer than the %d requested: frames repeat.", total, num_frames)
+    return [math.floor((k + 0.5) * total / num_frames) for k in range(num_frames)]
+
+
+def read_video(path: str, num_frames, fps=None, max_frames=None, start=None, end=None) -> list[Image.Image]:
+    """Decode only the sampled frames of a video file with PyAV, seeking to far-apart frames."""
+    try:
+        import av
+    except ImportError:
+        raise ImportError("Reading video files needs PyAV: pip install av") from None
+    if not os.path.exists(path):
+        raise ValueError(f"Video file not found: {path}")
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise ValueError(f"{path} holds no video stream.")
+            stream = container.streams.video[0]
+            rate = Fraction(stream.average_rate or stream.guessed_rate or 0)
+            total = _frame_count(container, stream, rate)
+            first = 0 if start is None else max(0, math.floor(start * rate))
+            last = total if end is None else min(total, math.ceil(end * rate))
+            if last <= first:
+                raise ValueError(f"The window [{start}, {end}] s holds no frame of {path} ({total} frames).")
+            indices = [first + index for index in sample_indices(last - first, num_frames, fps, float(rate), max_frames)]
+            frames = _decode_at(container, stream, rate, indices)
+    except av.error.FFmpegError as error:
+        raise ValueError(f"Could not decode the video {path}: {error}. Is it a valid video file?") from None
+    if not frames:
+        raise ValueError(f"The video {path} has no decodable frames.")
+    return frames
+
+
+def _frame_count(container, stream, rate) -> int:
+    if stream.frames:
+        return stream.frames
+    if stream.duration and stream.time_base and rate:
+        return math.floor(stream.duration * stream.time_base * rate)
+    if container.duration and rate:
+        return math.floor(container.duration / 1_000_000 * rate)
+    count = sum(1 for _ in container.decode(stream))  # no header information: count by decoding
+    container.seek(0)
+    return count
+
+
+def _decode_at(container, stream, rate, indices) -> list[Image.Image]:
+    """Frames at the given (sorted, possibly repeated) indices; a frame past the real end becomes the last one."""
+    time_base = stream.time_base
+    start_pts = stream.start_time or 0
+    wanted = sorted(set(indices))
+    found: dict[int, Image.Image] = {}
+    decoder, position, last = None, -1, None
+    for target in wanted:
+        if decoder is None or target - position >= SEEK_DISTANCE:
+            container.seek(start_pts + int(target / rate / time_base), stream=stream, backward=True)
+            decoder = container.decode(stream)
+        for frame in decoder:
+            position = round((frame.pts - start_pts) * time_base * rate) if frame.pts is not None else position + 1
+            last = frame
+            if position >= target:
+                found[target] = frame.to_image()
+                break
+        else:  # the stream ended before the target: the header overstated the length
+            if last is None:
+                break
+            found[target] = last.to_image()
+    return [found[index] for index in indices if index in found]
+
+
+def _frames_in_memory(video):
+    if isinstance(video, torch.Tensor):
+        video = video.detach().cpu()
+        if video.ndim == 4 and video.shape[1] in (1, 3) and video.shape[-1] not in (1, 3):
+            video = video.permute(0, 2, 3, 1)  # [T, C, H, W] -> [T, H, W, C]
+        video = video.numpy()
+    if isinstance(video, np.ndarray):
+        if video.ndim != 4:
+            raise ValueError(f"A video array must be [T, H, W, 3]; got shape {video.shape}.")
+        return list(video)
+    if isinstance(video, (list, tuple)):
+        return list(video)
+    raise TypeError(
+        f"Unsupported video type {type(video).__name__}: pass a path, a list of frames or an array [T, H, W, 3]."
+    )
+
+
+def _flatten(images) -> list:
+    """A single image or a (nested) list of images, as a flat list in order."""
+    if isinstance(images, (list, tuple)):
+        return [image for item in images for image in _flatten(item)]
+    return [images]
+
+
+def _flatten_videos(videos) -> list:
+    """One video or a (nested) list of videos. A list whose items are frames (images) is one video."""
+    if isinstance(videos, (str, os.PathLike, np.ndarray, torch.Tensor)):
+        return [videos]
+    if isinstance(videos, (list, tuple)) and videos and all(_is_frame(item) for item in videos):
+        return [list(videos)]
+    if isinstance(videos, (list, tuple)):
+        return [video for item in videos for video in _flatten_videos(item)]
+    raise TypeError(
+        f"Unsupported video type {type(videos).__name__}: pass a path, a list of frames or an array [T, H, W, 3]."
+    )
+
+
+def _is_frame(item) -> bool:
+    return isinstance(item, Image.Image) or (isinstance(item, (np.ndarray, torch.Tensor)) and item.ndim in (2, 3))
+
+
+__all__ = ["PVCImageProcessor", "tile_grid"]

@@ -103,7 +103,7 @@ def tiny_tokenizer():
     `<img>` 125, `</img>` 126, `<IMG_CONTEXT>` 127 (= IMAGE_TOKEN)."""
     import string
 
-    from tokenizers import Tokenizer, models
+    from tokenizers import Tokenizer, decoders, models
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<unk>", "<pad>", "<|im_start|>", "<|im_end|>"]
@@ -113,6 +113,7 @@ def tiny_tokenizer():
         vocab[token] = index
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     backend.add_special_tokens(specials + ["<img>", "</img>", "<IMG_CONTEXT>"])
+    backend.decoder = decoders.Fuse()  # characters join without spaces
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", eos_token="<|im_end|>"
     )

@@ -1,0 +1,315 @@
+"""The processor: tiling, frame sampling with PyAV, placeholder expansion, chat template, batches."""
+
+import av
+import numpy as np
+import pytest
+import torch
+from conftest import IMAGE_TOKEN, tiny_model, tiny_processor
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from pvc import PVCImageProcessor
+from pvc.image_processing_pvc import tile_grid
+
+# (width, height, max_tiles) -> (columns, rows), worked out by hand from InternVL's rule: the grid with the
+# closest aspect ratio; on a tie the larger grid wins when the image area exceeds half of the grid's area.
+GRIDS = [
+    ((448, 448, 12), (1, 1)),
+    ((896, 448, 12), (2, 1)),
+    ((448, 896, 12), (1, 2)),
+    ((1344, 448, 12), (3, 1)),
+    ((800, 600, 12), (4, 3)),  # exact 4:3 within 12 tiles
+    ((800, 600, 6), (3, 2)),  # 1.5 is the closest ratio with at most 6 tiles
+    ((1000, 1000, 12), (3, 3)),  # 1:1 ties: 1e6 px > half of 3x3 tiles (903168)
+    ((500, 500, 12), (1, 1)),  # 250000 px < half of 2x2 tiles (401408): stays 1x1
+    ((2000, 100, 12), (12, 1)),
+    ((100, 2000, 5), (1, 5)),
+    ((640, 480, 1), (1, 1)),
+]
+
+
+@pytest.mark.parametrize(("size", "grid"), GRIDS)
+def test_tile_grid_follows_internvl_rule(size, grid):
+    width, height, max_tiles = size
+    assert tile_grid(width, height, 1, max_tiles, 448) == grid
+
+
+@pytest.mark.parametrize(("size", "grid"), GRIDS)
+def test_tiles_and_thumbnail(size, grid):
+    width, height, max_tiles = size
+    processor = PVCImageProcessor(image_size=28, max_tiles=max_tiles)  # same rule, 16x smaller tiles
+    image = Image.new("RGB", (width // 16, height // 16))
+    columns, rows = tile_grid(image.width, image.height, 1, max_tiles, 28)
+    out = processor(images=image)
+    tiles = columns * rows
+    assert out["image_num_tiles"].tolist() == [tiles + (1 if tiles > 1 else 0)]
+    assert out["pixel_values"].shape == (tiles + (tiles > 1), 3, 28, 28)
+
+
+def test_tiles_are_the_resized_image_row_by_row():
+    processor = PVCImageProcessor(image_size=4, max_tiles=2, image_mean=(0, 0, 0), image_std=(1, 1, 1))
+    left, right = np.zeros((4, 4, 3), np.uint8), np.full((4, 4, 3), 255, np.uint8)
+    out = processor(images=np.concatenate([left, right], axis=1))  # 8x4: two tiles
+    pixels = out["pixel_values"]
+    assert pixels.shape == (3, 3, 4, 4)
+    assert pixels[0].max() == 0 and pixels[1].min() == 1  # left tile, right tile, then the thumbnail
+    assert 0 < pixels[2].mean() < 1
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P", "CMYK", "1", "I;16"])
+def test_image_modes(mode):
+    image = Image.fromarray(np.random.RandomState(0).randint(0, 255, (30, 40, 3), dtype=np.uint8)).convert(mode)
+    out = PVCImageProcessor(image_size=28, image_mean=(0, 0, 0), image_std=(1, 1, 1))(images=image)
+    pixels = out["pixel_values"]
+    assert pixels.shape[1:] == (3, 28, 28) and torch.isfinite(pixels).all()
+    if mode in ("L", "1"):
+        assert torch.equal(pixels[:, 0], pixels[:, 1]) and torch.equal(pixels[:, 1], pixels[:, 2])
+
+
+def test_image_input_types(tmp_path):
+    array = np.random.RandomState(0).randint(0, 255, (30, 40, 3), dtype=np.uint8)
+    Image.fromarray(array).save(tmp_path / "image.png")
+    processor = PVCImageProcessor(image_size=28)
+    reference = processor(images=Image.fromarray(array))["pixel_values"]
+    for variant in (
+        array,
+        array.astype(np.float32) / 255,
+        torch.from_numpy(array).permute(2, 0, 1),  # CHW uint8
+        str(tmp_path / "image.png"),
+        tmp_path / "image.png",
+    ):
+        torch.testing.assert_close(processor(images=variant)["pixel_values"], reference)
+    # a flat or nested list: one entry per image; 40x30 is exactly 4:3, so 12 tiles + thumbnail each
+    assert processor(images=[array, [array, array]])["image_num_tiles"].tolist() == [13, 13, 13]
+
+
+def test_bad_images_are_clear_errors(tmp_path):
+    processor = PVCImageProcessor(image_size=28)
+    with pytest.raises(ValueError, match="empty image"):
+        processor(images=np.zeros((0, 5, 3), np.uint8))
+    with pytest.raises(TypeError, match="Unsupported image type"):
+        processor(images=123)
+    with pytest.raises(ValueError, match="not found"):
+        processor(images=str(tmp_path / "missing.png"))
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="Could not read"):
+        processor(images=str(tmp_path / "broken.png"))
+
+
+def write_video(path, num_frames, fps=10, gop=8):
+    """An mp4 whose frame i shows a white bar at x = 4 i + 2 (and a gray level of i), readable back from pixels."""
+    width = 4 * num_frames + 8
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, 32, "yuv420p"
+        stream.codec_context.gop_size = gop
+        stream.codec_context.bit_rate = 4_000_000
+        for index in range(num_frames):
+            array = np.zeros((32, width, 3), np.uint8)
+            array[:, 4 * index : 4 * index + 4] = 255
+            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def frame_indices(frames):
+    return [int(np.asarray(frame.convert("L"), np.float32).mean(0).argmax()) // 4 for frame in frames]
+
+
+@pytest.fixture(scope="module")
+def video_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("videos")
+    write_video(folder / "short.mp4", 40)
+    write_video(folder / "long.mp4", 200)
+    return folder
+
+
+def midpoints(total, count, offset=0):
+    return [offset + int((k + 0.5) * total / count) for k in range(count)]
+
+
+def test_video_frames_at_segment_midpoints(video_files):
+    processor = PVCImageProcessor(image_size=28)
+    assert frame_indices(processor.sample_frames(video_files / "short.mp4", 8)) == midpoints(40, 8)
+    # a long video, sparsely sampled: reached by seeking
+    assert frame_indices(processor.sample_frames(video_files / "long.mp4", 5)) == midpoints(200, 5)
+    # more frames than the video has: frames repeat
+    assert frame_indices(processor.sample_frames(video_files / "short.mp4", 64)) == midpoints(40, 64)
+
+
+def test_video_fps_and_time_window(video_files):
+    processor = PVCImageProcessor(image_size=28)
+    # 10 fps video sampled at 2 fps: one frame in the middle of every 5
+    assert frame_indices(processor.sample_frames(video_files / "short.mp4", fps=2)) == midpoints(40, 8)
+    # a cap on the count falls back to uniform sampling
+    assert frame_indices(processor.sample_frames(video_files / "short.mp4", fps=5, max_frames=4)) == midpoints(40, 4)
+    # seconds 1 to 3 are frames 10 .. 29
+    window = processor.sample_frames(video_files / "short.mp4", 4, start=1.0, end=3.0)
+    assert frame_indices(window) == midpoints(20, 4, offset=10)
+
+
+def test_video_inputs_in_memory_follow_the_same_rule():
+    processor = PVCImageProcessor(image_size=28, num_frames=3)
+    video = np.zeros((9, 8, 36, 3), np.uint8)
+    for index in range(9):
+        video[index, :, 4 * index : 4 * index + 4] = 255
+    expected = midpoints(9, 3)
+    assert frame_indices(processor.sample_frames(video)) == expected
+    assert frame_indices(processor.sample_frames(list(video))) == expected
+    assert frame_indices(processor.sample_frames(torch.from_numpy(video))) == expected
+    out = processor(videos=[video, list(video[:2])])
+    assert out["video_num_frames"].tolist() == [3, 3] and out["pixel_values_videos"].shape == (6, 3, 28, 28)
+
+
+def test_video_tiles_per_frame():
+    processor = PVCImageProcessor(image_size=28)
+    video = np.zeros((4, 28, 56, 3), np.uint8)
+    out = processor(videos=video, num_frames=4, video_max_tiles=2)
+    assert out["video_num_tiles"].tolist() == [3]  # 2 tiles + thumbnail per frame
+    assert out["pixel_values_videos"].shape == (12, 3, 28, 28)
+
+
+def test_bad_videos_are_clear_errors(tmp_path, video_files):
+    processor = PVCImageProcessor(image_size=28)
+    (tmp_path / "corrupt.mp4").write_bytes(np.random.RandomState(0).bytes(5000))
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    for name in ("corrupt.mp4", "empty.mp4"):
+        with pytest.raises(ValueError, match="decode|no video|no decodable"):
+            processor(videos=str(tmp_path / name))
+    with pytest.raises(ValueError, match="not found"):
+        processor(videos=str(tmp_path / "missing.mp4"))
+    with av.open(str(tmp_path / "no-frames.mp4"), "w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        container.start_encoding()  # a header, no frame
+    with pytest.raises(ValueError, match="decode|no video|no decodable"):
+        processor(videos=str(tmp_path / "no-frames.mp4"))
+    with pytest.raises(ValueError, match="num_frames"):
+        processor(videos=str(video_files / "short.mp4"), num_frames=0)
+    with pytest.raises(TypeError, match="Unsupported video type"):
+        processor(videos=3.5)
+
+
+def context_tokens(input_ids):
+    return int((input_ids == IMAGE_TOKEN).sum())
+
+
+def test_prompt_expansion_and_token_counts():
+    processor = tiny_processor()
+    image = Image.new("RGB", (112, 56))  # 2 tiles + thumbnail
+    video = np.zeros((3, 20, 20, 3), np.uint8)
+    out = processor(text="<image>\nDescribe.", images=image)
+    tiles = int(out["image_num_tiles"][0])
+    assert tiles == 3 and context_tokens(out["input_ids"]) == 4 * 4 * tiles
+    out = processor(text="<video>\nWhat happens?", videos=video, num_frames=3)
+    assert context_tokens(out["input_ids"]) == 4 * 3
+    text = processor.tokenizer.decode(out["input_ids"][0])
+    assert text.startswith("Frame1: <img>") and "</img>\nFrame2: <img>" in text and "Frame3: <img>" in text
+    assert "visual_order" not in out
+
+    model = tiny_model("pvc")
+    both = processor(text=["<video> then <image>", "<image>"], images=[image, image], videos=video, num_frames=3)
+    assert both["visual_order"].tolist() == [1, 0, 0]
+    with torch.no_grad():
+        image_features = model.get_image_features(both["pixel_values"], both["image_num_tiles"])
+        video_features = model.get_video_features(both["pixel_values_videos"], both["video_num_frames"])
+        model(**both)  # the counts agree, or this raises
+    assert image_features.shape[0] + video_features.shape[0] == context_tokens(both["input_ids"])
+
+
+def test_placeholder_count_mismatch():
+    processor = tiny_processor()
+    image = Image.new("RGB", (56, 56))
+    with pytest.raises(ValueError, match="1 <image> placeholder.*2 images"):
+        processor(text="<image> hi", images=[image, image])
+    with pytest.raises(ValueError, match="0 <video> placeholder.*1 videos"):
+        processor(text="hi", videos=np.zeros((2, 8, 8, 3), np.uint8))
+
+
+def test_chat_template_layout():
+    processor = tiny_processor()
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "image", "path": "x.png"}, {"type": "text", "text": "Hi"}]},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "Again"},
+    ]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert text == (
+        "<|im_start|>system\nBe brief.<|im_end|><|im_start|>user\n<image>\nHi<|im_end|>"
+        "<|im_start|>assistant\nHello<|im_end|><|im_start|>user\nAgain<|im_end|><|im_start|>assistant\n"
+    )
+
+
+def test_end_to_end_batch_with_left_padding_matches_single_prompts(video_files):
+    processor = tiny_processor()
+    model = tiny_model("pvc")
+    image = Image.fromarray(np.random.RandomState(0).randint(0, 255, (60, 130, 3), dtype=np.uint8))
+    first = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What?"}]}]
+    second = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "video", "path": str(video_files / "short.mp4")},
+                {"type": "text", "text": "And what happens in this longer clip?"},
+            ],
+        }
+    ]
+
+    def generate(conversations):
+        inputs = processor.apply_chat_template(
+            conversations, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+        )
+        output = model.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=1)
+        return inputs, output[:, inputs["input_ids"].shape[1] :]
+
+    batch_inputs, batched = generate([first, second])
+    assert batch_inputs["attention_mask"][:, 0].tolist() in ([0, 1], [1, 0])  # lengths differ
+    assert batch_inputs["input_ids"][batch_inputs["attention_mask"] == 0].eq(1).all()  # pad id, on the left
+    assert batch_inputs["attention_mask"][:, -1].tolist() == [1, 1]
+    assert torch.equal(batched[0:1], generate([first])[1])
+    assert torch.equal(batched[1:2], generate([second])[1])
+
+
+def test_processor_round_trip_with_remote_code(tmp_path):
+    from transformers import AutoProcessor
+
+    processor = tiny_processor()
+    processor.save_pretrained(tmp_path)
+    assert (tmp_path / "processing_pvc.py").exists() and (tmp_path / "image_processing_pvc.py").exists()
+    loaded = AutoProcessor.from_pretrained(tmp_path, trust_remote_code=True)
+    assert type(loaded).__name__ == "PVCProcessor" and type(loaded).__module__ != type(processor).__module__
+    assert loaded.tokens_per_frame == 4 and loaded.image_repeat == 4
+    assert loaded.chat_template == processor.chat_template
+    image = Image.new("RGB", (90, 40), "blue")
+    expected, actual = processor(text="<image>x", images=image), loaded(text="<image>x", images=image)
+    for key in expected:
+        assert torch.equal(expected[key], actual[key]), key
+    assert loaded.batch_decode(actual["input_ids"][:, -1:]) == ["x"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    width=st.integers(1, 3000),
+    height=st.integers(1, 3000),
+    max_tiles=st.integers(1, 12),
+    min_tiles=st.integers(1, 12),
+)
+def test_tiling_properties(width, height, max_tiles, min_tiles):
+    min_tiles = min(min_tiles, max_tiles)
+    columns, rows = tile_grid(width, height, min_tiles, max_tiles, 448)
+    assert min_tiles <= columns * rows <= max_tiles
+
+
+@settings(max_examples=25, deadline=None)
+@given(width=st.integers(1, 400), height=st.integers(1, 400), max_tiles=st.integers(1, 6))
+def test_processor_properties(width, height, max_tiles):
+    processor = tiny_processor(max_tiles=max_tiles)
+    out = processor(text="<image>", images=Image.new("RGB", (width, height)))
+    tiles = int(out["image_num_tiles"][0])
+    assert 1 <= tiles <= max_tiles + 1 and (tiles == 1 or tiles > 2)  # a thumbnail comes only with 2+ tiles
+    assert out["pixel_values"].shape == (tiles, 3, 56, 56)
+    assert context_tokens(out["input_ids"]) == 4 * 4 * tiles

@@ -11,6 +11,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from pvc import PVCConfig, PVCForConditionalGeneration  # noqa: E402
+from pvc.demo import tiny_tokenizer  # noqa: E402
 
 IMAGE_TOKEN = 127
 TINY_VISION = dict(
@@ -96,27 +97,6 @@ def prompt(num_visual_tokens, before=(1, 2, 3), after=(4, 5)):
 def pixels():
     generator = torch.Generator().manual_seed(1234)
     return lambda count: torch.randn(count, 3, 56, 56, generator=generator)
-
-
-def tiny_tokenizer():
-    """A character-level fast tokenizer whose ids fit the tiny model: ChatML and InternVL special tokens included,
-    `<img>` 125, `</img>` 126, `<IMG_CONTEXT>` 127 (= IMAGE_TOKEN)."""
-    import string
-
-    from tokenizers import Tokenizer, decoders, models
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<unk>", "<pad>", "<|im_start|>", "<|im_end|>"]
-    characters = [c for c in string.printable if c not in "\x0b\x0c"]
-    vocab = {token: index for index, token in enumerate(specials + characters)}
-    for index, token in zip(range(125, 128), ["<img>", "</img>", "<IMG_CONTEXT>"]):
-        vocab[token] = index
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.add_special_tokens(specials + ["<img>", "</img>", "<IMG_CONTEXT>"])
-    backend.decoder = decoders.Fuse()  # characters join without spaces
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", eos_token="<|im_end|>"
-    )
 
 
 def tiny_processor(**overrides):

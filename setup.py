@@ -19,8 +19,9 @@ setup(
     description="PVC: Progressive Visual Token Compression for image and video VLMs, for Hugging Face Transformers",
     license="MIT",
     python_requires=">=3.10",
-    packages=["pvc"],
-    package_dir={"pvc": "."},
+    packages=["pvc", "pvc.conversion"],
+    package_dir={"pvc": ".", "pvc.conversion": "conversion"},
+    entry_points={"console_scripts": ["pvc-convert=pvc.conversion.cli:main", "pvc-demo=pvc.demo:main"]},
     cmdclass={"build_py": BuildPy},
     install_requires=[
         "torch>=2.6",
@@ -29,11 +30,15 @@ setup(
         "safetensors",
         "pillow",
         "numpy",
+        "tokenizers",
+        "tqdm",
+        "huggingface_hub",
     ],
     extras_require={
         "video": ["av>=12"],
         "train": ["accelerate>=1.0", "peft>=0.15"],
         "flash": ["flash-attn>=2.6"],
+        "convert": ["sentencepiece", "protobuf"],
         "test": ["pytest", "hypothesis", "av>=12", "accelerate>=1.0", "peft>=0.15", "sentencepiece", "protobuf"],
     },
 )

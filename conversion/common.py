@@ -1,0 +1,457 @@
+"""What every converter shares: reading checkpoints, the projector and the new PVC modules, the tokenizer, and
+writing a complete Hub repo atomically.
+
+A converter describes its source as a `Conversion`: the PVC config it builds, and a key table mapping each
+source key to PVC keys (with a transform where tensors are split). `write_repo` streams the tensors into
+safetensors shards, initialises the modules PVC adds, and fails, leaving nothing behind, when a source key is
+neither consumed nor explicitly dropped, or when a PVC parameter gets no value.
+"""
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+import pvc
+from pvc import PVCConfig, PVCForConditionalGeneration, PVCImageProcessor, PVCProcessor, build_chat_template
+
+CODE_FILES = ("configuration_pvc.py", "modeling_pvc.py", "image_processing_pvc.py", "processing_pvc.py")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Table 4 of the paper as config switches (the number of progressive layers is set separately).
+ABLATIONS = {
+    "a": dict(temporal=False, downsample_ratio=0.5, image_repeat=1, projector_adaln=False),
+    "b": dict(temporal=False, downsample_ratio=0.25, image_repeat=4, projector_adaln=False),
+    "c": dict(temporal=True, downsample_ratio=0.25, image_repeat=4, projector_adaln=False),
+    "pvc": dict(temporal=True, downsample_ratio=0.25, image_repeat=4, projector_adaln=True),
+}
+
+
+class ConversionError(ValueError):
+    """A source that cannot be converted as asked; the message says why and what to do."""
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Reading a source checkpoint
+# ------------------------------------------------------------------------------------------------------------------
+
+
+class Checkpoint:
+    """Tensors of a local checkpoint folder, read lazily: `model.safetensors`, sharded safetensors (via the index)
+    or, failing those, `pytorch_model*.bin` loaded with `torch.load(weights_only=True)`."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.files: dict[str, Path] = {}  # key -> file
+        self._bin_cache: dict[Path, dict] = {}
+        index = self.folder / "model.safetensors.index.json"
+        single = self.folder / "model.safetensors"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {key: self.folder / name for key, name in weight_map.items()}
+            missing = sorted({str(path.name) for path in self.files.values() if not path.exists()})
+            if missing:
+                raise ConversionError(f"Shards named in {index.name} are missing from {self.folder}: {missing}")
+        elif single.exists():
+            self.files = {key: single for key in self._safetensors_keys(single)}
+        else:
+            bins = sorted(self.folder.glob("pytorch_model*.bin"))
+            if not bins:
+                raise ConversionError(f"No model.safetensors(.index.json) or pytorch_model*.bin in {self.folder}.")
+            for path in bins:
+                self.files.update({key: path for key in self._load_bin(path)})
+        if not self.files:
+            raise ConversionError(f"The checkpoint in {self.folder} holds no tensors.")
+
+    def keys(self) -> list[str]:
+        return sorted(self.files)
+
+    def get(self, key: str) -> torch.Tensor:
+        path = self.files[key]
+        if path.suffix == ".bin":
+            return self._load_bin(path)[key]
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                return handle.get_tensor(key)
+        except (SafetensorError, OSError, RuntimeError) as error:
+            raise ConversionError(f"Could not read {key} from {path.name} (truncated or corrupt?): {error}") from None
+
+    @staticmethod
+    def _safetensors_keys(path: Path) -> list[str]:
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                return list(handle.keys())
+        except (SafetensorError, OSError, RuntimeError) as error:
+            raise ConversionError(f"Could not open {path} (truncated or corrupt?): {error}") from None
+
+    def _load_bin(self, path: Path) -> dict:
+        if path not in self._bin_cache:
+            self._bin_cache = {path: torch.load(path, map_location="cpu", weights_only=True)}  # one file at a time
+        return self._bin_cache[path]
+
+    def validate(self):
+        """Open every shard once, so that a truncated file fails before anything is written."""
+        for path in sorted(set(self.files.values())):
+            if path.suffix == ".safetensors":
+                self._safetensors_keys(path)
+                size = path.stat().st_size
+                with open(path, "rb") as handle:
+                    header = int.from_bytes(handle.read(8), "little")
+                    meta = json.loads(handle.read(header))
+                end = max((entry["data_offsets"][1] for name, entry in meta.items() if name != "__metadata__"), default=0)
+                if 8 + header + end != size:
+                    raise ConversionError(
+                        f"{path.name} is truncated or corrupt: its header describes {8 + header + end} bytes, the "
+                        f"file has {size}. Download it again."
+                    )
+
+
+def resolve_source(source: str) -> Path:
+    """A local folder as is; anything else is taken as a Hub id and downloaded (weights, configs, tokenizer)."""
+    if Path(source).is_dir():
+        return Path(source)
+    if Path(source).exists():
+        raise ConversionError(f"{source} is a file; pass the checkpoint's folder.")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
+    return Path(snapshot_download(source, allow_patterns=patterns))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Key tables
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Rule:
+    """Source keys matching `pattern` become `targets` (regex templates), through `transform` when given
+    (a function of the source tensor returning one tensor per target)."""
+
+    pattern: str
+    targets: tuple[str, ...]
+    transform: Callable[[torch.Tensor], tuple[torch.Tensor, ...]] | None = None
+
+    def match(self, key: str):
+        found = re.fullmatch(self.pattern, key)
+        if found is None:
+            return None
+        return [found.expand(target) for target in self.targets]
+
+
+def rule(pattern, *targets, transform=None) -> Rule:
+    return Rule(pattern, targets, transform)
+
+
+def split_rows(parts: int):
+    """Split the rows of a fused weight (or bias) into `parts` equal blocks, e.g. InternViT's qkv."""
+    return lambda tensor: tuple(chunk.clone() for chunk in tensor.chunk(parts, dim=0))
+
+
+@dataclass
+class Conversion:
+    """What a converter hands to `write_repo`."""
+
+    source: Path
+    source_name: str
+    config: PVCConfig
+    rules: list[Rule]
+    drop: list[str]  # regexes of source keys dropped on purpose
+    projector: dict[str, str]  # canonical projector name ("norm.weight", "linear_1.bias", ...) -> source key
+    tokenizer: "object"
+    chat_style: str
+    image_processor: PVCImageProcessor
+    generation_config: dict
+    notes: list[str] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The projector: copied, or warm-started from InternVL2's 2x2 projector
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def convert_projector(source: dict[str, torch.Tensor], config: PVCConfig, init: str) -> dict[str, torch.Tensor]:
+    """PVC projector tensors from InternVL2's `LayerNorm(4C) -> Linear(4C, D) -> GELU -> Linear(D, D)`.
+
+    With the same downsample ratio (ablation row a) it is copied. With 4x4 pixel shuffle the first layer takes 16C
+    inputs: a k x k group of patches holds (k/2)^2 sub-groups of 2 x 2, each laid out exactly as an InternVL2 token.
+    `init="warm"` gives `linear_1` InternVL2's first layer on every sub-group, divided by their number, so that it
+    computes the mean of InternVL2's first-layer pre-activations over the sub-groups (exactly so for the linear part;
+    the norm now spans the whole group). InternVL2's LayerNorm affine is tiled over the sub-groups, or, where an
+    AdaLN replaces the LayerNorm, folded into `linear_1`. `init="random"` keeps only `linear_2` (same shape) and
+    leaves `linear_1` and the norm to the model's initialisation. `linear_2` is copied in both cases.
+    """
+    prefix = "model.multi_modal_projector."
+    norm_weight, norm_bias = source["norm.weight"], source["norm.bias"]
+    weight_1, bias_1 = source["linear_1.weight"], source["linear_1.bias"]
+    out = {prefix + "linear_2.weight": source["linear_2.weight"], prefix + "linear_2.bias": source["linear_2.bias"]}
+    width = weight_1.shape[1]  # 4C
+    channels = width // 4
+    scale = round(1 / config.downsample_ratio)
+    if scale == 2:
+        out.update({prefix + "layer_norm.weight": norm_weight, prefix + "layer_norm.bias": norm_bias})
+        out.update({prefix + "linear_1.weight": weight_1, prefix + "linear_1.bias": bias_1})
+        return out
+    if init == "random":
+        return out
+    if scale % 2:
+        raise ConversionError(f"A warm-started projector needs an even pixel-shuffle factor, got {scale}.")
+    if config.projector_adaln:  # fold the affine: W (w * n + b) + c = (W * w) n + (W b + c)
+        weight_1, bias_1 = weight_1 * norm_weight[None], bias_1 + weight_1 @ norm_bias
+    # Channel (i, j, c) of a PVC token, i, j < scale, is channel (i % 2, j % 2, c) of sub-group (i // 2, j // 2).
+    groups = (scale // 2) ** 2
+    sub = weight_1.view(-1, 2, 2, channels)  # [D, i', j', C]
+    tiled = sub.repeat(1, scale // 2, scale // 2, 1)  # [D, i, j, C], i = 2 * a + i' (i % 2 == i')
+    out[prefix + "linear_1.weight"] = (tiled.reshape(weight_1.shape[0], -1) / groups).contiguous()
+    out[prefix + "linear_1.bias"] = bias_1
+    if not config.projector_adaln:
+        affine = lambda v: v.view(2, 2, channels).repeat(scale // 2, scale // 2, 1).reshape(-1)  # noqa: E731
+        out[prefix + "layer_norm.weight"], out[prefix + "layer_norm.bias"] = affine(norm_weight), affine(norm_bias)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Writing the repo
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def parse_size(size: str) -> int:
+    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?)B?\s*", size.upper())
+    if not found:
+        raise ConversionError(f"Cannot read the shard size {size!r}; use e.g. 5GB, 400MB or 300KB.")
+    return int(float(found.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[found.group(2)])
+
+
+class ShardWriter:
+    """Collect tensors into safetensors shards of at most `max_bytes` each, named as transformers expects."""
+
+    def __init__(self, folder: Path, max_bytes: int):
+        self.folder, self.max_bytes = folder, max_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[list[str]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor):
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max_bytes:
+            self.flush()
+        self.pending[name] = tensor.contiguous()
+        self.pending_bytes += size
+        self.total_bytes += size
+
+    def flush(self):
+        if self.pending:
+            save_file(self.pending, str(self.folder / f"shard-{len(self.shards):05d}.tmp"), metadata={"format": "pt"})
+            self.shards.append(sorted(self.pending))
+            self.pending, self.pending_bytes = {}, 0
+
+    def close(self):
+        self.flush()
+        if len(self.shards) == 1:
+            os.replace(self.folder / "shard-00000.tmp", self.folder / "model.safetensors")
+            return
+        weight_map = {}
+        for index, names in enumerate(self.shards):
+            final = f"model-{index + 1:05d}-of-{len(self.shards):05d}.safetensors"
+            os.replace(self.folder / f"shard-{index:05d}.tmp", self.folder / final)
+            weight_map.update({name: final for name in names})
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def new_parameters(skeleton, names: set[str], dtype) -> dict[str, torch.Tensor]:
+    """Values for the PVC parameters the source does not have, from the model's own `_init_weights` (zero gates,
+    identity AdaLN, ...): only the modules that own them are materialised."""
+    owners = sorted({name.rsplit(".", 1)[0] for name in names})
+    values = {}
+    for owner in owners:
+        module = skeleton.get_submodule(owner)
+        module.to_empty(device="cpu", recurse=False)
+        # the init of the (sub-)model that owns the module, as from_pretrained would call it
+        init_owner = skeleton.model.vision_tower if owner.startswith("model.vision_tower.") else skeleton
+        init_owner._init_weights(module)
+        for param_name, param in module.named_parameters(recurse=False):
+            full = f"{owner}.{param_name}"
+            if full in names:
+                values[full] = param.detach().to(dtype).clone()
+    return values
+
+
+def write_repo(conversion: Conversion, destination: Path, dtype: torch.dtype, max_shard_size: str,
+               projector_init: str, overwrite: bool = False) -> dict:
+    """Convert and write the complete repo to `destination` atomically. Returns the summary counts."""
+    destination = Path(destination)
+    if destination.exists() and any(destination.iterdir()) and not overwrite:
+        raise ConversionError(f"{destination} exists and is not empty; choose another --dst or pass --overwrite.")
+    max_bytes = parse_size(max_shard_size)
+    checkpoint = Checkpoint(conversion.source)
+    checkpoint.validate()
+    config = conversion.config
+    config.dtype = dtype
+
+    with torch.device("meta"):
+        skeleton = PVCForConditionalGeneration(config)
+    tied = set(skeleton._tied_weights_keys or {}) if config.tie_word_embeddings else set()
+    expected = {name: param.shape for name, param in skeleton.named_parameters()} | {
+        name: skeleton.get_parameter(name).shape for name in tied
+    }
+
+    # Plan: which source key goes where.
+    plan, dropped, unknown = [], [], []
+    projector_sources = {key: name for name, key in conversion.projector.items()}
+    for key in checkpoint.keys():
+        if key in projector_sources:
+            continue
+        matched = next(((r, targets) for r in conversion.rules if (targets := r.match(key)) is not None), None)
+        if matched:
+            plan.append((key, *matched))
+        elif any(re.fullmatch(pattern, key) for pattern in conversion.drop):
+            dropped.append(key)
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ConversionError(
+            f"{len(unknown)} source keys are neither converted nor known to be droppable: {unknown[:20]}"
+            + (" ..." if len(unknown) > 20 else "")
+        )
+    missing_projector = [key for key in conversion.projector.values() if key not in checkpoint.files]
+    if missing_projector:
+        raise ConversionError(f"The source lacks projector keys: {missing_projector}")
+
+    parent = destination.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.partial-", dir=parent))
+    try:
+        writer = ShardWriter(staging, max_bytes)
+        written: dict[str, torch.Size] = {}
+
+        def emit(name, tensor):
+            if name not in expected:
+                raise ConversionError(f"The converter produced {name}, which PVC does not have.")
+            if tuple(tensor.shape) != tuple(expected[name]):
+                raise ConversionError(
+                    f"{name}: the source gives shape {tuple(tensor.shape)}, PVC expects {tuple(expected[name])}."
+                )
+            if name in written:
+                raise ConversionError(f"{name} is produced twice.")
+            writer.add(name, tensor.to(dtype))
+            written[name] = tensor.shape
+
+        for key, matched_rule, targets in tqdm(plan, desc="Converting tensors", unit="tensor"):
+            tensor = checkpoint.get(key)
+            outputs = matched_rule.transform(tensor) if matched_rule.transform else (tensor,)
+            for name, value in zip(targets, outputs, strict=True):
+                emit(name, value)
+        projector = convert_projector(
+            {name: checkpoint.get(key).float() for name, key in conversion.projector.items()}, config, projector_init
+        )
+        for name, value in projector.items():
+            emit(name, value)
+        copied = dict(written)
+        new_names = set(expected) - set(written) - tied
+        missing = sorted(name for name in new_names if not _is_new_module(name, config, projector_init))
+        if missing:
+            raise ConversionError(f"The source gives no value for {len(missing)} parameters: {missing[:20]}")
+        for name, value in new_parameters(skeleton, new_names, dtype).items():
+            emit(name, value)
+        writer.close()
+
+        _write_side_files(conversion, staging, config)
+        summary = {
+            "copied": (len(copied), sum(math.prod(shape) for shape in copied.values())),
+            "new": (len(new_names), sum(math.prod(expected[n]) for n in new_names)),
+            "dropped": (len(dropped), sum(math.prod(_shape(checkpoint, key)) for key in dropped)),
+        }
+        if destination.exists():
+            backup = Path(tempfile.mkdtemp(prefix=f".{destination.name}.old-", dir=parent))
+            os.replace(destination, backup / "old")
+            os.replace(staging, destination)
+            shutil.rmtree(backup)
+        else:
+            os.replace(staging, destination)
+        return summary
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _shape(checkpoint: Checkpoint, key: str):
+    return checkpoint.get(key).shape
+
+
+# Parameters PVC adds (or re-initialises): they may be absent from a source.
+NEW_MODULE_PATTERNS = (
+    r".*\.temporal_(attention|norm|gate).*",
+    r"model\.vision_tower\.temporal_embedding\..*",
+    r"model\.multi_modal_projector\.(temporal_embedding|adaln)\..*",
+)
+
+
+def _is_new_module(name: str, config: PVCConfig, projector_init: str) -> bool:
+    if any(re.fullmatch(pattern, name) for pattern in NEW_MODULE_PATTERNS):
+        return True
+    # A randomly initialised projector leaves its first layer and its norm to the model's init.
+    return projector_init == "random" and re.fullmatch(r"model\.multi_modal_projector\.(linear_1|layer_norm)\..*", name)
+
+
+def _write_side_files(conversion: Conversion, folder: Path, config: PVCConfig):
+    config.architectures = ["PVCForConditionalGeneration"]
+    config.save_pretrained(folder)
+    generation = dict(conversion.generation_config)
+    (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    tokenizer = conversion.tokenizer
+    tokenizer.chat_template = build_chat_template(conversion.chat_style)
+    processor = PVCProcessor(
+        conversion.image_processor,
+        tokenizer,
+        chat_template=build_chat_template(conversion.chat_style),
+        tokens_per_frame=config.tokens_per_frame,
+        image_repeat=config.image_repeat,
+    )
+    processor.save_pretrained(folder)
+    package = Path(pvc.__file__).parent
+    for name in CODE_FILES:
+        shutil.copyfile(package / name, folder / name)
+    (folder / "README.md").write_text(_model_card(conversion, config))
+
+
+def _model_card(conversion: Conversion, config: PVCConfig) -> str:
+    rows = "\n".join(f"- {note}" for note in conversion.notes)
+    return f"""---
+license: mit
+library_name: transformers
+pipeline_tag: image-text-to-text
+base_model: {conversion.source_name}
+tags:
+- pvc
+- internvl
+- video
+---
+
+# PVC converted from {conversion.source_name}
+
+Converted with `pvc-convert` from the InternVL2-family checkpoint `{conversion.source_name}`. The vision tower and the
+language model are copied exactly; the modules PVC adds start as the identity (zero temporal gates, identity AdaLN),
+so before fine-tuning the vision tower computes what the source's did. Train before expecting PVC's results.
+
+- downsample ratio {config.downsample_ratio} ({config.tokens_per_frame} tokens per frame), image repeat
+  {config.image_repeat}, progressive layers {config.vision_config.num_temporal_layers}, projector AdaLN
+  {config.projector_adaln}
+{rows}
+
+```python
+from transformers import AutoModelForImageTextToText, AutoProcessor
+model = AutoModelForImageTextToText.from_pretrained(PATH, trust_remote_code=True)
+processor = AutoProcessor.from_pretrained(PATH, trust_remote_code=True)
+```
+"""

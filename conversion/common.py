@@ -83,15 +83,16 @@ class Checkpoint:
             with safe_open(str(path), framework="pt") as handle:
                 return handle.get_tensor(key)
         except (SafetensorError, OSError, RuntimeError) as error:
-            raise ConversionError(f"Could not read {key} from {path.name} (truncated or corrupt?): {error}") from None
+            raise ConversionError(f"Could not read {key} from {path.name} (truncated or corrupt?): {error}.") from None
 
     @staticmethod
     def _safetensors_keys(path: Path) -> list[str]:
+        _check_safetensors(path)
         try:
             with safe_open(str(path), framework="pt") as handle:
                 return list(handle.keys())
         except (SafetensorError, OSError, RuntimeError) as error:
-            raise ConversionError(f"Could not open {path} (truncated or corrupt?): {error}") from None
+            raise ConversionError(f"{path.name} is truncated or corrupt ({error}). Download it again.") from None
 
     def _load_bin(self, path: Path) -> dict:
         if path not in self._bin_cache:
@@ -99,20 +100,29 @@ class Checkpoint:
         return self._bin_cache[path]
 
     def validate(self):
-        """Open every shard once, so that a truncated file fails before anything is written."""
+        """Check every shard once, so that a truncated file fails before anything is written."""
         for path in sorted(set(self.files.values())):
             if path.suffix == ".safetensors":
-                self._safetensors_keys(path)
-                size = path.stat().st_size
-                with open(path, "rb") as handle:
-                    header = int.from_bytes(handle.read(8), "little")
-                    meta = json.loads(handle.read(header))
-                end = max((entry["data_offsets"][1] for name, entry in meta.items() if name != "__metadata__"), default=0)
-                if 8 + header + end != size:
-                    raise ConversionError(
-                        f"{path.name} is truncated or corrupt: its header describes {8 + header + end} bytes, the "
-                        f"file has {size}. Download it again."
-                    )
+                _check_safetensors(path)
+
+
+def _check_safetensors(path: Path):
+    """A safetensors file must be exactly as long as its header says."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as handle:
+            header_size = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(header_size)) if 8 + header_size <= size else None
+    except (ValueError, UnicodeDecodeError):
+        header = None
+    if header is None:
+        raise ConversionError(f"{path.name} is truncated or corrupt: its header cannot be read. Download it again.")
+    end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0)
+    if 8 + header_size + end != size:
+        raise ConversionError(
+            f"{path.name} is truncated or corrupt: its header describes {8 + header_size + end} bytes, the file "
+            f"has {size}. Download it again."
+        )
 
 
 def resolve_source(source: str) -> Path:
@@ -313,15 +323,15 @@ def write_repo(conversion: Conversion, destination: Path, dtype: torch.dtype, ma
         if key in projector_sources:
             continue
         matched = next(((r, targets) for r in conversion.rules if (targets := r.match(key)) is not None), None)
-        if matched:
-            plan.append((key, *matched))
-        elif any(re.fullmatch(pattern, key) for pattern in conversion.drop):
+        if any(re.fullmatch(pattern, key) for pattern in conversion.drop):
             dropped.append(key)
+        elif matched and all(target in expected for target in matched[1]):
+            plan.append((key, *matched))
         else:
             unknown.append(key)
     if unknown:
         raise ConversionError(
-            f"{len(unknown)} source keys are neither converted nor known to be droppable: {unknown[:20]}"
+            f"{len(unknown)} source keys have no place in PVC and are not known to be droppable: {unknown[:20]}"
             + (" ..." if len(unknown) > 20 else "")
         )
     missing_projector = [key for key in conversion.projector.values() if key not in checkpoint.files]

@@ -1,0 +1,297 @@
+"""pvc-convert against the tiny InternVL2 fixtures, whose reference outputs come from the original code."""
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+
+from pvc.conversion.cli import main as convert
+from pvc.conversion.common import ABLATIONS, convert_projector
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "internvl2"
+VARIANTS = ["internlm2", "qwen2", "phi3"]
+pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"the InternVL2 fixtures are not at {FIXTURES}")
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """Each fixture converted once per ablation row asked for."""
+    cache = {}
+
+    def get(variant, ablation="a", *extra):
+        key = (variant, ablation, extra)
+        if key not in cache:
+            destination = tmp_path_factory.mktemp("converted") / f"{variant}-{ablation}"
+            assert convert(["--src", str(FIXTURES / variant), "--dst", str(destination), "--ablation", ablation,
+                            "--max-shard-size", "300KB", *extra]) == 0
+            cache[key] = destination
+        return cache[key]
+
+    return get
+
+
+def load(folder):
+    model = AutoModelForImageTextToText.from_pretrained(
+        folder, trust_remote_code=True, dtype=torch.float32, attn_implementation="eager"
+    )
+    return model.eval()
+
+
+def assert_relative(actual, expected, tolerance=1e-4):
+    error = ((actual - expected).abs().max() / expected.abs().max()).item()
+    assert error <= tolerance, f"relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_row_a_reproduces_the_original_implementation(converted, variant):
+    reference = load_file(FIXTURES / variant / "reference.safetensors")
+    folder = converted(variant, "a")
+    model = load(folder)
+    assert type(model).__module__ != "pvc.modeling_pvc"  # the code files written beside the weights
+    pixels, tiles = reference["pixel_values"], torch.tensor([2])
+    mm = dict(input_ids=reference["input_ids_mm"], attention_mask=reference["attention_mask_mm"],
+              pixel_values=pixels, image_num_tiles=tiles)
+    with torch.no_grad():
+        vit = model.model.vision_tower(pixels).last_hidden_state
+        features = model.get_image_features(pixels, tiles)
+        text_logits = model(input_ids=reference["input_ids_text"]).logits
+        mm_logits = model(**mm).logits
+        generated = model.generate(**mm, max_new_tokens=5, do_sample=False)
+    assert_relative(vit, reference["vit_last_hidden_state"])
+    assert_relative(features, reference["vit_embeds"].flatten(0, 1))
+    assert_relative(text_logits, reference["logits_text"])
+    assert_relative(mm_logits, reference["logits_mm"])
+    assert generated[:, mm["input_ids"].shape[1] :].tolist() == reference["generated_ids"].tolist()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_processor_rebuilds_the_original_prompt(converted, variant):
+    """The converted chat template, tokenizer and placeholder expansion give chat()'s exact input ids."""
+    reference = load_file(FIXTURES / variant / "reference.safetensors")
+    processor = AutoProcessor.from_pretrained(converted(variant, "a"), trust_remote_code=True)
+    assert processor.tokens_per_frame == 256 and processor.image_repeat == 1
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image in detail."}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    text = text.replace("<image>", processor.image_prompt(2))
+    ids = processor.tokenizer(text, return_tensors="pt")["input_ids"]
+    assert ids.tolist() == reference["input_ids_mm"].tolist()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_pvc_conversion_keeps_the_vit(converted, variant):
+    reference = load_file(FIXTURES / variant / "reference.safetensors")
+    model = load(converted(variant, "pvc"))
+    config = model.config
+    assert config.downsample_ratio == 0.25 and config.image_repeat == 4 and config.projector_adaln
+    assert config.vision_config.num_temporal_layers == 1  # a third of the fixture's 4 layers
+    with torch.no_grad():
+        frames = model.model.vision_tower(reference["pixel_values"], num_frames=4, static=True).last_hidden_state
+    for t in range(4):
+        assert_relative(frames[t::4], reference["vit_last_hidden_state"])
+    with torch.no_grad():  # and the whole model runs
+        tokens = model.get_image_features(reference["pixel_values"], torch.tensor([2]))
+    assert tokens.shape == (64 * 4 * 2, config.text_config.hidden_size) and torch.isfinite(tokens).all()
+
+
+def test_internlm2_tokenizer_matches_sentencepiece(converted):
+    import sentencepiece
+
+    model = sentencepiece.SentencePieceProcessor(model_file=str(FIXTURES / "internlm2" / "tokenizer.model"))
+    # trust_remote_code=False: the tokenizer needs none (the config's auto_map would otherwise prompt)
+    tokenizer = AutoTokenizer.from_pretrained(converted("internlm2", "a"), trust_remote_code=False)
+    assert type(tokenizer).__module__.startswith("transformers.")
+
+    def original(text):
+        """InternLM2's tokenizer: split at special tokens, sentencepiece on each segment (with its dummy prefix)."""
+        ids = []
+        for segment in re.split(r"(<\|im_start\|>|<\|im_end\|>)", text):
+            if segment in ("<|im_start|>", "<|im_end|>"):
+                ids.append(model.piece_to_id(segment))
+            elif segment:
+                ids += model.encode(segment)
+        return ids
+
+    strings = [
+        "The quick brown fox jumps over the lazy dog.",
+        "  two leading spaces, two  inner and a trailing one ",
+        "line one\nline two\n\n\ttabbed",
+        "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型",
+        "naïve café — ünïcödé ✓ 😀",
+        "<|im_start|>user\nHi<|im_end|><|im_start|>assistant\n",
+        "1234567890 !@#$%^&*()",
+    ]
+    for text in strings:
+        assert tokenizer(text, add_special_tokens=False)["input_ids"] == original(text), text
+        assert tokenizer(text)["input_ids"] == [model.bos_id()] + original(text), text
+    internvl = ["<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"]
+    ids = tokenizer("".join(internvl), add_special_tokens=False)["input_ids"]
+    assert ids == list(range(500, 509))
+    assert tokenizer.decode(model.encode("Hello  world, 你好")) == "Hello  world, 你好"
+
+
+def test_configs_carry_rope_settings_and_stop_tokens(converted):
+    llama = json.loads((converted("internlm2", "a") / "config.json").read_text())["text_config"]
+    assert llama["model_type"] == "llama"
+    rope = llama.get("rope_parameters") or {}
+    assert rope.get("rope_type") == "dynamic" and rope.get("factor") == 2.0 and rope.get("rope_theta") == 1e6
+    phi3 = json.loads((converted("phi3", "a") / "config.json").read_text())["text_config"]
+    rope = phi3.get("rope_parameters") or {}
+    assert rope.get("rope_type") == "longrope" and rope.get("original_max_position_embeddings") == 4096
+    assert rope.get("short_factor") == [1.0, 1.05, 1.1, 1.2, 1.35, 1.5, 1.8, 2.2]
+    for variant, stop in (("internlm2", 498), ("qwen2", 402), ("phi3", 407)):
+        generation = json.loads((converted(variant, "a") / "generation_config.json").read_text())
+        assert stop in generation["eos_token_id"], variant
+
+
+def test_output_is_a_complete_repo(converted):
+    folder = converted("qwen2", "pvc")
+    for name in ("config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.json",
+                 "tokenizer_config.json", "processor_config.json", "chat_template.jinja", "README.md",
+                 "modeling_pvc.py", "configuration_pvc.py", "processing_pvc.py", "image_processing_pvc.py"):
+        assert (folder / name).exists(), name
+    config = json.loads((folder / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForImageTextToText"] == "modeling_pvc.PVCForConditionalGeneration"
+    assert "base_model:" in (folder / "README.md").read_text()
+    assert not list(folder.parent.glob(".*partial*"))
+
+
+@pytest.mark.parametrize("ablation", ["b", "pvc"])
+def test_warm_projector_on_uniform_groups_equals_internvl2(ablation):
+    """A 4x4 group whose four 2x2 sub-groups are the same InternVL2 token goes through the warm-started projector
+    exactly as that token through InternVL2's: the norm's statistics and the mean over sub-groups coincide."""
+    from conftest import tiny_config
+
+    torch.manual_seed(0)
+    channels, width = 32, 48
+    source = {
+        "norm.weight": 1 + 0.3 * torch.randn(4 * channels), "norm.bias": 0.2 * torch.randn(4 * channels),
+        "linear_1.weight": torch.randn(width, 4 * channels) / 11, "linear_1.bias": 0.1 * torch.randn(width),
+        "linear_2.weight": torch.randn(width, width) / 7, "linear_2.bias": 0.1 * torch.randn(width),
+    }
+    config = tiny_config(ablation)
+    from pvc.modeling_pvc import PVCMultiModalProjector
+
+    projector = PVCMultiModalProjector(config).eval()
+    tensors = convert_projector(source, config, "warm")
+    projector.load_state_dict({k.removeprefix("model.multi_modal_projector."): v for k, v in tensors.items()},
+                              strict=False)
+    if ablation == "pvc":  # fresh AdaLN: the identity-affine LayerNorm
+        for name, param in projector.named_parameters():
+            if "fc2" in name:
+                torch.nn.init.zeros_(param)
+    token = torch.randn(3, 4 * channels)  # InternVL2 tokens, channels ordered (i', j', c)
+    group = token.view(3, 2, 2, channels).repeat(1, 2, 2, 1).reshape(3, 1, 1, 16 * channels)  # [S, T, M, 16C]
+    expected = torch.nn.functional.layer_norm(token, (4 * channels,), source["norm.weight"], source["norm.bias"])
+    expected = torch.nn.functional.gelu(expected @ source["linear_1.weight"].T + source["linear_1.bias"])
+    expected = expected @ source["linear_2.weight"].T + source["linear_2.bias"]
+    with torch.no_grad():
+        if ablation == "pvc":
+            hidden = projector.adaln(group, group + projector.temporal_embedding(torch.zeros(1))[None, :, None])
+        else:
+            hidden = projector.layer_norm(group)
+        actual = projector.linear_2(projector.act(projector.linear_1(hidden)))
+    torch.testing.assert_close(actual.view(3, width), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_random_projector_init_and_ablation_rows(converted):
+    folder = converted("qwen2", "c", "--projector-init", "random", "--dtype", "bf16")
+    model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)
+    assert model.dtype == torch.bfloat16
+    assert model.config.vision_config.num_temporal_layers == 1 and not model.config.projector_adaln
+    assert set(ABLATIONS) == {"a", "b", "c", "pvc"}
+
+
+def copy_fixture(variant, tmp_path):
+    folder = tmp_path / f"{variant}-source"
+    shutil.copytree(FIXTURES / variant, folder)
+    for path in folder.iterdir():
+        path.chmod(0o644)
+    return folder
+
+
+def assert_fails_cleanly(source, tmp_path, capsys, message):
+    destination = tmp_path / "out" / "converted"
+    assert convert(["--src", str(source), "--dst", str(destination)]) == 1
+    assert message in capsys.readouterr().err
+    assert not destination.exists()
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # no partial folder left
+
+
+def test_truncated_shard_fails_cleanly(tmp_path, capsys):
+    source = copy_fixture("internlm2", tmp_path)
+    shard = source / "model-00003-of-00006.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-1000])
+    assert_fails_cleanly(source, tmp_path, capsys, "model-00003-of-00006.safetensors is truncated")
+
+
+def test_missing_key_fails_cleanly(tmp_path, capsys):
+    source = copy_fixture("qwen2", tmp_path)
+    tensors = load_file(source / "model.safetensors")
+    del tensors["language_model.model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
+    assert_fails_cleanly(source, tmp_path, capsys, "model.language_model.layers.1.mlp.up_proj.weight")
+
+
+def test_unknown_key_fails_and_known_extras_are_dropped(tmp_path, capsys):
+    source = copy_fixture("qwen2", tmp_path)
+    tensors = load_file(source / "model.safetensors")
+    save_file(tensors | {"mystery.weight": torch.zeros(2)}, source / "model.safetensors", metadata={"format": "pt"})
+    assert_fails_cleanly(source, tmp_path, capsys, "mystery.weight")
+    extra = {"language_model.model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8)}
+    save_file(tensors | extra, source / "model.safetensors", metadata={"format": "pt"})
+    assert convert(["--src", str(source), "--dst", str(tmp_path / "ok"), "--ablation", "a"]) == 0
+    assert "| dropped | 1 | 8 |" in capsys.readouterr().out
+
+
+def test_unknown_architecture_fails_cleanly(tmp_path, capsys):
+    source = copy_fixture("phi3", tmp_path)
+    config = json.loads((source / "config.json").read_text())
+    config["model_type"], config["architectures"] = "llava", ["LlavaForConditionalGeneration"]
+    (source / "config.json").write_text(json.dumps(config))
+    assert_fails_cleanly(source, tmp_path, capsys, "Unknown architecture")
+
+
+def test_existing_destination_is_kept_unless_overwrite(tmp_path, capsys, converted):
+    destination = tmp_path / "taken"
+    destination.mkdir()
+    (destination / "keep.txt").write_text("mine")
+    source = FIXTURES / "qwen2"
+    assert convert(["--src", str(source), "--dst", str(destination), "--ablation", "a"]) == 1
+    assert "--overwrite" in capsys.readouterr().err and (destination / "keep.txt").exists()
+    assert convert(["--src", str(source), "--dst", str(destination), "--ablation", "a", "--overwrite"]) == 0
+    assert not (destination / "keep.txt").exists() and (destination / "config.json").exists()
+
+
+def test_transformers_layout_source(tmp_path):
+    """A checkpoint saved by transformers' own InternVLForConditionalGeneration converts losslessly (row a)."""
+    from conftest import TINY_TEXT
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    tokenizer = AutoTokenizer.from_pretrained(FIXTURES / "qwen2")
+    text = dict(TINY_TEXT, vocab_size=len(tokenizer))
+    config = InternVLConfig(
+        vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                           image_size=56, patch_size=7, attention_bias=True),
+        text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"), tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    reference = InternVLForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for param in reference.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    source = tmp_path / "internvl-hf"
+    reference.save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    assert convert(["--src", str(source), "--dst", str(tmp_path / "out"), "--ablation", "a"]) == 0
+    model = load(tmp_path / "out")
+    ids = torch.tensor([[1, 2, 3] + [config.image_token_id] * 32 + [4, 5]])
+    pixels = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        expected = reference(input_ids=ids, pixel_values=pixels).logits
+        actual = model(input_ids=ids, pixel_values=pixels, image_num_tiles=torch.tensor([2])).logits
+    assert_relative(actual, expected, 1e-5)

@@ -28,6 +28,14 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from .configuration_pvc import PVCConfig, PVCVisionConfig, _as_pair
 
 IMAGE, VIDEO = 0, 1  # values of `visual_order`
+# Names of the modules PVC adds to InternVL2: the new parts of the progressive layers, the temporal embeddings and
+# the projector's AdaLN. Fine-tuning gives them a larger learning rate; conversion initialises them.
+PVC_MODULE_NAMES = ("temporal_attention", "temporal_norm", "temporal_gate", "temporal_embedding", "adaln")
+
+
+def is_pvc_parameter(name: str) -> bool:
+    """Whether a parameter (by its qualified name) belongs to a module PVC adds to InternVL2."""
+    return any(part in PVC_MODULE_NAMES for part in name.split("."))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -150,6 +158,17 @@ class PVCAdaLayerNorm(nn.Module):
         return self.norm(hidden_states) * (1 + self.scale(condition)) + self.shift(condition)
 
 
+class PVCGate(nn.Module):
+    """Learnable per-channel gate g on a residual branch, initialised to zero (the branch starts switched off)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(hidden_size))
+
+    def forward(self, hidden_states):
+        return self.weight * hidden_states
+
+
 class PVCTimestepEmbedding(nn.Module):
     """Relative frame timestamps -> vectors: sinusoid (as a diffusion timestep embedder), then a 2-layer MLP."""
 
@@ -259,7 +278,7 @@ class PVCVisionProgressiveLayer(PVCVisionLayer):
         super().__init__(config)
         self.temporal_norm = PVCAdaLayerNorm(config.hidden_size, config.adaln_hidden_size, config.layer_norm_eps)
         self.temporal_attention = PVCVisionAttention(config, is_causal=True)
-        self.temporal_gate = nn.Parameter(torch.zeros(config.hidden_size))
+        self.temporal_gate = PVCGate(config.hidden_size)
 
     def forward(self, hidden_states, temporal_embeds, num_streams: int, chunk_size: int | None = None):
         # hidden_states: [S * T_in, N, C] with T_in = T, or T_in = 1 where all frames of a stream are one image
@@ -269,7 +288,7 @@ class PVCVisionProgressiveLayer(PVCVisionLayer):
         condition = hidden_states + temporal_embeds[:, None]  # [S, T, N, C] + [T, 1, C]
         normed = rearrange(self.temporal_norm(hidden_states, condition), "s t n c -> (s n) t c")
         temporal = rearrange(self.temporal_attention(normed), "(s n) t c -> s t n c", s=num_streams)
-        hidden_states = hidden_states + self.temporal_gate * temporal  # [S, T, N, C]
+        hidden_states = hidden_states + self.temporal_gate(temporal)  # [S, T, N, C]
         hidden_states = rearrange(hidden_states, "s t n c -> (s t) n c")
         return in_chunks(self.mlp_block, hidden_states, chunk_size)  # [S * T, N, C]
 
@@ -315,8 +334,8 @@ class PVCPreTrainedModel(PreTrainedModel):
         if isinstance(module, PVCVisionLayer):
             init.constant_(module.lambda_1, vision_config.layer_scale_init_value)
             init.constant_(module.lambda_2, vision_config.layer_scale_init_value)
-        if isinstance(module, PVCVisionProgressiveLayer):
-            init.zeros_(module.temporal_gate)
+        elif isinstance(module, PVCGate):
+            init.zeros_(module.weight)
 
 
 class PVCVisionEncoder(nn.Module):

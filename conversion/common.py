@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 import pvc
 from pvc import PVCConfig, PVCForConditionalGeneration, PVCImageProcessor, PVCProcessor, build_chat_template
+from pvc.modeling_pvc import is_pvc_parameter
 
 CODE_FILES = ("configuration_pvc.py", "modeling_pvc.py", "image_processing_pvc.py", "processing_pvc.py")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -399,18 +400,10 @@ def _shape(checkpoint: Checkpoint, key: str):
     return checkpoint.get(key).shape
 
 
-# Parameters PVC adds (or re-initialises): they may be absent from a source.
-NEW_MODULE_PATTERNS = (
-    r".*\.temporal_(attention|norm|gate).*",
-    r"model\.vision_tower\.temporal_embedding\..*",
-    r"model\.multi_modal_projector\.(temporal_embedding|adaln)\..*",
-)
-
-
 def _is_new_module(name: str, config: PVCConfig, projector_init: str) -> bool:
-    if any(re.fullmatch(pattern, name) for pattern in NEW_MODULE_PATTERNS):
+    """Parameters a source may lack: PVC's own modules, and the projector parts a random init leaves to the model."""
+    if is_pvc_parameter(name):
         return True
-    # A randomly initialised projector leaves its first layer and its norm to the model's init.
     return projector_init == "random" and re.fullmatch(r"model\.multi_modal_projector\.(linear_1|layer_norm)\..*", name)
 
 

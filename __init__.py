@@ -8,6 +8,7 @@ from .configuration_pvc import PVCConfig, PVCVisionConfig
 from .image_processing_pvc import PVCImageProcessor
 from .modeling_pvc import PVCForConditionalGeneration, PVCModel, PVCPreTrainedModel, PVCVisionModel
 from .processing_pvc import PVCProcessor, build_chat_template
+from .training.data import PVCDataCollator
 
 # Saving a model built from this package writes the code files and the `auto_map` beside the weights.
 PVCConfig.register_for_auto_class()
@@ -25,4 +26,5 @@ __all__ = [
     "PVCImageProcessor",
     "PVCProcessor",
     "build_chat_template",
+    "PVCDataCollator",
 ]

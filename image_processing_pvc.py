@@ -10,6 +10,7 @@ import logging
 import math
 import os
 from fractions import Fraction
+from typing import TypedDict
 
 import numpy as np
 import torch
@@ -93,6 +94,19 @@ def _array_to_pil(array: np.ndarray) -> Image.Image:
     return Image.fromarray(array)
 
 
+class PVCImageProcessorKwargs(TypedDict, total=False):
+    """Settings that `from_pretrained(..., **kwargs)` may override."""
+
+    image_size: int
+    min_tiles: int
+    max_tiles: int
+    use_thumbnail: bool
+    image_mean: list
+    image_std: list
+    num_frames: int
+    video_max_tiles: int
+
+
 class PVCImageProcessor(ImageProcessingMixin):
     r"""
     Images and videos to PVC's pixel inputs.
@@ -107,6 +121,7 @@ class PVCImageProcessor(ImageProcessingMixin):
     """
 
     model_input_names = ["pixel_values", "image_num_tiles", "pixel_values_videos", "video_num_frames", "video_num_tiles"]
+    valid_kwargs = PVCImageProcessorKwargs
 
     def __init__(
         self,

@@ -127,7 +127,7 @@ class PVCProcessor(ProcessorMixin):
                     f"The text holds {expected} {placeholder} placeholder(s) but {len(given or [])} {name} were "
                     f"given: put one {placeholder} in the text where each of the {name} goes."
                 )
-        expansions = self._expansions(kinds, visual)
+        expansions = self.expansions(kinds, visual)
         expanded = [re.sub(r"<image>|<video>", lambda _: next(expansions), sample) for sample in texts]
         for token in (IMAGE_START, IMAGE_END, IMAGE_CONTEXT):
             self.token_id(token)
@@ -138,7 +138,8 @@ class PVCProcessor(ProcessorMixin):
             data["visual_order"] = torch.tensor([int(kind == VIDEO_PLACEHOLDER) for kind in kinds])
         return BatchFeature(data=data, tensor_type=return_tensors)
 
-    def _expansions(self, kinds, visual):
+    def expansions(self, kinds, visual):
+        """The replacement text of each placeholder kind, in order, for the processed `visual` inputs."""
         image_tiles = iter(visual.get("image_num_tiles", torch.empty(0)).tolist())
         video_shapes = iter(zip(visual.get("video_num_frames", torch.empty(0)).tolist(),
                                 visual.get("video_num_tiles", torch.empty(0)).tolist()))

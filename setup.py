@@ -19,9 +19,15 @@ setup(
     description="PVC: Progressive Visual Token Compression for image and video VLMs, for Hugging Face Transformers",
     license="MIT",
     python_requires=">=3.10",
-    packages=["pvc", "pvc.conversion"],
-    package_dir={"pvc": ".", "pvc.conversion": "conversion"},
-    entry_points={"console_scripts": ["pvc-convert=pvc.conversion.cli:main", "pvc-demo=pvc.demo:main"]},
+    packages=["pvc", "pvc.conversion", "pvc.training"],
+    package_dir={"pvc": ".", "pvc.conversion": "conversion", "pvc.training": "training"},
+    entry_points={
+        "console_scripts": [
+            "pvc-convert=pvc.conversion.cli:main",
+            "pvc-finetune=pvc.training.finetune:main",
+            "pvc-demo=pvc.demo:main",
+        ]
+    },
     cmdclass={"build_py": BuildPy},
     install_requires=[
         "torch>=2.6",

@@ -1,0 +1,244 @@
+"""Fine-tuning: the collator's labels, Trainer, the learning-rate multiplier, freezing, LoRA, DDP, the demo."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import IMAGE_TOKEN, tiny_model, tiny_processor
+from PIL import Image
+from transformers import AutoModelForImageTextToText, TrainingArguments
+
+from pvc import PVCDataCollator
+from pvc.modeling_pvc import is_pvc_parameter
+from pvc.training.data import ConversationDataset
+from pvc.training.finetune import PVCTrainer, add_lora, checkpointing_arguments, freeze, parameter_groups
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    """Two images and two short videos on disk, and records that mention them."""
+    folder = tmp_path_factory.mktemp("media")
+    rng = np.random.RandomState(0)
+    for index in range(2):
+        Image.fromarray(rng.randint(0, 255, (50, 70, 3), dtype=np.uint8)).save(folder / f"image{index}.png")
+        np.save(folder / f"video{index}.npy", rng.randint(0, 255, (5, 30, 30, 3), dtype=np.uint8))
+    records = [
+        {"image": "image0.png", "conversations": [{"from": "human", "value": "<image>\nWhat is this?"},
+                                                  {"from": "gpt", "value": "red square"}]},
+        {"image": "image1.png", "conversations": [{"from": "human", "value": "Name it."},
+                                                  {"from": "gpt", "value": "blue circle"}]},
+        {"video": "video0.npy", "conversations": [{"from": "human", "value": "<video>\nWhat moves?"},
+                                                  {"from": "gpt", "value": "a dog"}]},
+        {"video": "video1.npy", "conversations": [{"from": "human", "value": "<video>\nAnd here?"},
+                                                  {"from": "gpt", "value": "a cat"}]},
+    ]
+    for record in records:
+        if "video" in record:  # arrays stand in for decoded videos
+            record["video"] = np.load(folder / record["video"])
+    (folder / "train.jsonl").write_text("\n".join(json.dumps(r, default=lambda _: None) for r in records[:2]) + "\n")
+    return folder, records
+
+
+def collator(folder, **options):
+    return PVCDataCollator(tiny_processor(), media_root=folder, max_num_frames=3, **options)
+
+
+def test_labels_cover_only_assistant_turns(media):
+    folder, _ = media
+    record = {
+        "image": "image0.png",
+        "conversations": [
+            {"from": "human", "value": "<image>\nWhat is this?"},
+            {"from": "gpt", "value": "A cat."},
+            {"from": "human", "value": "Sure?"},
+            {"from": "gpt", "value": "Yes."},
+        ],
+    }
+    data = collator(folder)
+    batch = data([record])
+    ids, labels = batch["input_ids"][0], batch["labels"][0]
+    trained = labels != -100
+    assert torch.equal(labels[trained], ids[trained])
+    tokenizer = data.processor.tokenizer
+    assert tokenizer.decode(ids[trained]) == "A cat.<|im_end|>Yes.<|im_end|>"
+    # contiguous runs: exactly the two answers, each followed by its end-of-turn token
+    edges = torch.cat([torch.tensor([0]), trained.int(), torch.tensor([0])]).diff()
+    starts, ends = torch.nonzero(edges == 1).flatten(), torch.nonzero(edges == -1).flatten()
+    assert len(starts) == 2
+    for start, end in zip(starts.tolist(), ends.tolist()):
+        assert tokenizer.decode(ids[end - 1 : end]) == "<|im_end|>"
+        assert tokenizer.decode(ids[:start]).endswith("<|im_start|>assistant\n")
+    assert not trained[ids == IMAGE_TOKEN].any()
+    assert int((ids == IMAGE_TOKEN).sum()) == 4 * 4 * int(batch["image_num_tiles"].sum())
+
+
+def test_collator_batches_mixed_media_with_padding(media):
+    folder, records = media
+    batch = collator(folder)([records[0], records[2]])
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    shorter = int(batch["attention_mask"].sum(1).argmin())
+    assert batch["attention_mask"][shorter, -1] == 0 and batch["labels"][shorter, -1] == -100  # right padding
+    assert batch["visual_order"].tolist() == [0, 1]
+    assert batch["video_num_frames"].tolist() == [3]
+    model = tiny_model("pvc")
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).loss)
+    # a placeholder-less record gets one at the start of its first human turn
+    assert "<image>\nName it." in collator(folder).render(collator(folder).messages(records[1], 1, 0))[0]
+
+
+def test_too_long_samples_are_cut_only_after_the_visual_tokens(media):
+    folder, records = media
+    sample = collator(folder).encode(records[0])
+    visual_end = max(i for i, token in enumerate(sample["input_ids"]) if token == IMAGE_TOKEN) + 1
+    cut = collator(folder, max_length=visual_end + 3).encode(records[0])
+    assert len(cut["input_ids"]) == visual_end + 3
+    with pytest.raises(ValueError, match="max_length"):
+        collator(folder, max_length=visual_end - 5).encode(records[0])
+
+
+def training_arguments(output, steps, **extra):
+    return TrainingArguments(
+        output_dir=str(output), max_steps=steps, per_device_train_batch_size=4, learning_rate=3e-3,
+        lr_scheduler_type="constant", logging_steps=5, save_steps=steps, report_to="none",
+        remove_unused_columns=False, seed=0, use_cpu=True, **extra,
+    )
+
+
+def batch_loss(model, batch):
+    model.eval()
+    with torch.no_grad():
+        loss = model(**batch).loss.item()
+    model.train()
+    return loss
+
+
+def test_trainer_memorises_and_its_checkpoint_reloads(media, tmp_path):
+    folder, records = media
+    model = tiny_model("pvc", randomize=False, seed=1)
+    data = collator(folder)
+    batch = data(records)
+    before = batch_loss(model, batch)
+    trainer = PVCTrainer(model=model, args=training_arguments(tmp_path, 40), train_dataset=ConversationDataset(records),
+                         data_collator=data)
+    trainer.train()
+    after = batch_loss(model, batch)
+    assert after <= before / 2, (before, after)
+    checkpoint = tmp_path / "checkpoint-40"
+    assert (checkpoint / "modeling_pvc.py").exists()
+    reloaded = AutoModelForImageTextToText.from_pretrained(checkpoint, trust_remote_code=True, dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.eval()(**batch).logits, model.eval()(**batch).logits, rtol=0, atol=0)
+
+
+def test_new_modules_get_the_learning_rate_multiplier(media, tmp_path):
+    folder, records = media
+    model = tiny_model("pvc")
+    trainer = PVCTrainer(model=model, args=training_arguments(tmp_path, 1), train_dataset=ConversationDataset(records),
+                         data_collator=collator(folder), new_module_lr_multiplier=10)
+    optimizer = trainer.create_optimizer()
+    rates = {id(param): group["lr"] for group in optimizer.param_groups for param in group["params"]}
+    names = dict(model.named_parameters())
+    assert len(rates) == len(names)
+    for name, param in names.items():
+        assert rates[id(param)] == pytest.approx(3e-3 * (10 if is_pvc_parameter(name) else 1)), name
+    assert rates[id(names["model.vision_tower.encoder.layer.2.temporal_gate.weight"])] == pytest.approx(3e-2)
+    groups = parameter_groups(model, 1.0, 10.0, 0.1)
+    assert all(group["weight_decay"] == 0.0 for group in groups if group["name"].endswith("no_decay"))
+
+
+def test_frozen_parts_get_no_gradient(media):
+    folder, records = media
+    model = tiny_model("pvc").train()
+    freeze(model, vision=True, language_model=True)
+    model(**collator(folder)(records)).loss.backward()
+    for name, param in model.named_parameters():
+        vit_base = name.startswith("model.vision_tower.") and not is_pvc_parameter(name)
+        frozen = vit_base or name.startswith(("model.language_model.", "lm_head."))
+        assert (param.grad is None) == frozen, name
+        assert param.requires_grad != frozen, name
+
+
+def test_lora_changes_only_adapters_and_merges_back(media, tmp_path):
+    pytest.importorskip("peft")
+    folder, records = media
+    model = tiny_model("pvc")
+    base = {name: param.detach().clone() for name, param in model.named_parameters()}
+    peft_model = add_lora(model, rank=4, alpha=8, dropout=0.0)
+    trainer = PVCTrainer(model=peft_model, args=training_arguments(tmp_path, 3),
+                         train_dataset=ConversationDataset(records), data_collator=collator(folder))
+    trainer.train()
+    changed = set()
+    for name, param in peft_model.named_parameters():
+        original = name.replace("base_model.model.", "", 1).replace(".base_layer", "").replace(".original_module", "")
+        if original in base and not torch.equal(param.detach(), base[original]):
+            changed.add(name)
+    trainable = {name for name, param in peft_model.named_parameters() if param.requires_grad}
+    assert any("lora_" in name for name in trainable)
+    assert changed <= trainable  # nothing outside adapters and modules_to_save moved
+    assert not any(".language_model." in name and "lora_" not in name for name in trainable)
+    batch = collator(folder)(records)
+    with torch.no_grad():
+        expected = peft_model.eval()(**batch).logits
+        merged = peft_model.merge_and_unload()
+        assert not any("lora_" in name for name, _ in merged.named_parameters())
+        torch.testing.assert_close(merged(**batch).logits, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_gradient_checkpointing_argument_name():
+    arguments = checkpointing_arguments(True)
+    assert TrainingArguments(output_dir="unused", report_to="none", **arguments)
+
+
+def test_finetune_cli_under_accelerate_ddp(media, tmp_path):
+    """Two CPU processes (gloo): training finishes and both ranks hold the same weights. accelerate's `--cpu` flag
+    starts a single process unless mpirun is set up, so the two ranks come from its torchrun launcher, which
+    falls back to CPU and gloo on a machine without GPUs."""
+    pytest.importorskip("accelerate")
+    folder, _ = media
+    model_dir = tmp_path / "model"
+    tiny_model("pvc").save_pretrained(model_dir)
+    tiny_processor().save_pretrained(model_dir)
+    output = tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", str(Path(__file__).with_name("ddp_finetune.py")),
+        str(tmp_path / "hash"), "--model", str(model_dir), "--data", str(folder / "train.jsonl"), "--media-root", str(folder),
+        "--output-dir", str(output), "--max-steps", "3", "--learning-rate", "1e-3", "--logging-steps", "1",
+        "--max-tiles", "2",
+    ]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    hashes = [(tmp_path / f"hash.{rank}").read_text() for rank in range(2)]
+    assert hashes[0] == hashes[1]
+    assert (output / "model.safetensors").exists() and (output / "processor_config.json").exists()
+
+
+def test_demo_runs_end_to_end(capsys):
+    from pvc.demo import main
+
+    main(["--max-new-tokens", "3", "--num-frames", "4"])
+    out = capsys.readouterr().out
+    assert "RANDOM weights" in out
+    assert "| image | 3 tiles x 4 frames | 768 | 768 |" in out
+    assert "| video | 4 frames | 256 | 1024 |" in out
+
+
+def test_pipeline_on_images(tmp_path):
+    from transformers import pipeline
+
+    tiny_model("pvc").save_pretrained(tmp_path)
+    tiny_processor().save_pretrained(tmp_path)
+    pipe = pipeline("image-text-to-text", model=str(tmp_path), trust_remote_code=True)
+    messages = [{"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (60, 40), "red")},
+                                             {"type": "text", "text": "What?"}]}]
+    out = pipe(text=messages, max_new_tokens=3)
+    assert out[0]["generated_text"][-1]["role"] == "assistant"

@@ -1,0 +1,183 @@
+"""Conversation datasets for fine-tuning PVC and the collator that turns records into a training batch.
+
+A record (one line of a JSONL file, or one item of a JSON list) in the common LLaVA/InternVL format:
+
+    {"image": "cat.jpg",                      # or "images": [...], or "video": "clip.mp4" (or "videos")
+     "conversations": [{"from": "human", "value": "<image>\\nWhat is this?"},
+                       {"from": "gpt", "value": "A cat."}]}
+
+Media paths are relative to `media_root`; images may also be PIL images and videos arrays. A record with media
+but no placeholder gets `<image>`/`<video>` lines at the start of its first human turn, as InternVL does.
+"""
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+PLACEHOLDER = re.compile(r"<image>|<video>")
+
+
+def load_records(path) -> list[dict]:
+    """Records from a .json (a list) or .jsonl file."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    else:
+        records = json.loads(text)
+    if not isinstance(records, list) or not all(isinstance(r, dict) and "conversations" in r for r in records):
+        raise ValueError(f"{path}: expected a list of records, each with 'conversations'.")
+    return records
+
+
+class ConversationDataset(torch.utils.data.Dataset):
+    """Records as they are; media are loaded by the collator (in the data-loader workers)."""
+
+    def __init__(self, records):
+        self.records = load_records(records) if isinstance(records, (str, os.PathLike)) else list(records)
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, index):
+        return self.records[index]
+
+
+class PVCDataCollator:
+    r"""
+    Records -> a padded batch with `labels` that train only on the assistant turns (their text and end-of-turn
+    token); the prompt, the system and user turns, padding and visual tokens are -100.
+
+    Args:
+        processor (`PVCProcessor`).
+        media_root (`str`, *optional*): folder that relative media paths start from.
+        max_num_frames (`int`, *optional*): frames sampled per video (default: the processor's).
+        max_tiles (`int`, *optional*): tile bound per image (default: the processor's).
+        max_length (`int`, *optional*): a longer sample is cut at the end when its visual tokens all lie before
+            the cut (with a warning), and is an error otherwise.
+    """
+
+    def __init__(self, processor, media_root=None, max_num_frames=None, max_tiles=None, max_length=None):
+        self.processor = processor
+        self.media_root = Path(media_root) if media_root else None
+        self.max_num_frames = max_num_frames
+        self.max_tiles = max_tiles
+        self.max_length = max_length
+        tokenizer = processor.tokenizer
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.image_token_id = processor.token_id("<IMG_CONTEXT>")
+
+    def __call__(self, records: list[dict]) -> dict:
+        samples = [self.encode(record) for record in records]
+        length = max(len(sample["input_ids"]) for sample in samples)
+        batch = {
+            "input_ids": torch.tensor([s["input_ids"] + [self.pad_id] * (length - len(s["input_ids"])) for s in samples]),
+            "attention_mask": torch.tensor([[1] * len(s["input_ids"]) + [0] * (length - len(s["input_ids"])) for s in samples]),
+            "labels": torch.tensor([s["labels"] + [-100] * (length - len(s["labels"])) for s in samples]),
+        }
+        for key in ("pixel_values", "image_num_tiles", "pixel_values_videos", "video_num_frames", "video_num_tiles"):
+            parts = [s[key] for s in samples if key in s]
+            if parts:
+                batch[key] = torch.cat(parts)
+        kinds = [kind for s in samples for kind in s["kinds"]]
+        if "<image>" in kinds and "<video>" in kinds:
+            batch["visual_order"] = torch.tensor([int(kind == "<video>") for kind in kinds])
+        return batch
+
+    def encode(self, record: dict) -> dict:
+        """One record -> input ids, labels, pixel inputs and the kinds of its visuals in text order."""
+        images = _as_list(record.get("images", record.get("image")))
+        videos = _as_list(record.get("videos", record.get("video")))
+        messages = self.messages(record, len(images), len(videos))
+        text, spans = self.render(messages)
+        kinds = PLACEHOLDER.findall(text)
+        if kinds.count("<image>") != len(images) or kinds.count("<video>") != len(videos):
+            raise ValueError(
+                f"A record has {kinds.count('<image>')} <image> and {kinds.count('<video>')} <video> placeholders but "
+                f"{len(images)} images and {len(videos)} videos: {str(record)[:200]}"
+            )
+        visual = {}
+        if images or videos:
+            options = {"max_tiles": self.max_tiles, "num_frames": self.max_num_frames}
+            visual = dict(self.processor.image_processor(
+                images=[self._path(image) for image in images] or None,
+                videos=[self._path(video) for video in videos] or None,
+                **{key: value for key, value in options.items() if value is not None},
+            ))
+        text, spans = self.expand(text, spans, kinds, visual)
+        encoding = self.processor.tokenizer(text, return_offsets_mapping=True)
+        ids = encoding["input_ids"]
+        labels = [
+            token if token != self.image_token_id and any(start <= begin < end for start, end in spans) else -100
+            for token, (begin, _) in zip(ids, encoding["offset_mapping"])
+        ]
+        ids, labels = self.truncate(ids, labels)
+        return {"input_ids": ids, "labels": labels, "kinds": kinds, **visual}
+
+    def messages(self, record: dict, num_images: int, num_videos: int) -> list[dict]:
+        messages = []
+        for turn in record["conversations"]:
+            role = ROLES.get(turn.get("from", turn.get("role")))
+            if role is None:
+                raise ValueError(f"Unknown conversation role in {turn}; use human/gpt (or user/assistant/system).")
+            messages.append({"role": role, "content": turn.get("value", turn.get("content", ""))})
+        placeholders = "".join(message["content"] for message in messages)
+        if (num_images or num_videos) and not PLACEHOLDER.search(placeholders):
+            first_user = next(message for message in messages if message["role"] == "user")
+            first_user["content"] = "<image>\n" * num_images + "<video>\n" * num_videos + first_user["content"]
+        return messages
+
+    def render(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+        """The chat text and the character spans to train on: each assistant turn's content and end of turn."""
+        render = lambda part, prompt: self.processor.apply_chat_template(part, add_generation_prompt=prompt)  # noqa: E731
+        spans = []
+        for index, message in enumerate(messages):
+            if message["role"] == "assistant":
+                start = len(render(messages[:index], True))
+                spans.append((start, len(render(messages[: index + 1], False))))
+        return render(messages, False), spans
+
+    def expand(self, text, spans, kinds, visual):
+        """Expand the placeholders as the processor does, moving the spans with the text."""
+        expansions = iter(self.processor.expansions(kinds, visual))
+        pieces, shifts, position = [], [], 0
+        for match in PLACEHOLDER.finditer(text):
+            replacement = next(expansions)
+            pieces += [text[position : match.start()], replacement]
+            shifts.append((match.end(), len(replacement) - (match.end() - match.start())))
+            position = match.end()
+        pieces.append(text[position:])
+
+        def moved(index):
+            return index + sum(delta for end, delta in shifts if end <= index)
+
+        return "".join(pieces), [(moved(start), moved(end)) for start, end in spans]
+
+    def truncate(self, ids, labels):
+        if self.max_length is None or len(ids) <= self.max_length:
+            return ids, labels
+        if self.image_token_id in ids[self.max_length :]:
+            raise ValueError(
+                f"A sample has {len(ids)} tokens, more than max_length={self.max_length}, and the cut would split "
+                "its visual tokens: lower max_tiles / max_num_frames or raise max_length."
+            )
+        logger.warning("A sample of %d tokens is cut to max_length=%d.", len(ids), self.max_length)
+        return ids[: self.max_length], labels[: self.max_length]
+
+    def _path(self, media):
+        if isinstance(media, (str, os.PathLike)) and self.media_root is not None and not Path(media).is_absolute():
+            return str(self.media_root / media)
+        return media
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]

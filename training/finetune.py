@@ -1,0 +1,184 @@
+"""`pvc-finetune`: fine-tune PVC with the Hugging Face `Trainer` on a conversation dataset.
+
+    pvc-finetune --model ./PVC-InternVL2-8B --data train.jsonl --media-root ./media --output-dir ./out \\
+        --bf16 --gradient-checkpointing --learning-rate 1e-5
+
+As the paper, all parameters train, and the modules PVC adds (progressive layers' temporal parts, temporal
+embeddings, projector AdaLN) with a 10x learning rate (`--new-module-lr-multiplier`). Parts can be frozen, or the
+language model (and the ViT) trained through LoRA adapters, merged back into the saved model at the end.
+Multi-GPU: `accelerate launch -m pvc.training.finetune ...` (DDP; FSDP and DeepSpeed configs in examples/).
+"""
+
+import argparse
+import logging
+
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, TrainingArguments
+
+from ..modeling_pvc import is_pvc_parameter
+from .data import ConversationDataset, PVCDataCollator
+
+logger = logging.getLogger(__name__)
+LORA_TARGETS = {
+    "language_model": r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|qkv_proj|gate_proj|up_proj|down_proj|gate_up_proj)",
+    "vision_tower": r".*vision_tower\.encoder\.layer\.\d+\.(attention\.(q_proj|k_proj|v_proj|projection_layer)|mlp\.(fc1|fc2))",
+}
+
+
+def parameter_groups(model, learning_rate: float, new_module_multiplier: float, weight_decay: float) -> list[dict]:
+    """Optimizer groups: PVC's new modules at `learning_rate * new_module_multiplier`, the rest at
+    `learning_rate`; no weight decay on biases, norms, gates, layer scales and embeddings' 1-D parameters."""
+    groups = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        new = is_pvc_parameter(name)
+        decay = param.ndim >= 2
+        key = (new, decay)
+        if key not in groups:
+            groups[key] = {
+                "params": [],
+                "lr": learning_rate * (new_module_multiplier if new else 1.0),
+                "weight_decay": weight_decay if decay else 0.0,
+                "name": ("pvc_new" if new else "base") + ("" if decay else "_no_decay"),
+            }
+        groups[key]["params"].append(param)
+    return list(groups.values())
+
+
+class PVCTrainer(Trainer):
+    """`Trainer` whose optimizer gives PVC's new modules a larger learning rate."""
+
+    def __init__(self, *args, new_module_lr_multiplier: float = 10.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.new_module_lr_multiplier = new_module_lr_multiplier
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            opt_model = self.model if model is None else model
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            groups = parameter_groups(
+                opt_model, self.args.learning_rate, self.new_module_lr_multiplier, self.args.weight_decay
+            )
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+
+def freeze(model, vision: bool = False, projector: bool = False, language_model: bool = False):
+    """Stop gradients into the chosen parts. Freezing the vision tower keeps PVC's own modules in it trainable:
+    they are what fine-tuning a converted model has to learn."""
+    parts = {"model.vision_tower.": vision, "model.multi_modal_projector.": projector,
+             "model.language_model.": language_model, "lm_head.": language_model}
+    for name, param in model.named_parameters():
+        for prefix, frozen in parts.items():
+            if frozen and name.startswith(prefix) and not (prefix == "model.vision_tower." and is_pvc_parameter(name)):
+                param.requires_grad_(False)
+
+
+def add_lora(model, rank: int = 16, alpha: int = 32, dropout: float = 0.05, vision: bool = False):
+    """LoRA adapters on the language model (and the ViT's linear layers with `vision=True`) through PEFT. What LoRA
+    does not cover trains in full and is saved with the adapters: PVC's modules and the projector, and the vision
+    tower unless it has adapters of its own."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = LORA_TARGETS["language_model"] + ("|" + LORA_TARGETS["vision_tower"] if vision else "")
+    modules_to_save = ["multi_modal_projector", "temporal_attention", "temporal_norm", "temporal_gate",
+                       "temporal_embedding"]
+    if not vision:
+        modules_to_save = ["vision_tower", "multi_modal_projector"]
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=f"({targets})",
+                        modules_to_save=modules_to_save)
+    return get_peft_model(model, config)
+
+
+def checkpointing_arguments(enabled: bool) -> dict:
+    """Non-reentrant activation checkpointing, under the argument name of the installed transformers."""
+    name = "activation_checkpointing" if hasattr(TrainingArguments, "activation_checkpointing") else "gradient_checkpointing"
+    return {name: enabled, f"{name}_kwargs": {"use_reentrant": False} if enabled else None}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="pvc-finetune", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="a PVC checkpoint (folder or Hub id)")
+    parser.add_argument("--data", required=True, help="training records, .json or .jsonl")
+    parser.add_argument("--media-root", default=None, help="folder that media paths are relative to")
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--learning-rate", type=float, default=1e-5)
+    parser.add_argument("--new-module-lr-multiplier", type=float, default=10.0,
+                        help="learning-rate factor for PVC's new modules (default 10, as the paper)")
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--max-steps", type=int, default=-1)
+    parser.add_argument("--batch-size", type=int, default=1, help="per device")
+    parser.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    parser.add_argument("--warmup", type=float, default=0.03, help="warmup steps, or a fraction of all steps if < 1")
+    parser.add_argument("--logging-steps", type=int, default=10)
+    parser.add_argument("--save-steps", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="non-reentrant activation checkpointing")
+    parser.add_argument("--freeze-vision", action="store_true", help="freeze InternViT (PVC's modules still train)")
+    parser.add_argument("--freeze-projector", action="store_true")
+    parser.add_argument("--freeze-llm", action="store_true")
+    parser.add_argument("--lora", action="store_true", help="LoRA on the language model instead of full training")
+    parser.add_argument("--lora-vision", action="store_true", help="also LoRA on the ViT's linear layers")
+    parser.add_argument("--lora-rank", type=int, default=16)
+    parser.add_argument("--lora-alpha", type=int, default=32)
+    parser.add_argument("--max-num-frames", type=int, default=None, help="frames per video (default: processor's)")
+    parser.add_argument("--max-tiles", type=int, default=None, help="tiles per image (default: processor's)")
+    parser.add_argument("--max-length", type=int, default=None, help="token cap per sample")
+    parser.add_argument("--report-to", default="none")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    """Train as the arguments say; returns the trained (and, with LoRA, merged) model."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    model = AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True, dtype=dtype)
+    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+    freeze(model, args.freeze_vision, args.freeze_projector, args.freeze_llm)
+    if args.lora:
+        model = add_lora(model, args.lora_rank, args.lora_alpha, vision=args.lora_vision)
+    training_args = TrainingArguments(
+        output_dir=args.output_dir,
+        learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay,
+        num_train_epochs=args.epochs,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        warmup_steps=args.warmup,
+        logging_steps=args.logging_steps,
+        save_steps=args.save_steps,
+        seed=args.seed,
+        bf16=args.bf16,
+        **checkpointing_arguments(args.gradient_checkpointing),
+        remove_unused_columns=False,  # records hold media paths and conversations, not model inputs
+        report_to=args.report_to,
+        ddp_find_unused_parameters=False,
+    )
+    collator = PVCDataCollator(processor, args.media_root, args.max_num_frames, args.max_tiles, args.max_length)
+    trainer = PVCTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=ConversationDataset(args.data),
+        data_collator=collator,
+        new_module_lr_multiplier=args.new_module_lr_multiplier,
+    )
+    trainer.train()
+    if args.lora:
+        model = trainer.model.merge_and_unload()
+    else:
+        model = trainer.model
+    if trainer.is_world_process_zero():
+        model.save_pretrained(args.output_dir)
+        processor.save_pretrained(args.output_dir)
+        logger.info("Saved the fine-tuned model to %s", args.output_dir)
+    return model
+
+
+if __name__ == "__main__":
+    main()

@@ -234,7 +234,7 @@ class PVCVisionEmbeddings(nn.Module):
 
     def forward(self, pixel_values):  # [F, 3, H, W]
         projection = self.patch_embeddings.projection
-        patches = projection(pixel_values.to(projection.weight.dtype))  # [F, C, h, w]
+        patches = projection(pixel_values.to(projection.weight.device, projection.weight.dtype))  # [F, C, h, w]
         grid_h, grid_w = patches.shape[-2:]
         patches = rearrange(patches, "f c h w -> f (h w) c")
         cls = self.cls_token.expand(patches.shape[0], -1, -1)  # [F, 1, C]
@@ -405,7 +405,7 @@ class PVCVisionModel(PVCPreTrainedModel):
         hidden_states = self.embeddings(pixel_values)  # [S * T_in, N, C]
         temporal_embeds = None
         if self.temporal_embedding is not None:
-            temporal_embeds = self.temporal_embedding(relative_timestamps(num_frames, pixel_values.device))  # [T, C]
+            temporal_embeds = self.temporal_embedding(relative_timestamps(num_frames, hidden_states.device))  # [T, C]
         hidden_states = self.encoder(hidden_states, temporal_embeds, num_streams, frame_chunk_size)
         hidden_states = expand_frames(hidden_states, num_streams, num_frames).flatten(0, 1)  # [S * T, N, C]
         return BaseModelOutput(last_hidden_state=hidden_states)

@@ -284,13 +284,24 @@ class PVCVisionProgressiveLayer(PVCVisionLayer):
         # hidden_states: [S * T_in, N, C] with T_in = T, or T_in = 1 where all frames of a stream are one image
         # (a static clip): they stay shared through the spatial attention and only split here.
         hidden_states = in_chunks(self.spatial_block, hidden_states, chunk_size)
-        hidden_states = expand_frames(hidden_states, num_streams, temporal_embeds.shape[0])  # [S, T, N, C]
-        condition = hidden_states + temporal_embeds[:, None]  # [S, T, N, C] + [T, 1, C]
-        normed = rearrange(self.temporal_norm(hidden_states, condition), "s t n c -> (s n) t c")
-        temporal = rearrange(self.temporal_attention(normed), "(s n) t c -> s t n c", s=num_streams)
-        hidden_states = hidden_states + self.temporal_gate(temporal)  # [S, T, N, C]
+        num_frames = temporal_embeds.shape[0]
+        hidden_states = expand_frames(hidden_states, num_streams, num_frames)  # [S, T, N, C]
+        # Temporal attention is independent per token position: chunk over positions within the same budget.
+        parts = [hidden_states]
+        if chunk_size is not None:
+            parts = hidden_states.split(max(1, chunk_size * hidden_states.shape[2] // num_frames), dim=2)
+        temporal = torch.cat([self.temporal_block(part, temporal_embeds) for part in parts], dim=2)
+        hidden_states = hidden_states + temporal  # [S, T, N, C]
         hidden_states = rearrange(hidden_states, "s t n c -> (s t) n c")
         return in_chunks(self.mlp_block, hidden_states, chunk_size)  # [S * T, N, C]
+
+    def temporal_block(self, hidden_states, temporal_embeds):  # [S, T, n, C], [T, C]
+        """g * T-MHA(AdaLN(x; x + TE)) for some token positions of all frames."""
+        streams = hidden_states.shape[0]
+        condition = hidden_states + temporal_embeds[:, None]  # [S, T, n, C] + [T, 1, C]
+        normed = rearrange(self.temporal_norm(hidden_states, condition), "s t n c -> (s n) t c")
+        temporal = rearrange(self.temporal_attention(normed), "(s n) t c -> s t n c", s=streams)
+        return self.temporal_gate(temporal)  # [S, T, n, C]
 
 
 def expand_frames(hidden_states, num_streams: int, num_frames: int):

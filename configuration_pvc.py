@@ -8,7 +8,8 @@ converted to Llama).
 
 from transformers import AutoConfig, PreTrainedConfig
 
-# Written into every saved config so that the Auto classes find the code files beside it.
+# Written into every saved config so that the Auto classes find the code files beside it. Design decision:
+# AutoModel gives the generation model, as InternVL2's remote code did.
 AUTO_MAP = {
     "AutoConfig": "configuration_pvc.PVCConfig",
     "AutoModel": "modeling_pvc.PVCForConditionalGeneration",

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+
 def tiny_tokenizer():
     """A character-level tokenizer with ChatML and InternVL special tokens (ids < 128), built offline."""
     from tokenizers import Tokenizer, decoders, models
@@ -30,7 +31,9 @@ def tiny_tokenizer():
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     backend.add_special_tokens(specials + internvl)
     backend.decoder = decoders.Fuse()  # characters join without spaces
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", eos_token="<|im_end|>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", eos_token="<|im_end|>"
+    )
 
 
 def small_random_model(seed: int = 0):

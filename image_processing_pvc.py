@@ -120,7 +120,13 @@ class PVCImageProcessor(ImageProcessingMixin):
         video_max_tiles (`int`, defaults to 1): tile grid bound for each video frame (1: one resized tile).
     """
 
-    model_input_names = ["pixel_values", "image_num_tiles", "pixel_values_videos", "video_num_frames", "video_num_tiles"]
+    model_input_names = [
+        "pixel_values",
+        "image_num_tiles",
+        "pixel_values_videos",
+        "video_num_frames",
+        "video_num_tiles",
+    ]
     valid_kwargs = PVCImageProcessorKwargs
 
     def __init__(
@@ -156,7 +162,9 @@ class PVCImageProcessor(ImageProcessingMixin):
         columns, rows = tile_grid(image.width, image.height, self.min_tiles, max_tiles, size)
         resized = image.resize((columns * size, rows * size), Image.BICUBIC)
         tiles = [
-            resized.crop((c * size, r * size, (c + 1) * size, (r + 1) * size)) for r in range(rows) for c in range(columns)
+            resized.crop((c * size, r * size, (c + 1) * size, (r + 1) * size))
+            for r in range(rows)
+            for c in range(columns)
         ]
         if self.use_thumbnail and len(tiles) > 1:
             tiles.append(image.resize((size, size), Image.BICUBIC))
@@ -233,7 +241,9 @@ class PVCImageProcessor(ImageProcessingMixin):
 
     def __call__(self, images=None, videos=None, return_tensors="pt", **kwargs) -> BatchFeature:
         """Images and/or videos -> a `BatchFeature` of the model's pixel inputs."""
-        video_options = {key: kwargs.pop(key) for key in ("num_frames", "fps", "max_frames", "start", "end") if key in kwargs}
+        video_options = {
+            key: kwargs.pop(key) for key in ("num_frames", "fps", "max_frames", "start", "end") if key in kwargs
+        }
         video_max_tiles = kwargs.pop("video_max_tiles", None)
         max_tiles = kwargs.pop("max_tiles", None)
         if kwargs:
@@ -263,6 +273,7 @@ def sample_indices(total: int, num_frames: int | None, fps: float | None, native
         num_frames = min(num_frames, max_frames)
     if num_frames > total:
         logger.debug("The video has %d frames, fewer than the %d requested: frames repeat.", total, num_frames)
+    # Design decision (paper silent on the exact rule): frames at the midpoints of equal segments.
     return [math.floor((k + 0.5) * total / num_frames) for k in range(num_frames)]
 
 
@@ -285,7 +296,9 @@ def read_video(path: str, num_frames, fps=None, max_frames=None, start=None, end
             last = total if end is None else min(total, math.ceil(end * rate))
             if last <= first:
                 raise ValueError(f"The window [{start}, {end}] s holds no frame of {path} ({total} frames).")
-            indices = [first + index for index in sample_indices(last - first, num_frames, fps, float(rate), max_frames)]
+            indices = [
+                first + index for index in sample_indices(last - first, num_frames, fps, float(rate), max_frames)
+            ]
             frames = _decode_at(container, stream, rate, indices)
     except av.error.FFmpegError as error:
         raise ValueError(f"Could not decode the video {path}: {error}. Is it a valid video file?") from None

@@ -155,6 +155,7 @@ class PVCAdaLayerNorm(nn.Module):
         self.shift = PVCModulation(hidden_size, modulation_size)
 
     def forward(self, hidden_states, condition):
+        # Design decision (paper silent): the `1 + scale` form of DiT, zero last layers, so a new AdaLN is the LN.
         return self.norm(hidden_states) * (1 + self.scale(condition)) + self.shift(condition)
 
 
@@ -185,6 +186,7 @@ class PVCTimestepEmbedding(nn.Module):
         exponent = torch.arange(half, dtype=torch.float32, device=timestamps.device) / half
         frequencies = torch.exp(-math.log(10000.0) * exponent)  # [256/2]
         angles = (timestamps.float() * self.timestamp_scale)[:, None] * frequencies[None]  # [T, 128]
+        # Design decision (paper silent): DiT's timestep embedding, [cos, sin], on timestamps scaled by 1000.
         sinusoid = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)  # [T, 256]
         sinusoid = sinusoid.to(self.linear_1.weight.dtype)
         return self.linear_2(self.act(self.linear_1(sinusoid)))  # [T, width]
@@ -299,6 +301,7 @@ class PVCVisionProgressiveLayer(PVCVisionLayer):
         """g * T-MHA(AdaLN(x; x + TE)) for some token positions of all frames."""
         streams = hidden_states.shape[0]
         condition = hidden_states + temporal_embeds[:, None]  # [S, T, n, C] + [T, 1, C]
+        # Design decision (paper silent): the CLS position takes part in temporal attention like any other token.
         normed = rearrange(self.temporal_norm(hidden_states, condition), "s t n c -> (s n) t c")
         temporal = rearrange(self.temporal_attention(normed), "(s n) t c -> s t n c", s=streams)
         return self.temporal_gate(temporal)  # [S, T, n, C]
@@ -442,6 +445,7 @@ class PVCMultiModalProjector(nn.Module):
             self.temporal_embedding = PVCTimestepEmbedding(
                 width, vision.timestamp_embedding_size, vision.timestamp_scale
             )
+            # Design decision: full-width (16C) modulation by default; the released 8B checkpoint's size fits it.
             self.adaln = PVCAdaLayerNorm(width, config.projector_adaln_hidden_size, eps=1e-5)
         else:
             self.layer_norm = nn.LayerNorm(width)
@@ -515,8 +519,12 @@ class PVCModel(PVCPreTrainedModel):
             raise ValueError("pixel_values_videos needs video_num_frames: the number of frames of each video.")
         frames = [int(count) for count in video_num_frames]
         tiles = [1] * len(frames) if video_num_tiles is None else [int(count) for count in video_num_tiles]
-        rows = _counts([t * p for t, p in zip(frames, tiles)], pixel_values_videos.shape[0], "video_num_frames "
-                       "(x video_num_tiles)", "pixel_values_videos")
+        rows = _counts(
+            [t * p for t, p in zip(frames, tiles)],
+            pixel_values_videos.shape[0],
+            "video_num_frames (x video_num_tiles)",
+            "pixel_values_videos",
+        )
         features = []
         for clip, num_frames, num_tiles in zip(pixel_values_videos.split(rows), frames, tiles):
             clip = rearrange(clip, "(t p) c h w -> (p t) c h w", p=num_tiles)  # tile streams
@@ -694,9 +702,7 @@ def _counts(counts, total: int, counts_name: str, tensor_name: str) -> list[int]
     """Per-item row counts as a list of ints (one row each when `counts` is None), checked against the total."""
     counts = [1] * total if counts is None else [int(count) for count in counts]
     if sum(counts) != total or any(count < 1 for count in counts):
-        raise ValueError(
-            f"{counts_name} {counts} must be positive and add up to the {total} rows of {tensor_name}."
-        )
+        raise ValueError(f"{counts_name} {counts} must be positive and add up to the {total} rows of {tensor_name}.")
     return counts
 
 

@@ -63,8 +63,9 @@ class PVCProcessor(ProcessorMixin):
         image_repeat (`int`, defaults to 4): frames of an image's static clip (the model config's `image_repeat`).
     """
 
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, tokens_per_frame=64, image_repeat=4,
-                 **kwargs):
+    def __init__(
+        self, image_processor=None, tokenizer=None, chat_template=None, tokens_per_frame=64, image_repeat=4, **kwargs
+    ):
         if chat_template is None:
             chat_template = build_chat_template("chatml")
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
@@ -91,8 +92,9 @@ class PVCProcessor(ProcessorMixin):
         frame = IMAGE_START + IMAGE_CONTEXT * (self.tokens_per_frame * num_tiles) + IMAGE_END
         return "\n".join(f"Frame{index + 1}: {frame}" for index in range(num_frames))
 
-    def __call__(self, text=None, images=None, videos=None, return_tensors="pt", padding=True, padding_side="left",
-                 **kwargs) -> BatchFeature:
+    def __call__(
+        self, text=None, images=None, videos=None, return_tensors="pt", padding=True, padding_side="left", **kwargs
+    ) -> BatchFeature:
         r"""
         Args:
             text (`str` or `list[str]`): prompts with one `<image>` per image and one `<video>` per video, in order.
@@ -107,9 +109,11 @@ class PVCProcessor(ProcessorMixin):
             `pixel_values_videos` + `video_num_frames` + `video_num_tiles`, and `visual_order` (0 image, 1 video, in
             text order) when both images and videos are given.
         """
-        pixel_options = {key: kwargs.pop(key) for key in
-                         ("max_tiles", "num_frames", "fps", "max_frames", "start", "end", "video_max_tiles")
-                         if key in kwargs}
+        pixel_options = {
+            key: kwargs.pop(key)
+            for key in ("max_tiles", "num_frames", "fps", "max_frames", "start", "end", "video_max_tiles")
+            if key in kwargs
+        }
         images = None if images is None else _flatten(images)
         videos = None if videos is None else _flatten_videos(videos)
         visual = {}
@@ -131,8 +135,9 @@ class PVCProcessor(ProcessorMixin):
         expanded = [re.sub(r"<image>|<video>", lambda _: next(expansions), sample) for sample in texts]
         for token in (IMAGE_START, IMAGE_END, IMAGE_CONTEXT):
             self.token_id(token)
-        encoding = self.tokenizer(expanded, padding=padding, padding_side=padding_side, return_tensors=return_tensors,
-                                  **kwargs)
+        encoding = self.tokenizer(
+            expanded, padding=padding, padding_side=padding_side, return_tensors=return_tensors, **kwargs
+        )
         data = {**encoding, **visual}
         if images and videos:
             data["visual_order"] = torch.tensor([int(kind == VIDEO_PLACEHOLDER) for kind in kinds])
@@ -141,14 +146,29 @@ class PVCProcessor(ProcessorMixin):
     def expansions(self, kinds, visual):
         """The replacement text of each placeholder kind, in order, for the processed `visual` inputs."""
         image_tiles = iter(visual.get("image_num_tiles", torch.empty(0)).tolist())
-        video_shapes = iter(zip(visual.get("video_num_frames", torch.empty(0)).tolist(),
-                                visual.get("video_num_tiles", torch.empty(0)).tolist()))
+        video_shapes = iter(
+            zip(
+                visual.get("video_num_frames", torch.empty(0)).tolist(),
+                visual.get("video_num_tiles", torch.empty(0)).tolist(),
+            )
+        )
         for kind in kinds:
-            yield self.image_prompt(next(image_tiles)) if kind == IMAGE_PLACEHOLDER else self.video_prompt(
-                *next(video_shapes))
+            yield (
+                self.image_prompt(next(image_tiles))
+                if kind == IMAGE_PLACEHOLDER
+                else self.video_prompt(*next(video_shapes))
+            )
 
-    def apply_chat_template(self, conversation, chat_template=None, add_generation_prompt=False, tokenize=False,
-                            return_dict=False, return_tensors=None, **kwargs):
+    def apply_chat_template(
+        self,
+        conversation,
+        chat_template=None,
+        add_generation_prompt=False,
+        tokenize=False,
+        return_dict=False,
+        return_tensors=None,
+        **kwargs,
+    ):
         r"""
         Render one conversation (a list of messages) or a batch of them. Content items: `{"type": "text", "text":
         ...}`, `{"type": "image", "image" | "path" | "url": ...}` and `{"type": "video", "path" | "video": ...}`.
@@ -175,8 +195,9 @@ class PVCProcessor(ProcessorMixin):
                         images.append(_media(item, ("image", "path", "url")))
                     elif item.get("type") == "video":
                         videos.append(_media(item, ("video", "path", "url")))
-        outputs = self(text=texts, images=images or None, videos=videos or None,
-                       return_tensors=return_tensors, **kwargs)
+        outputs = self(
+            text=texts, images=images or None, videos=videos or None, return_tensors=return_tensors, **kwargs
+        )
         return outputs if return_dict else outputs["input_ids"]
 
 

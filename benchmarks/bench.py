@@ -19,8 +19,8 @@
 """
 
 import argparse
+import copy
 import json
-import math
 import statistics
 import subprocess
 import sys
@@ -40,10 +40,26 @@ TEXT_TOKENS_VIDEO = 64
 
 INTERNVIT_300M = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
 LLMS = {
-    "8B": dict(model_type="llama", vocab_size=92553, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-               num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768),
-    "2B": dict(model_type="llama", vocab_size=92553, hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
-               num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=32768),
+    "8B": dict(
+        model_type="llama",
+        vocab_size=92553,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=32768,
+    ),
+    "2B": dict(
+        model_type="llama",
+        vocab_size=92553,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        max_position_embeddings=32768,
+    ),
 }
 ROWS = {
     "internvl2": dict(downsample_ratio=0.5, image_repeat=1, projector_adaln=False, temporal_layers=0),
@@ -93,8 +109,13 @@ def workload_flops(model, kind: str, frames: int = 1) -> dict:
         # A ready 4-D mask and explicit positions: building them from a 2-D mask reads values, which meta tensors lack.
         mask = torch.empty(1, 1, length, length, device="meta")
         positions = torch.arange(length, device="meta")[None]
-        result["llm"] = count(lambda: model.lm_head(inner.language_model(
-            inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False)[0]))
+        result["llm"] = count(
+            lambda: model.lm_head(
+                inner.language_model(
+                    inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False
+                )[0]
+            )
+        )
     result["tokens"] = visual
     result["total"] = result["vision"] + result["projector"] + result["llm"]
     return result
@@ -121,8 +142,12 @@ def flops_part() -> dict:
             with torch.device("meta"):
                 models[row] = PVCForConditionalGeneration(make_config(llm, row)).eval()
         entry = {}
-        for name, kind, frames in [("image", "image", 1), ("video16", "video", 16), ("video64", "video", 64),
-                                   ("video96", "video", 96)]:
+        for name, kind, frames in [
+            ("image", "image", 1),
+            ("video16", "video", 16),
+            ("video64", "video", 64),
+            ("video96", "video", 96),
+        ]:
             entry[name] = {row: workload_flops(models[row], kind, frames) for row in ROWS}
             entry[name]["ratio"] = entry[name]["pvc"]["total"] / entry[name]["internvl2"]["total"]
         results[shape] = entry
@@ -133,18 +158,24 @@ def flops_part() -> dict:
 
 def print_flops(results):
     check = results["counter_check"]
-    print(f"FlopCounterMode on one InternViT-300M layer: {check['counted'] / 1e9:.2f} GFLOPs counted, "
-          f"{check['analytic'] / 1e9:.2f} analytic")
-    print("\n| shape | workload | model | visual tokens | vision TFLOPs | projector TFLOPs | LLM TFLOPs | total TFLOPs "
-          "| PVC / InternVL2 |")
+    print(
+        f"FlopCounterMode on one InternViT-300M layer: {check['counted'] / 1e9:.2f} GFLOPs counted, "
+        f"{check['analytic'] / 1e9:.2f} analytic"
+    )
+    print(
+        "\n| shape | workload | model | visual tokens | vision TFLOPs | projector TFLOPs | LLM TFLOPs | total TFLOPs "
+        "| PVC / InternVL2 |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for shape in LLMS:
         for workload, entry in results[shape].items():
             for row in ROWS:
                 r = entry[row]
                 ratio = f"{entry['ratio']:.3f}" if row == "pvc" else ""
-                print(f"| {shape} | {workload} | {row} | {r['tokens']} | {r['vision'] / 1e12:.3f} | "
-                      f"{r['projector'] / 1e12:.3f} | {r['llm'] / 1e12:.2f} | {r['total'] / 1e12:.2f} | {ratio} |")
+                print(
+                    f"| {shape} | {workload} | {row} | {r['tokens']} | {r['vision'] / 1e12:.3f} | "
+                    f"{r['projector'] / 1e12:.3f} | {r['llm'] / 1e12:.2f} | {r['total'] / 1e12:.2f} | {ratio} |"
+                )
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -152,8 +183,17 @@ def print_flops(results):
 # ------------------------------------------------------------------------------------------------------------------
 
 MID_VISION = dict(hidden_size=256, num_hidden_layers=6, num_attention_heads=4, intermediate_size=1024)
-MID_LLM = dict(model_type="qwen2", vocab_size=4096, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
-               num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=8192, tie_word_embeddings=False)
+MID_LLM = dict(
+    model_type="qwen2",
+    vocab_size=4096,
+    hidden_size=512,
+    intermediate_size=1536,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    max_position_embeddings=8192,
+    tie_word_embeddings=False,
+)
 
 
 def internvl_reference(config: PVCConfig):
@@ -161,11 +201,21 @@ def internvl_reference(config: PVCConfig):
 
     vision = config.vision_config
     reference = InternVLConfig(
-        vision_config=dict(hidden_size=vision.hidden_size, num_hidden_layers=vision.num_hidden_layers,
-                           num_attention_heads=vision.num_attention_heads, intermediate_size=vision.intermediate_size,
-                           attention_bias=True, layer_norm_eps=1e-6, use_mean_pooling=True, image_size=448,
-                           patch_size=14),
-        text_config=dict(MID_LLM), image_token_id=config.image_token_id, downsample_ratio=0.5, tie_word_embeddings=False,
+        vision_config=dict(
+            hidden_size=vision.hidden_size,
+            num_hidden_layers=vision.num_hidden_layers,
+            num_attention_heads=vision.num_attention_heads,
+            intermediate_size=vision.intermediate_size,
+            attention_bias=True,
+            layer_norm_eps=1e-6,
+            use_mean_pooling=True,
+            image_size=448,
+            patch_size=14,
+        ),
+        text_config=dict(MID_LLM),
+        image_token_id=config.image_token_id,
+        downsample_ratio=0.5,
+        tie_word_embeddings=False,
     )
     reference._attn_implementation = "sdpa"
     return InternVLForConditionalGeneration(reference).eval()
@@ -191,16 +241,25 @@ def cpu_part(repeats: int = 5) -> dict:
     video = torch.randn(16, 3, 448, 448)
 
     def ids(visual, text):
-        return torch.cat([torch.randint(0, 1000, (1, 8)), torch.full((1, visual), token),
-                          torch.randint(0, 1000, (1, text - 8))], dim=1)
+        return torch.cat(
+            [torch.randint(0, 1000, (1, 8)), torch.full((1, visual), token), torch.randint(0, 1000, (1, text - 8))],
+            dim=1,
+        )
 
     image_ids = ids(256, TEXT_TOKENS_IMAGE)  # both models: 256 visual tokens for one tile
     inputs = {
-        "image": (dict(input_ids=image_ids, pixel_values=image, image_num_tiles=torch.tensor([1])),
-                  dict(input_ids=image_ids, pixel_values=image)),
-        "video16": (dict(input_ids=ids(64 * 16, 64 + 16 * FRAME_PROMPT_TOKENS), pixel_values_videos=video,
-                         video_num_frames=torch.tensor([16])),
-                    dict(input_ids=ids(256 * 16, 64 + 16 * FRAME_PROMPT_TOKENS), pixel_values=video)),
+        "image": (
+            dict(input_ids=image_ids, pixel_values=image, image_num_tiles=torch.tensor([1])),
+            dict(input_ids=image_ids, pixel_values=image),
+        ),
+        "video16": (
+            dict(
+                input_ids=ids(64 * 16, 64 + 16 * FRAME_PROMPT_TOKENS),
+                pixel_values_videos=video,
+                video_num_frames=torch.tensor([16]),
+            ),
+            dict(input_ids=ids(256 * 16, 64 + 16 * FRAME_PROMPT_TOKENS), pixel_values=video),
+        ),
     }
     results = {}
     with torch.inference_mode():
@@ -211,16 +270,18 @@ def cpu_part(repeats: int = 5) -> dict:
                 times["internvl"] += timed(lambda: reference(**theirs, use_cache=False), 1)
             results[name] = {model: statistics.median(values) for model, values in times.items()}
         # One decode step after the image prompt, each model with its own cache.
-        caches = {"pvc": pvc(**inputs["image"][0], use_cache=True), "internvl": reference(**inputs["image"][1],
-                                                                                         use_cache=True)}
+        caches = {
+            "pvc": pvc(**inputs["image"][0], use_cache=True),
+            "internvl": reference(**inputs["image"][1], use_cache=True),
+        }
         step = torch.randint(0, 1000, (1, 1))
         times = {"pvc": [], "internvl": []}
         for _ in range(repeats * 4):
             for name, model in (("pvc", pvc), ("internvl", reference)):
-                cache = _cache_of(caches[name])
-                cache.crop(image_ids.shape[1]) if hasattr(cache, "crop") else None
-                times[name] += timed(lambda: model(input_ids=step, **{_cache_name(caches[name]): cache},
-                                                   use_cache=True), 1)
+                cache = copy.deepcopy(_cache_of(caches[name]))  # the prompt's cache, fresh for every step
+                times[name] += timed(
+                    lambda: model(input_ids=step, **{_cache_name(caches[name]): cache}, use_cache=True), 1
+                )
         results["decode_step"] = {model: statistics.median(values) for model, values in times.items()}
     flops_ours = workload_flops_for(pvc_config, "pvc")
     flops_theirs = workload_flops_for(pvc_config, "internvl2")
@@ -253,9 +314,11 @@ def print_cpu(results):
     for name in ("image", "video16", "decode_step"):
         r = results[name]
         print(f"| {name} | {r['pvc']:.4f} | {r['internvl']:.4f} | {r['ratio']:.3f} |")
-    print(f"image FLOPs ratio of this shape: {results['image_flops_ratio']:.3f}; time ratio / FLOPs ratio: "
-          f"{results['image_time_ratio'] / results['image_flops_ratio']:.3f} (target <= 1.10); decode-step overhead: "
-          f"{(results['decode_step_ratio'] - 1) * 100:+.1f}% (target <= 3%)")
+    print(
+        f"image FLOPs ratio of this shape: {results['image_flops_ratio']:.3f}; time ratio / FLOPs ratio: "
+        f"{results['image_time_ratio'] / results['image_flops_ratio']:.3f} (target <= 1.10); decode-step overhead: "
+        f"{(results['decode_step_ratio'] - 1) * 100:+.1f}% (target <= 3%)"
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -292,8 +355,10 @@ def memory_part(frame_counts=(16, 64, 96), chunk=8) -> dict:
     results = {"weights_bytes": weights, "frames": {}}
     for setting, size in (("chunked", chunk), ("unchunked", None)):
         for frames in frame_counts:
-            code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench; " \
-                   f"print(bench.memory_probe({frames}, {size}))"
+            code = (
+                f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench; "
+                f"print(bench.memory_probe({frames}, {size}))"
+            )
             output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
             activation = int(output.stdout.strip().splitlines()[-1])
             results["frames"].setdefault(setting, {})[frames] = {"activation": activation, "peak": activation + weights}
@@ -305,13 +370,15 @@ def memory_part(frame_counts=(16, 64, 96), chunk=8) -> dict:
 
 
 def print_memory(results):
-    print(f"\n| vision tower, 448px frames | activation peak MiB | with fp32 InternViT-300M weights MiB |")
+    print("\n| vision tower, 448px frames | activation peak MiB | with fp32 InternViT-300M weights MiB |")
     print("|---|---|---|")
     for setting, frames in results["frames"].items():
         for count_, value in frames.items():
             print(f"| {count_} frames, {setting} | {value['activation'] / 2**20:.0f} | {value['peak'] / 2**20:.0f} |")
-    print(f"96 / 16 frames, chunk {results['frame_chunk_size']}: {results['vit_96_over_16']:.2f}x with weights "
-          f"(target <= 2), {results['activation_96_over_16']:.2f}x activations alone")
+    print(
+        f"96 / 16 frames, chunk {results['frame_chunk_size']}: {results['vit_96_over_16']:.2f}x with weights "
+        f"(target <= 2), {results['activation_96_over_16']:.2f}x activations alone"
+    )
 
 
 def main(argv=None):

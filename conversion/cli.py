@@ -12,28 +12,42 @@ import json
 import sys
 from pathlib import Path
 
-from .common import ABLATIONS, DTYPES, ConversionError, resolve_source, write_repo
 from . import convert_internvl2, convert_internvl_hf
+from .common import ABLATIONS, DTYPES, ConversionError, resolve_source, write_repo
 
 CONVERTERS = {"internvl_chat": convert_internvl2.convert, "internvl": convert_internvl_hf.convert}
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="pvc-convert", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="pvc-convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--src", required=True, help="source checkpoint: a local folder or a Hub id")
     parser.add_argument("--dst", required=True, help="output folder (written atomically)")
-    parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
-                        help="weights dtype; auto keeps the source's (default)")
+    parser.add_argument(
+        "--dtype", choices=["auto", *DTYPES], default="auto", help="weights dtype; auto keeps the source's (default)"
+    )
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
-    parser.add_argument("--ablation", choices=sorted(ABLATIONS), default="pvc",
-                        help="pvc (default) or a row of the paper's Table 4: a = InternVL2 as is (lossless copy), "
-                             "b = 4 repeats + 64 tokens per frame, c = b + progressive layers")
-    parser.add_argument("--projector-init", choices=["warm", "random"], default="warm",
-                        help="first projector layer: warm (default) reuses InternVL2's on the 2x2 sub-groups of each "
-                             "4x4 group; random starts it afresh")
-    parser.add_argument("--num-temporal-layers", type=int, default=None,
-                        help="progressive layers (default: a third of the ViT's layers, 8 for InternViT-300M)")
+    parser.add_argument(
+        "--ablation",
+        choices=sorted(ABLATIONS),
+        default="pvc",
+        help="pvc (default) or a row of the paper's Table 4: a = InternVL2 as is (lossless copy), "
+        "b = 4 repeats + 64 tokens per frame, c = b + progressive layers",
+    )
+    parser.add_argument(
+        "--projector-init",
+        choices=["warm", "random"],
+        default="warm",
+        help="first projector layer: warm (default) reuses InternVL2's on the 2x2 sub-groups of each "
+        "4x4 group; random starts it afresh",
+    )
+    parser.add_argument(
+        "--num-temporal-layers",
+        type=int,
+        default=None,
+        help="progressive layers (default: a third of the ViT's layers, 8 for InternViT-300M)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --dst")
     return parser.parse_args(argv)
 
@@ -55,8 +69,9 @@ def main(argv=None) -> int:
             )
         conversion = CONVERTERS[kind](source, args.src, ABLATIONS[args.ablation], args.num_temporal_layers)
         dtype = DTYPES[args.dtype] if args.dtype != "auto" else _source_dtype(meta)
-        summary = write_repo(conversion, Path(args.dst), dtype, args.max_shard_size, args.projector_init,
-                             overwrite=args.overwrite)
+        summary = write_repo(
+            conversion, Path(args.dst), dtype, args.max_shard_size, args.projector_init, overwrite=args.overwrite
+        )
     except ConversionError as error:
         print(f"pvc-convert: error: {error}", file=sys.stderr)
         return 1

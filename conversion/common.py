@@ -298,8 +298,14 @@ def new_parameters(skeleton, names: set[str], dtype) -> dict[str, torch.Tensor]:
     return values
 
 
-def write_repo(conversion: Conversion, destination: Path, dtype: torch.dtype, max_shard_size: str,
-               projector_init: str, overwrite: bool = False) -> dict:
+def write_repo(
+    conversion: Conversion,
+    destination: Path,
+    dtype: torch.dtype,
+    max_shard_size: str,
+    projector_init: str,
+    overwrite: bool = False,
+) -> dict:
     """Convert and write the complete repo to `destination` atomically. Returns the summary counts."""
     destination = Path(destination)
     if destination.exists() and any(destination.iterdir()) and not overwrite:

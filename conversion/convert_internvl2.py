@@ -11,7 +11,7 @@ from transformers import AutoConfig
 
 from pvc import PVCConfig, PVCImageProcessor
 
-from .common import ConversionError, Conversion, rule, split_rows
+from .common import Conversion, ConversionError, rule, split_rows
 from .tokenizer_conversion import load_tokenizer
 
 # Chat template of each InternVL2 conversation template name.
@@ -38,11 +38,20 @@ VISION_RULES = [
         r"vision_model\.encoder\.layers\.(\d+)\.attn\.(q|k)_norm\.weight",
         r"model.vision_tower.encoder.layer.\1.attention.\2_norm.weight",
     ),
-    rule(r"vision_model\.encoder\.layers\.(\d+)\.norm1\.(weight|bias)", r"model.vision_tower.encoder.layer.\1.layernorm_before.\2"),
-    rule(r"vision_model\.encoder\.layers\.(\d+)\.norm2\.(weight|bias)", r"model.vision_tower.encoder.layer.\1.layernorm_after.\2"),
+    rule(
+        r"vision_model\.encoder\.layers\.(\d+)\.norm1\.(weight|bias)",
+        r"model.vision_tower.encoder.layer.\1.layernorm_before.\2",
+    ),
+    rule(
+        r"vision_model\.encoder\.layers\.(\d+)\.norm2\.(weight|bias)",
+        r"model.vision_tower.encoder.layer.\1.layernorm_after.\2",
+    ),
     rule(r"vision_model\.encoder\.layers\.(\d+)\.ls1", r"model.vision_tower.encoder.layer.\1.lambda_1"),
     rule(r"vision_model\.encoder\.layers\.(\d+)\.ls2", r"model.vision_tower.encoder.layer.\1.lambda_2"),
-    rule(r"vision_model\.encoder\.layers\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)", r"model.vision_tower.encoder.layer.\1.mlp.\2.\3"),
+    rule(
+        r"vision_model\.encoder\.layers\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)",
+        r"model.vision_tower.encoder.layer.\1.mlp.\2.\3",
+    ),
 ]
 PROJECTOR = {
     "norm.weight": "mlp1.0.weight",
@@ -76,8 +85,11 @@ def internlm2_rules(llm: dict) -> list:
 
     return [
         rule(r"language_model\.model\.tok_embeddings\.weight", "model.language_model.embed_tokens.weight"),
-        rule(layer + r"attention\.wqkv\.(weight|bias)", *(target + f"self_attn.{n}_proj.\\2" for n in "qkv"),
-             transform=split_grouped_qkv),
+        rule(
+            layer + r"attention\.wqkv\.(weight|bias)",
+            *(target + f"self_attn.{n}_proj.\\2" for n in "qkv"),
+            transform=split_grouped_qkv,
+        ),
         rule(layer + r"attention\.wo\.(weight|bias)", target + r"self_attn.o_proj.\2"),
         rule(layer + r"feed_forward\.w1\.weight", target + "mlp.gate_proj.weight"),
         rule(layer + r"feed_forward\.w3\.weight", target + "mlp.up_proj.weight"),
@@ -91,8 +103,18 @@ def internlm2_rules(llm: dict) -> list:
 
 # Keys of the original configs that describe the old code, not the model.
 STALE_KEYS = {
-    "_name_or_path", "architectures", "auto_map", "attn_implementation", "torch_dtype", "transformers_version",
-    "_commit_hash", "use_flash_attn", "bias", "tokenizer_class", "pruned_heads", "add_cross_attention",
+    "_name_or_path",
+    "architectures",
+    "auto_map",
+    "attn_implementation",
+    "torch_dtype",
+    "transformers_version",
+    "_commit_hash",
+    "use_flash_attn",
+    "bias",
+    "tokenizer_class",
+    "pruned_heads",
+    "add_cross_attention",
 }
 
 

@@ -33,8 +33,11 @@ PROJECTOR_NAMES = {
 def convert(source: Path, source_name: str, ablation: dict, temporal_layers: int | None) -> Conversion:
     meta = json.loads((source / "config.json").read_text())
     vision, text = meta.get("vision_config", {}), dict(meta.get("text_config", {}))
-    for key, wanted in (("vision_feature_layer", -1), ("vision_feature_select_strategy", "default"),
-                        ("downsample_ratio", 0.5)):
+    for key, wanted in (
+        ("vision_feature_layer", -1),
+        ("vision_feature_select_strategy", "default"),
+        ("downsample_ratio", 0.5),
+    ):
         if meta.get(key, wanted) != wanted:
             raise ConversionError(f"{key}={meta[key]!r} is not supported (InternVL2 uses {wanted!r}).")
     if not vision.get("use_mean_pooling", True) or vision.get("use_mask_token", False):
@@ -47,8 +50,11 @@ def convert(source: Path, source_name: str, ablation: dict, temporal_layers: int
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in ("<img>", "</img>", "<IMG_CONTEXT>")}
     if "model_type" not in text:
         raise ConversionError("The source's text_config has no model_type.")
-    text = {key: value for key, value in text.items() if key not in ("architectures", "_name_or_path", "dtype",
-                                                                      "torch_dtype", "transformers_version")}
+    text = {
+        key: value
+        for key, value in text.items()
+        if key not in ("architectures", "_name_or_path", "dtype", "torch_dtype", "transformers_version")
+    }
     config = PVCConfig(
         vision_config=dict(
             hidden_size=vision.get("hidden_size", 1024),
@@ -78,16 +84,25 @@ def convert(source: Path, source_name: str, ablation: dict, temporal_layers: int
         raise ConversionError(
             f"config.image_token_id {meta['image_token_id']} is not the tokenizer's <IMG_CONTEXT> {ids['<IMG_CONTEXT>']}."
         )
-    keys = json.loads((source / "model.safetensors.index.json").read_text())["weight_map"] if (
-        source / "model.safetensors.index.json").exists() else None
-    prefix = "model.multi_modal_projector." if keys is None or any(k.startswith("model.multi_modal") for k in keys) \
+    keys = (
+        json.loads((source / "model.safetensors.index.json").read_text())["weight_map"]
+        if (source / "model.safetensors.index.json").exists()
+        else None
+    )
+    prefix = (
+        "model.multi_modal_projector."
+        if keys is None or any(k.startswith("model.multi_modal") for k in keys)
         else "multi_modal_projector."
+    )
     if keys is None:
         from safetensors import safe_open
 
         with safe_open(str(source / "model.safetensors"), framework="pt") as handle:
-            prefix = "model.multi_modal_projector." if any(k.startswith("model.multi_modal") for k in handle.keys()) \
+            prefix = (
+                "model.multi_modal_projector."
+                if any(k.startswith("model.multi_modal") for k in handle.keys())
                 else "multi_modal_projector."
+            )
     return Conversion(
         source=source,
         source_name=source_name,

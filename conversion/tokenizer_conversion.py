@@ -24,9 +24,13 @@ def load_tokenizer(folder: Path) -> PreTrainedTokenizerFast:
     if (folder / "tokenizer.json").exists():
         backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
     elif (folder / "tokenizer.model").exists():
-        backend = sentencepiece_bpe(folder / "tokenizer.model", add_bos=config.get("add_bos_token", True),
-                                    add_eos=config.get("add_eos_token", False), bos=_content(config.get("bos_token")),
-                                    eos=_content(config.get("eos_token")))
+        backend = sentencepiece_bpe(
+            folder / "tokenizer.model",
+            add_bos=config.get("add_bos_token", True),
+            add_eos=config.get("add_eos_token", False),
+            bos=_content(config.get("bos_token")),
+            eos=_content(config.get("eos_token")),
+        )
         _add_tokens(backend, folder, config)
     else:
         raise ConversionError(f"No tokenizer.json or tokenizer.model in {folder}.")
@@ -52,13 +56,20 @@ def sentencepiece_bpe(path: Path, add_bos: bool, add_eos: bool, bos: str | None,
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(path.read_bytes())
     if proto.trainer_spec.model_type != 2:
-        raise ConversionError(f"{path.name} is a sentencepiece model of type {proto.trainer_spec.model_type}; only BPE (2).")
+        raise ConversionError(
+            f"{path.name} is a sentencepiece model of type {proto.trainer_spec.model_type}; only BPE (2)."
+        )
     pieces = [(piece.piece, piece.score, piece.type) for piece in proto.pieces]
     vocab = {piece: index for index, (piece, _, _) in enumerate(pieces)}
     unk = next((piece for piece, _, kind in pieces if kind == UNKNOWN), None)
     backend = Tokenizer(
-        models.BPE(vocab=vocab, merges=_merges(pieces, vocab), unk_token=unk, fuse_unk=True,
-                   byte_fallback=proto.trainer_spec.byte_fallback)
+        models.BPE(
+            vocab=vocab,
+            merges=_merges(pieces, vocab),
+            unk_token=unk,
+            fuse_unk=True,
+            byte_fallback=proto.trainer_spec.byte_fallback,
+        )
     )
     spec = proto.normalizer_spec
     steps = []
@@ -109,7 +120,9 @@ def _add_tokens(backend: Tokenizer, folder: Path, config: dict):
         if backend.token_to_id(token) == index:
             continue
         if index != backend.get_vocab_size():
-            raise ConversionError(f"Added token {token!r} has id {index}, but the next free id is {backend.get_vocab_size()}.")
+            raise ConversionError(
+                f"Added token {token!r} has id {index}, but the next free id is {backend.get_vocab_size()}."
+            )
         backend.add_special_tokens([token])
 
 

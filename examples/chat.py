@@ -1,6 +1,6 @@
 """Multi-turn chat about a video, then a batch of image prompts (left padding), with a PVC checkpoint.
 
-    python examples/chat.py --model ./PVC-InternVL2-8B --video clip.mp4 --image a.jpg --image b.jpg
+python examples/chat.py --model ./PVC-InternVL2-8B --video clip.mp4 --image a.jpg --image b.jpg
 """
 
 import argparse
@@ -28,7 +28,9 @@ def reply(conversations, **options):
 
 
 # Multi-turn: the whole history goes back in, the video each time (64 tokens per frame).
-history = [{"role": "user", "content": [{"type": "video", "path": args.video}, {"type": "text", "text": "What happens?"}]}]
+history = [
+    {"role": "user", "content": [{"type": "video", "path": args.video}, {"type": "text", "text": "What happens?"}]}
+]
 answer = reply([history], num_frames=32)[0]
 print("assistant:", answer)
 history += [{"role": "assistant", "content": answer}, {"role": "user", "content": "What happens at the end?"}]

@@ -1,6 +1,6 @@
 """Stream the answer token by token with `TextIteratorStreamer`.
 
-    python examples/streaming.py --model ./PVC-InternVL2-8B --image photo.jpg
+python examples/streaming.py --model ./PVC-InternVL2-8B --image photo.jpg
 """
 
 import argparse
@@ -18,7 +18,9 @@ args = parser.parse_args()
 dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
 model = AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True, dtype=dtype, device_map="auto")
 processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
-messages = [{"role": "user", "content": [{"type": "image", "path": args.image}, {"type": "text", "text": args.question}]}]
+messages = [
+    {"role": "user", "content": [{"type": "image", "path": args.image}, {"type": "text", "text": args.question}]}
+]
 inputs = processor.apply_chat_template(
     messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
 ).to(model.device)

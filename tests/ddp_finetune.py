@@ -1,6 +1,6 @@
 """Run by test_training.py under `accelerate launch`: pvc-finetune, then each rank writes a hash of its weights.
 
-    ddp_finetune.py HASH_PREFIX [pvc-finetune arguments]
+ddp_finetune.py HASH_PREFIX [pvc-finetune arguments]
 """
 
 import hashlib

@@ -27,8 +27,22 @@ def converted(tmp_path_factory):
         key = (variant, ablation, extra)
         if key not in cache:
             destination = tmp_path_factory.mktemp("converted") / f"{variant}-{ablation}"
-            assert convert(["--src", str(FIXTURES / variant), "--dst", str(destination), "--ablation", ablation,
-                            "--max-shard-size", "300KB", *extra]) == 0
+            assert (
+                convert(
+                    [
+                        "--src",
+                        str(FIXTURES / variant),
+                        "--dst",
+                        str(destination),
+                        "--ablation",
+                        ablation,
+                        "--max-shard-size",
+                        "300KB",
+                        *extra,
+                    ]
+                )
+                == 0
+            )
             cache[key] = destination
         return cache[key]
 
@@ -54,8 +68,12 @@ def test_row_a_reproduces_the_original_implementation(converted, variant):
     model = load(folder)
     assert type(model).__module__ != "pvc.modeling_pvc"  # the code files written beside the weights
     pixels, tiles = reference["pixel_values"], torch.tensor([2])
-    mm = dict(input_ids=reference["input_ids_mm"], attention_mask=reference["attention_mask_mm"],
-              pixel_values=pixels, image_num_tiles=tiles)
+    mm = dict(
+        input_ids=reference["input_ids_mm"],
+        attention_mask=reference["attention_mask_mm"],
+        pixel_values=pixels,
+        image_num_tiles=tiles,
+    )
     with torch.no_grad():
         vit = model.model.vision_tower(pixels).last_hidden_state
         features = model.get_image_features(pixels, tiles)
@@ -75,7 +93,9 @@ def test_processor_rebuilds_the_original_prompt(converted, variant):
     reference = load_file(FIXTURES / variant / "reference.safetensors")
     processor = AutoProcessor.from_pretrained(converted(variant, "a"), trust_remote_code=True)
     assert processor.tokens_per_frame == 256 and processor.image_repeat == 1
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image in detail."}]}]
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image in detail."}]}
+    ]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     text = text.replace("<image>", processor.image_prompt(2))
     ids = processor.tokenizer(text, return_tensors="pt")["input_ids"]
@@ -150,9 +170,20 @@ def test_configs_carry_rope_settings_and_stop_tokens(converted):
 
 def test_output_is_a_complete_repo(converted):
     folder = converted("qwen2", "pvc")
-    for name in ("config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.json",
-                 "tokenizer_config.json", "processor_config.json", "chat_template.jinja", "README.md",
-                 "modeling_pvc.py", "configuration_pvc.py", "processing_pvc.py", "image_processing_pvc.py"):
+    for name in (
+        "config.json",
+        "generation_config.json",
+        "model.safetensors.index.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "processor_config.json",
+        "chat_template.jinja",
+        "README.md",
+        "modeling_pvc.py",
+        "configuration_pvc.py",
+        "processing_pvc.py",
+        "image_processing_pvc.py",
+    ):
         assert (folder / name).exists(), name
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"]["AutoModelForImageTextToText"] == "modeling_pvc.PVCForConditionalGeneration"
@@ -169,17 +200,21 @@ def test_warm_projector_on_uniform_groups_equals_internvl2(ablation):
     torch.manual_seed(0)
     channels, width = 32, 48
     source = {
-        "norm.weight": 1 + 0.3 * torch.randn(4 * channels), "norm.bias": 0.2 * torch.randn(4 * channels),
-        "linear_1.weight": torch.randn(width, 4 * channels) / 11, "linear_1.bias": 0.1 * torch.randn(width),
-        "linear_2.weight": torch.randn(width, width) / 7, "linear_2.bias": 0.1 * torch.randn(width),
+        "norm.weight": 1 + 0.3 * torch.randn(4 * channels),
+        "norm.bias": 0.2 * torch.randn(4 * channels),
+        "linear_1.weight": torch.randn(width, 4 * channels) / 11,
+        "linear_1.bias": 0.1 * torch.randn(width),
+        "linear_2.weight": torch.randn(width, width) / 7,
+        "linear_2.bias": 0.1 * torch.randn(width),
     }
     config = tiny_config(ablation)
     from pvc.modeling_pvc import PVCMultiModalProjector
 
     projector = PVCMultiModalProjector(config).eval()
     tensors = convert_projector(source, config, "warm")
-    projector.load_state_dict({k.removeprefix("model.multi_modal_projector."): v for k, v in tensors.items()},
-                              strict=False)
+    projector.load_state_dict(
+        {k.removeprefix("model.multi_modal_projector."): v for k, v in tensors.items()}, strict=False
+    )
     if ablation == "pvc":  # fresh AdaLN: the identity-affine LayerNorm
         for name, param in projector.named_parameters():
             if "fc2" in name:
@@ -275,9 +310,18 @@ def test_transformers_layout_source(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(FIXTURES / "qwen2")
     text = dict(TINY_TEXT, vocab_size=len(tokenizer))
     config = InternVLConfig(
-        vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                           image_size=56, patch_size=7, attention_bias=True),
-        text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"), tie_word_embeddings=False,
+        vision_config=dict(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            image_size=56,
+            patch_size=7,
+            attention_bias=True,
+        ),
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
+        tie_word_embeddings=False,
     )
     torch.manual_seed(0)
     reference = InternVLForConditionalGeneration(config).eval()

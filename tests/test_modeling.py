@@ -3,8 +3,13 @@
 import pytest
 import torch
 from conftest import ABLATIONS, IMAGE_TOKEN, TINY_TEXT, TINY_VISION, prompt, randomize_, tiny_config, tiny_model
-from transformers import AutoModelForImageTextToText, InternVLConfig, InternVLForConditionalGeneration
-from transformers import InternVLVisionConfig, InternVLVisionModel
+from transformers import (
+    AutoModelForImageTextToText,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
+    InternVLVisionConfig,
+    InternVLVisionModel,
+)
 
 from pvc import PVCConfig, PVCForConditionalGeneration
 
@@ -24,7 +29,10 @@ HF_VISION = dict(
 def internvl_reference(pvc_model):
     """transformers' own InternVL with the same shapes, loaded with the PVC model's state dict (same names)."""
     config = InternVLConfig(
-        vision_config=HF_VISION, text_config=dict(TINY_TEXT), image_token_id=IMAGE_TOKEN, downsample_ratio=0.5,
+        vision_config=HF_VISION,
+        text_config=dict(TINY_TEXT),
+        image_token_id=IMAGE_TOKEN,
+        downsample_ratio=0.5,
         tie_word_embeddings=False,
     )
     config._attn_implementation = "eager"

@@ -30,14 +30,25 @@ def media(tmp_path_factory):
         Image.fromarray(rng.randint(0, 255, (50, 70, 3), dtype=np.uint8)).save(folder / f"image{index}.png")
         np.save(folder / f"video{index}.npy", rng.randint(0, 255, (5, 30, 30, 3), dtype=np.uint8))
     records = [
-        {"image": "image0.png", "conversations": [{"from": "human", "value": "<image>\nWhat is this?"},
-                                                  {"from": "gpt", "value": "red square"}]},
-        {"image": "image1.png", "conversations": [{"from": "human", "value": "Name it."},
-                                                  {"from": "gpt", "value": "blue circle"}]},
-        {"video": "video0.npy", "conversations": [{"from": "human", "value": "<video>\nWhat moves?"},
-                                                  {"from": "gpt", "value": "a dog"}]},
-        {"video": "video1.npy", "conversations": [{"from": "human", "value": "<video>\nAnd here?"},
-                                                  {"from": "gpt", "value": "a cat"}]},
+        {
+            "image": "image0.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat is this?"},
+                {"from": "gpt", "value": "red square"},
+            ],
+        },
+        {
+            "image": "image1.png",
+            "conversations": [{"from": "human", "value": "Name it."}, {"from": "gpt", "value": "blue circle"}],
+        },
+        {
+            "video": "video0.npy",
+            "conversations": [{"from": "human", "value": "<video>\nWhat moves?"}, {"from": "gpt", "value": "a dog"}],
+        },
+        {
+            "video": "video1.npy",
+            "conversations": [{"from": "human", "value": "<video>\nAnd here?"}, {"from": "gpt", "value": "a cat"}],
+        },
     ]
     for record in records:
         if "video" in record:  # arrays stand in for decoded videos
@@ -106,9 +117,18 @@ def test_too_long_samples_are_cut_only_after_the_visual_tokens(media):
 
 def training_arguments(output, steps, **extra):
     return TrainingArguments(
-        output_dir=str(output), max_steps=steps, per_device_train_batch_size=4, learning_rate=3e-3,
-        lr_scheduler_type="constant", logging_steps=5, save_steps=steps, report_to="none",
-        remove_unused_columns=False, seed=0, use_cpu=True, **extra,
+        output_dir=str(output),
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        learning_rate=3e-3,
+        lr_scheduler_type="constant",
+        logging_steps=5,
+        save_steps=steps,
+        report_to="none",
+        remove_unused_columns=False,
+        seed=0,
+        use_cpu=True,
+        **extra,
     )
 
 
@@ -126,8 +146,12 @@ def test_trainer_memorises_and_its_checkpoint_reloads(media, tmp_path):
     data = collator(folder)
     batch = data(records)
     before = batch_loss(model, batch)
-    trainer = PVCTrainer(model=model, args=training_arguments(tmp_path, 40), train_dataset=ConversationDataset(records),
-                         data_collator=data)
+    trainer = PVCTrainer(
+        model=model,
+        args=training_arguments(tmp_path, 40),
+        train_dataset=ConversationDataset(records),
+        data_collator=data,
+    )
     trainer.train()
     after = batch_loss(model, batch)
     assert after <= before / 2, (before, after)
@@ -141,8 +165,13 @@ def test_trainer_memorises_and_its_checkpoint_reloads(media, tmp_path):
 def test_new_modules_get_the_learning_rate_multiplier(media, tmp_path):
     folder, records = media
     model = tiny_model("pvc")
-    trainer = PVCTrainer(model=model, args=training_arguments(tmp_path, 1), train_dataset=ConversationDataset(records),
-                         data_collator=collator(folder), new_module_lr_multiplier=10)
+    trainer = PVCTrainer(
+        model=model,
+        args=training_arguments(tmp_path, 1),
+        train_dataset=ConversationDataset(records),
+        data_collator=collator(folder),
+        new_module_lr_multiplier=10,
+    )
     optimizer = trainer.create_optimizer()
     rates = {id(param): group["lr"] for group in optimizer.param_groups for param in group["params"]}
     names = dict(model.named_parameters())
@@ -172,8 +201,12 @@ def test_lora_changes_only_adapters_and_merges_back(media, tmp_path):
     model = tiny_model("pvc")
     base = {name: param.detach().clone() for name, param in model.named_parameters()}
     peft_model = add_lora(model, rank=4, alpha=8, dropout=0.0)
-    trainer = PVCTrainer(model=peft_model, args=training_arguments(tmp_path, 3),
-                         train_dataset=ConversationDataset(records), data_collator=collator(folder))
+    trainer = PVCTrainer(
+        model=peft_model,
+        args=training_arguments(tmp_path, 3),
+        train_dataset=ConversationDataset(records),
+        data_collator=collator(folder),
+    )
     trainer.train()
     changed = set()
     for name, param in peft_model.named_parameters():
@@ -209,11 +242,36 @@ def test_finetune_cli_under_accelerate_ddp(media, tmp_path):
     output = tmp_path / "out"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", str(Path(__file__).with_name("ddp_finetune.py")),
-        str(tmp_path / "hash"), "--model", str(model_dir), "--data", str(folder / "train.jsonl"), "--media-root", str(folder),
-        "--output-dir", str(output), "--max-steps", "3", "--learning-rate", "1e-3", "--logging-steps", "1",
-        "--max-tiles", "2",
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "2",
+        "--multi_gpu",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(Path(__file__).with_name("ddp_finetune.py")),
+        str(tmp_path / "hash"),
+        "--model",
+        str(model_dir),
+        "--data",
+        str(folder / "train.jsonl"),
+        "--media-root",
+        str(folder),
+        "--output-dir",
+        str(output),
+        "--max-steps",
+        "3",
+        "--learning-rate",
+        "1e-3",
+        "--logging-steps",
+        "1",
+        "--max-tiles",
+        "2",
     ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -238,7 +296,14 @@ def test_pipeline_on_images(tmp_path):
     tiny_model("pvc").save_pretrained(tmp_path)
     tiny_processor().save_pretrained(tmp_path)
     pipe = pipeline("image-text-to-text", model=str(tmp_path), trust_remote_code=True)
-    messages = [{"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (60, 40), "red")},
-                                             {"type": "text", "text": "What?"}]}]
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": Image.new("RGB", (60, 40), "red")},
+                {"type": "text", "text": "What?"},
+            ],
+        }
+    ]
     out = pipe(text=messages, max_new_tokens=3)
     assert out[0]["generated_text"][-1]["role"] == "assistant"

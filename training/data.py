@@ -78,8 +78,12 @@ class PVCDataCollator:
         samples = [self.encode(record) for record in records]
         length = max(len(sample["input_ids"]) for sample in samples)
         batch = {
-            "input_ids": torch.tensor([s["input_ids"] + [self.pad_id] * (length - len(s["input_ids"])) for s in samples]),
-            "attention_mask": torch.tensor([[1] * len(s["input_ids"]) + [0] * (length - len(s["input_ids"])) for s in samples]),
+            "input_ids": torch.tensor(
+                [s["input_ids"] + [self.pad_id] * (length - len(s["input_ids"])) for s in samples]
+            ),
+            "attention_mask": torch.tensor(
+                [[1] * len(s["input_ids"]) + [0] * (length - len(s["input_ids"])) for s in samples]
+            ),
             "labels": torch.tensor([s["labels"] + [-100] * (length - len(s["labels"])) for s in samples]),
         }
         for key in ("pixel_values", "image_num_tiles", "pixel_values_videos", "video_num_frames", "video_num_tiles"):
@@ -106,11 +110,13 @@ class PVCDataCollator:
         visual = {}
         if images or videos:
             options = {"max_tiles": self.max_tiles, "num_frames": self.max_num_frames}
-            visual = dict(self.processor.image_processor(
-                images=[self._path(image) for image in images] or None,
-                videos=[self._path(video) for video in videos] or None,
-                **{key: value for key, value in options.items() if value is not None},
-            ))
+            visual = dict(
+                self.processor.image_processor(
+                    images=[self._path(image) for image in images] or None,
+                    videos=[self._path(video) for video in videos] or None,
+                    **{key: value for key, value in options.items() if value is not None},
+                )
+            )
         text, spans = self.expand(text, spans, kinds, visual)
         encoding = self.processor.tokenizer(text, return_offsets_mapping=True)
         ids = encoding["input_ids"]

@@ -67,8 +67,12 @@ class PVCTrainer(Trainer):
 def freeze(model, vision: bool = False, projector: bool = False, language_model: bool = False):
     """Stop gradients into the chosen parts. Freezing the vision tower keeps PVC's own modules in it trainable:
     they are what fine-tuning a converted model has to learn."""
-    parts = {"model.vision_tower.": vision, "model.multi_modal_projector.": projector,
-             "model.language_model.": language_model, "lm_head.": language_model}
+    parts = {
+        "model.vision_tower.": vision,
+        "model.multi_modal_projector.": projector,
+        "model.language_model.": language_model,
+        "lm_head.": language_model,
+    }
     for name, param in model.named_parameters():
         for prefix, frozen in parts.items():
             if frozen and name.startswith(prefix) and not (prefix == "model.vision_tower." and is_pvc_parameter(name)):
@@ -82,31 +86,46 @@ def add_lora(model, rank: int = 16, alpha: int = 32, dropout: float = 0.05, visi
     from peft import LoraConfig, get_peft_model
 
     targets = LORA_TARGETS["language_model"] + ("|" + LORA_TARGETS["vision_tower"] if vision else "")
-    modules_to_save = ["multi_modal_projector", "temporal_attention", "temporal_norm", "temporal_gate",
-                       "temporal_embedding"]
+    modules_to_save = [
+        "multi_modal_projector",
+        "temporal_attention",
+        "temporal_norm",
+        "temporal_gate",
+        "temporal_embedding",
+    ]
     if not vision:
         modules_to_save = ["vision_tower", "multi_modal_projector"]
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=f"({targets})",
-                        modules_to_save=modules_to_save)
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=f"({targets})", modules_to_save=modules_to_save
+    )
     return get_peft_model(model, config)
 
 
 def checkpointing_arguments(enabled: bool) -> dict:
     """Non-reentrant activation checkpointing, under the argument name of the installed transformers."""
-    name = "activation_checkpointing" if hasattr(TrainingArguments, "activation_checkpointing") else "gradient_checkpointing"
+    name = (
+        "activation_checkpointing"
+        if hasattr(TrainingArguments, "activation_checkpointing")
+        else "gradient_checkpointing"
+    )
     return {name: enabled, f"{name}_kwargs": {"use_reentrant": False} if enabled else None}
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="pvc-finetune", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="pvc-finetune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", required=True, help="a PVC checkpoint (folder or Hub id)")
     parser.add_argument("--data", required=True, help="training records, .json or .jsonl")
     parser.add_argument("--media-root", default=None, help="folder that media paths are relative to")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--learning-rate", type=float, default=1e-5)
-    parser.add_argument("--new-module-lr-multiplier", type=float, default=10.0,
-                        help="learning-rate factor for PVC's new modules (default 10, as the paper)")
+    parser.add_argument(
+        "--new-module-lr-multiplier",
+        type=float,
+        default=10.0,
+        help="learning-rate factor for PVC's new modules (default 10, as the paper)",
+    )
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--max-steps", type=int, default=-1)

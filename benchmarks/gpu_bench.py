@@ -1,0 +1,149 @@
+"""PVC against transformers' InternVL on one GPU, bf16, at the real 8B shape (random weights): throughput and memory.
+
+    python benchmarks/gpu_bench.py [--attn sdpa flash_attention_2] [--out gpu.json]
+
+For each attention implementation (flash_attention_2 only when flash-attn is installed): image prefill
+(448x448 + 2048 text tokens) samples/s, 16-frame video prefill samples/s, decode tokens/s, and peak memory;
+PVC and InternVL2 (transformers' InternVLForConditionalGeneration, same shapes) interleaved, median of repeats.
+Made to finish within 5 minutes on an H100.
+"""
+
+import argparse
+import importlib.util
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import INTERNVIT_300M, LLMS, make_config  # noqa: E402
+
+from pvc import PVCForConditionalGeneration  # noqa: E402
+
+
+def build(model_class, config, device):
+    """Random weights initialised straight on the GPU in bf16 (no CPU copy of 8B parameters)."""
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = model_class(config)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "temporal_gate" in name:
+                param.fill_(0.1)  # as after training: the temporal branch contributes
+    return model.eval()
+
+
+def internvl(config, attn, device):
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    vision = config.vision_config
+    reference = InternVLConfig(
+        vision_config=dict(
+            hidden_size=vision.hidden_size,
+            num_hidden_layers=vision.num_hidden_layers,
+            num_attention_heads=vision.num_attention_heads,
+            intermediate_size=vision.intermediate_size,
+            attention_bias=True,
+            layer_norm_eps=1e-6,
+            use_mean_pooling=True,
+        ),
+        text_config=config.text_config.to_dict(),
+        image_token_id=config.image_token_id,
+        downsample_ratio=0.5,
+        tie_word_embeddings=False,
+    )
+    reference._attn_implementation = attn
+    return build(InternVLForConditionalGeneration, reference, device)
+
+
+def measure(function, repeats):
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        function()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def run(attn: str, repeats: int) -> dict:
+    device = torch.device("cuda")
+    config = make_config(LLMS["8B"], "pvc", INTERNVIT_300M, attn=attn)
+    pvc = build(PVCForConditionalGeneration, config, device)
+    reference = internvl(config, attn, device)
+    token = config.image_token_id
+    text = torch.randint(0, 90000, (1, 2048), device=device)
+    image = torch.randn(1, 3, 448, 448, device=device, dtype=torch.bfloat16)
+    video = torch.randn(16, 3, 448, 448, device=device, dtype=torch.bfloat16)
+
+    def ids(visual):
+        return torch.cat([text[:, :8], torch.full((1, visual), token, device=device), text[:, 8:]], dim=1)
+
+    cases = {
+        "image_prefill": (
+            dict(input_ids=ids(256), pixel_values=image, image_num_tiles=torch.tensor([1])),
+            dict(input_ids=ids(256), pixel_values=image),
+        ),
+        "video16_prefill": (
+            dict(input_ids=ids(64 * 16)[:, :-1900], pixel_values_videos=video, video_num_frames=torch.tensor([16])),
+            dict(input_ids=ids(256 * 16)[:, :-1900], pixel_values=video),
+        ),
+    }
+    results = {}
+    with torch.inference_mode():
+        for name, (ours, theirs) in cases.items():
+            entry = {}
+            for label, model, inputs in (("pvc", pvc, ours), ("internvl2", reference, theirs)):
+                model(**inputs, use_cache=False)  # warm-up
+                torch.cuda.reset_peak_memory_stats()
+                seconds = measure(lambda: model(**inputs, use_cache=False), repeats)
+                entry[label] = {"samples_per_s": 1 / seconds, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+            results[name] = entry
+        entry = {}
+        for label, model, inputs in (
+            ("pvc", pvc, cases["image_prefill"][0]),
+            ("internvl2", reference, cases["image_prefill"][1]),
+        ):
+            new_tokens = 64
+            seconds = measure(
+                lambda: model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False),
+                max(1, repeats // 2),
+            )
+            entry[label] = {"tokens_per_s": new_tokens / seconds}
+        results["generate_64"] = entry
+    del pvc, reference
+    torch.cuda.empty_cache()
+    return results
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--attn", nargs="+", default=["sdpa", "flash_attention_2"])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    results = {"device": torch.cuda.get_device_name()}
+    for attn in args.attn:
+        if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+            print("flash-attn is not installed: skipping flash_attention_2")
+            continue
+        results[attn] = run(attn, args.repeats)
+        print(f"\n| {attn}, bf16 | PVC | InternVL2 | PVC / InternVL2 |\n|---|---|---|---|")
+        for case, entry in results[attn].items():
+            for metric in entry["pvc"]:
+                ours, theirs = entry["pvc"][metric], entry["internvl2"][metric]
+                print(f"| {case} {metric} | {ours:.2f} | {theirs:.2f} | {ours / theirs:.3f} |")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

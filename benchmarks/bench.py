@@ -196,8 +196,9 @@ MID_LLM = dict(
 )
 
 
-def internvl_reference(config: PVCConfig):
-    from transformers import InternVLConfig, InternVLForConditionalGeneration
+def internvl_config(config: PVCConfig, attn: str):
+    """transformers' InternVL config with the shapes of a PVC config's row (a) (InternVL2)."""
+    from transformers import InternVLConfig
 
     vision = config.vision_config
     reference = InternVLConfig(
@@ -209,16 +210,16 @@ def internvl_reference(config: PVCConfig):
             attention_bias=True,
             layer_norm_eps=1e-6,
             use_mean_pooling=True,
-            image_size=448,
-            patch_size=14,
+            image_size=vision.image_size,
+            patch_size=vision.patch_size,
         ),
-        text_config=dict(MID_LLM),
+        text_config=config.text_config.to_dict(),
         image_token_id=config.image_token_id,
         downsample_ratio=0.5,
         tie_word_embeddings=False,
     )
-    reference._attn_implementation = "sdpa"
-    return InternVLForConditionalGeneration(reference).eval()
+    reference._attn_implementation = attn
+    return reference
 
 
 def timed(function, repeats: int) -> list[float]:
@@ -235,7 +236,9 @@ def cpu_part(repeats: int = 5) -> dict:
     pvc_config = make_config(MID_LLM, "pvc", MID_VISION, attn="sdpa")
     pvc_config.image_token_id = MID_LLM["vocab_size"] - 1
     pvc = PVCForConditionalGeneration(pvc_config).eval()
-    reference = internvl_reference(pvc_config)
+    from transformers import InternVLForConditionalGeneration
+
+    reference = InternVLForConditionalGeneration(internvl_config(pvc_config, "sdpa")).eval()
     token = pvc_config.image_token_id
     image = torch.randn(1, 3, 448, 448)
     video = torch.randn(16, 3, 448, 448)

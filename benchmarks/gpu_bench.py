@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import INTERNVIT_300M, LLMS, make_config  # noqa: E402
+from bench import INTERNVIT_300M, LLMS, internvl_config, make_config  # noqa: E402
 
 from pvc import PVCForConditionalGeneration  # noqa: E402
 
@@ -40,26 +40,9 @@ def build(model_class, config, device):
 
 
 def internvl(config, attn, device):
-    from transformers import InternVLConfig, InternVLForConditionalGeneration
+    from transformers import InternVLForConditionalGeneration
 
-    vision = config.vision_config
-    reference = InternVLConfig(
-        vision_config=dict(
-            hidden_size=vision.hidden_size,
-            num_hidden_layers=vision.num_hidden_layers,
-            num_attention_heads=vision.num_attention_heads,
-            intermediate_size=vision.intermediate_size,
-            attention_bias=True,
-            layer_norm_eps=1e-6,
-            use_mean_pooling=True,
-        ),
-        text_config=config.text_config.to_dict(),
-        image_token_id=config.image_token_id,
-        downsample_ratio=0.5,
-        tie_word_embeddings=False,
-    )
-    reference._attn_implementation = attn
-    return build(InternVLForConditionalGeneration, reference, device)
+    return build(InternVLForConditionalGeneration, internvl_config(config, attn), device)
 
 
 def measure(function, repeats):

@@ -185,6 +185,23 @@ class Conversion:
     notes: list[str] = field(default_factory=list)
 
 
+def build_config(vision: dict, text, tokenizer, ablation: dict, tie_word_embeddings: bool) -> PVCConfig:
+    """The PVC config of a converted model: the source's towers, the ablation row's switches and the token ids
+    read from the tokenizer."""
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in ("<img>", "</img>", "<IMG_CONTEXT>")}
+    return PVCConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=ids["<IMG_CONTEXT>"],
+        image_start_token_id=ids["<img>"],
+        image_end_token_id=ids["</img>"],
+        downsample_ratio=ablation["downsample_ratio"],
+        image_repeat=ablation["image_repeat"],
+        projector_adaln=ablation["projector_adaln"],
+        tie_word_embeddings=tie_word_embeddings,
+    )
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # The projector: copied, or warm-started from InternVL2's 2x2 projector
 # ------------------------------------------------------------------------------------------------------------------

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from transformers import AutoConfig
 
-from pvc import PVCConfig, PVCImageProcessor
+from pvc import PVCImageProcessor
 
-from .common import Conversion, ConversionError, rule, split_rows
+from .common import Conversion, ConversionError, build_config, rule, split_rows
 from .tokenizer_conversion import load_tokenizer
 
 # Chat template of each InternVL2 conversation template name.
@@ -205,21 +205,11 @@ def convert(source: Path, source_name: str, ablation: dict, temporal_layers: int
     if template not in CHAT_STYLES:
         raise ConversionError(f"Unknown conversation template {template!r}; known: {sorted(CHAT_STYLES)}.")
     chat_style = CHAT_STYLES[template]
-    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in ("<img>", "</img>", "<IMG_CONTEXT>")}
     text = text_config(llm)
     if len(tokenizer) > text.vocab_size:
         raise ConversionError(f"The tokenizer has {len(tokenizer)} tokens, the language model {text.vocab_size}.")
-    config = PVCConfig(
-        vision_config=vision_config(vision, meta.get("force_image_size") or vision["image_size"], temporal),
-        text_config=text,
-        image_token_id=ids["<IMG_CONTEXT>"],
-        image_start_token_id=ids["<img>"],
-        image_end_token_id=ids["</img>"],
-        downsample_ratio=ablation["downsample_ratio"],
-        image_repeat=ablation["image_repeat"],
-        projector_adaln=ablation["projector_adaln"],
-        tie_word_embeddings=bool(llm.get("tie_word_embeddings", False)),
-    )
+    vision_settings = vision_config(vision, meta.get("force_image_size") or vision["image_size"], temporal)
+    config = build_config(vision_settings, text, tokenizer, ablation, bool(llm.get("tie_word_embeddings", False)))
     llm_rules = internlm2_rules(llm) if llm.get("model_type") == "internlm2" else NATIVE_LLM_RULES
     image_processor = PVCImageProcessor(
         image_size=config.vision_config.image_size,

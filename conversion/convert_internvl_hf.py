@@ -8,9 +8,9 @@ are added. Both the current layout (`model.vision_tower...`) and the older one (
 import json
 from pathlib import Path
 
-from pvc import PVCConfig, PVCImageProcessor
+from pvc import PVCImageProcessor
 
-from .common import Conversion, ConversionError, rule
+from .common import Checkpoint, Conversion, ConversionError, build_config, rule
 from .convert_internvl2 import generation_config
 from .tokenizer_conversion import load_tokenizer
 
@@ -47,7 +47,6 @@ def convert(source: Path, source_name: str, ablation: dict, temporal_layers: int
     size = vision.get("image_size", 448)
     patch = vision.get("patch_size", 14)
     tokenizer = load_tokenizer(source)
-    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in ("<img>", "</img>", "<IMG_CONTEXT>")}
     if "model_type" not in text:
         raise ConversionError("The source's text_config has no model_type.")
     text = {
@@ -55,54 +54,31 @@ def convert(source: Path, source_name: str, ablation: dict, temporal_layers: int
         for key, value in text.items()
         if key not in ("architectures", "_name_or_path", "dtype", "torch_dtype", "transformers_version")
     }
-    config = PVCConfig(
-        vision_config=dict(
-            hidden_size=vision.get("hidden_size", 1024),
-            num_hidden_layers=layers,
-            num_attention_heads=vision.get("num_attention_heads", 16),
-            intermediate_size=vision.get("intermediate_size", 4096),
-            hidden_act=vision.get("hidden_act", "gelu"),
-            attention_bias=vision.get("attention_bias", False),
-            use_qk_norm=vision.get("use_qk_norm", False),
-            norm_type=vision.get("norm_type", "layer_norm"),
-            layer_norm_eps=vision.get("layer_norm_eps", 1e-6),
-            image_size=size[0] if isinstance(size, (list, tuple)) else size,
-            patch_size=patch[0] if isinstance(patch, (list, tuple)) else patch,
-            layer_scale_init_value=vision.get("layer_scale_init_value", 0.1),
-            num_temporal_layers=temporal,
-        ),
-        text_config=text,
-        image_token_id=ids["<IMG_CONTEXT>"],
-        image_start_token_id=ids["<img>"],
-        image_end_token_id=ids["</img>"],
-        downsample_ratio=ablation["downsample_ratio"],
-        image_repeat=ablation["image_repeat"],
-        projector_adaln=ablation["projector_adaln"],
-        tie_word_embeddings=bool(meta.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
+    vision_settings = dict(
+        hidden_size=vision.get("hidden_size", 1024),
+        num_hidden_layers=layers,
+        num_attention_heads=vision.get("num_attention_heads", 16),
+        intermediate_size=vision.get("intermediate_size", 4096),
+        hidden_act=vision.get("hidden_act", "gelu"),
+        attention_bias=vision.get("attention_bias", False),
+        use_qk_norm=vision.get("use_qk_norm", False),
+        norm_type=vision.get("norm_type", "layer_norm"),
+        layer_norm_eps=vision.get("layer_norm_eps", 1e-6),
+        image_size=size[0] if isinstance(size, (list, tuple)) else size,
+        patch_size=patch[0] if isinstance(patch, (list, tuple)) else patch,
+        layer_scale_init_value=vision.get("layer_scale_init_value", 0.1),
+        num_temporal_layers=temporal,
     )
-    if meta.get("image_token_id", ids["<IMG_CONTEXT>"]) != ids["<IMG_CONTEXT>"]:
+    tie = bool(meta.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
+    config = build_config(vision_settings, text, tokenizer, ablation, tie)
+    if meta.get("image_token_id", config.image_token_id) != config.image_token_id:
         raise ConversionError(
-            f"config.image_token_id {meta['image_token_id']} is not the tokenizer's <IMG_CONTEXT> {ids['<IMG_CONTEXT>']}."
+            f"config.image_token_id {meta['image_token_id']} is not the tokenizer's <IMG_CONTEXT> "
+            f"{config.image_token_id}."
         )
-    keys = (
-        json.loads((source / "model.safetensors.index.json").read_text())["weight_map"]
-        if (source / "model.safetensors.index.json").exists()
-        else None
-    )
-    prefix = (
-        "model.multi_modal_projector."
-        if keys is None or any(k.startswith("model.multi_modal") for k in keys)
-        else "multi_modal_projector."
-    )
-    if keys is None:
-        from safetensors import safe_open
-
-        with safe_open(str(source / "model.safetensors"), framework="pt") as handle:
-            prefix = (
-                "model.multi_modal_projector."
-                if any(k.startswith("model.multi_modal") for k in handle.keys())
-                else "multi_modal_projector."
-            )
+    # Current checkpoints prefix the projector with `model.`, those saved before transformers' refactor do not.
+    current = any(key.startswith("model.multi_modal_projector.") for key in Checkpoint(source).keys())
+    prefix = "model.multi_modal_projector." if current else "multi_modal_projector."
     return Conversion(
         source=source,
         source_name=source_name,

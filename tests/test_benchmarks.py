@@ -1,0 +1,51 @@
+"""The benchmark's method (not its targets): the FLOP counter it relies on, and that the scripts compile."""
+
+import importlib.util
+import py_compile
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench", REPO / "benchmarks" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_flop_counter_matches_the_analytic_count_of_a_layer():
+    check = load_bench().check_counter()
+    assert check["counted"] == check["analytic"]
+
+
+def test_static_clip_dedup_shows_in_the_flop_count():
+    """The image's per-frame layers run once, not once per repeated frame: PVC's vision FLOPs on an image are
+    those of 1 frame through the per-frame layers plus 4 frames through the progressive ones."""
+    bench = load_bench()
+    from pvc import PVCForConditionalGeneration
+
+    vision = dict(hidden_size=64, num_hidden_layers=6, num_attention_heads=4, intermediate_size=128)
+    text = dict(bench.MID_LLM, num_hidden_layers=1)
+    with torch.device("meta"):
+        pvc = PVCForConditionalGeneration(bench.make_config(text, "pvc", vision)).eval()
+    image = bench.workload_flops(pvc, "image")["vision"]
+    video = bench.workload_flops(pvc, "video", frames=4)["vision"]  # the same 4 frames, nothing shared
+    tower = pvc.model.vision_tower
+    size = tower.config.image_size
+    frame = torch.empty(1, 3, size, size, device="meta")
+    embedding = bench.count(lambda: tower.embeddings(frame))
+    tokens = tower.embeddings(frame)
+    layer = bench.count(lambda: tower.encoder.layer[0](tokens))
+    per_frame_layers = tower.encoder.num_frame_layers
+    spatial = bench.count(lambda: tower.encoder.layer[per_frame_layers].spatial_block(tokens))
+    # the image skips 3 of 4 frames in the patch embedding, every per-frame layer and the spatial attention of the
+    # first progressive layer (frames split only at its temporal attention), and nothing else
+    assert video - image == 3 * (embedding + per_frame_layers * layer + spatial)
+
+
+def test_scripts_compile():
+    for path in [*REPO.glob("benchmarks/*.py"), *REPO.glob("examples/*.py")]:
+        py_compile.compile(str(path), doraise=True)

@@ -328,41 +328,67 @@ def print_cpu(results):
 # Part 3: vision-tower memory on long videos
 # ------------------------------------------------------------------------------------------------------------------
 
-MEMORY_VISION = dict(hidden_size=1024, num_hidden_layers=3, num_attention_heads=16, intermediate_size=4096)
+MEMORY_VISION = dict(hidden_size=1024, num_hidden_layers=2, num_attention_heads=16, intermediate_size=4096)
 
 
 def memory_probe(frames: int, chunk: int | None) -> int:
-    """Run in a child process: activation peak in bytes of the vision tower on `frames` 448px frames."""
-    import resource
+    """Run in a child process: activation peak in bytes of the vision tower on `frames` 448px frames, sampled from
+    the resident set every 2 ms (large allocations go straight back to the system, see `memory_part`)."""
+    import os
+    import threading
 
     from pvc import PVCVisionConfig
     from pvc.modeling_pvc import PVCVisionModel
+
+    def resident() -> int:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
     config = PVCVisionConfig(**MEMORY_VISION, num_temporal_layers=1, frame_chunk_size=chunk)
     config._attn_implementation = "sdpa"
     tower = PVCVisionModel(config).eval()
     pixels = torch.randn(frames, 3, 448, 448)
-    loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    baseline = peak = resident()
+    done = threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, resident())
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
     with torch.inference_mode():
         tower(pixels, num_frames=frames)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - loaded
+    done.set()
+    sampler.join()
+    return max(peak, resident()) - baseline
 
 
 def memory_part(frame_counts=(16, 64, 96), chunk=8) -> dict:
-    with torch.device("meta"):
-        from pvc import PVCVisionConfig
-        from pvc.modeling_pvc import PVCVisionModel
+    """Activation peaks in fresh processes; glibc's mmap threshold is fixed low so that freed tensors leave the
+    resident set at once and it follows the live tensors."""
+    import os
 
+    from pvc import PVCVisionConfig
+    from pvc.modeling_pvc import PVCVisionModel
+
+    with torch.device("meta"):
         full = PVCVisionModel(PVCVisionConfig(**INTERNVIT_300M))
     weights = sum(param.numel() for param in full.parameters()) * 4
     results = {"weights_bytes": weights, "frames": {}}
-    for setting, size in (("chunked", chunk), ("unchunked", None)):
-        for frames in frame_counts:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    for setting, size, counts in (
+        ("chunked", chunk, frame_counts),
+        ("unchunked", None, (frame_counts[0], frame_counts[-1])),
+    ):
+        for frames in counts:
             code = (
                 f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench; "
                 f"print(bench.memory_probe({frames}, {size}))"
             )
-            output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+            output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
             activation = int(output.stdout.strip().splitlines()[-1])
             results["frames"].setdefault(setting, {})[frames] = {"activation": activation, "peak": activation + weights}
     chunked = results["frames"]["chunked"]
@@ -387,15 +413,20 @@ def print_memory(results):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--flops-only", action="store_true", help="part 1 alone")
+    parser.add_argument("--parts", default="flops,cpu,memory", help="comma-separated parts to run (default: all)")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    results = {"flops": flops_part()}
-    print_flops(results["flops"])
-    if not args.flops_only:
+    parts = {"flops"} if args.flops_only else set(args.parts.split(","))
+    results = {}
+    if "flops" in parts:
+        results["flops"] = flops_part()
+        print_flops(results["flops"])
+    if "cpu" in parts:
         results["cpu"] = cpu_part(args.repeats)
         print_cpu(results["cpu"])
+    if "memory" in parts:
         results["memory"] = memory_part()
         print_memory(results["memory"])
     if args.out:

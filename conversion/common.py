@@ -361,6 +361,14 @@ def write_repo(
     missing_projector = [key for key in conversion.projector.values() if key not in checkpoint.files]
     if missing_projector:
         raise ConversionError(f"The source lacks projector keys: {missing_projector}")
+    projector = convert_projector(
+        {name: checkpoint.get(key).float() for name, key in conversion.projector.items()}, config, projector_init
+    )
+    produced = {target for _, _, targets in plan for target in targets} | set(projector)
+    new_names = set(expected) - produced - tied
+    missing = sorted(name for name in new_names if not _is_new_module(name, config, projector_init))
+    if missing:
+        raise ConversionError(f"The source gives no value for {len(missing)} parameters: {missing[:20]}")
 
     parent = destination.parent
     parent.mkdir(parents=True, exist_ok=True)
@@ -386,16 +394,9 @@ def write_repo(
             outputs = matched_rule.transform(tensor) if matched_rule.transform else (tensor,)
             for name, value in zip(targets, outputs, strict=True):
                 emit(name, value)
-        projector = convert_projector(
-            {name: checkpoint.get(key).float() for name, key in conversion.projector.items()}, config, projector_init
-        )
         for name, value in projector.items():
             emit(name, value)
         copied = dict(written)
-        new_names = set(expected) - set(written) - tied
-        missing = sorted(name for name in new_names if not _is_new_module(name, config, projector_init))
-        if missing:
-            raise ConversionError(f"The source gives no value for {len(missing)} parameters: {missing[:20]}")
         for name, value in new_parameters(skeleton, new_names, dtype).items():
             emit(name, value)
         writer.close()

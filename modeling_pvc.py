@@ -697,6 +697,77 @@ class PVCForConditionalGeneration(PVCPreTrainedModel, GenerationMixin):
         output = CausalLMOutputWithPast(loss=loss, logits=logits, **extra)
         return output.to_tuple() if return_dict is False else output
 
+    VISUAL_INPUTS = (
+        "pixel_values",
+        "image_num_tiles",
+        "pixel_values_videos",
+        "video_num_frames",
+        "video_num_tiles",
+        "visual_order",
+    )
+
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        """Beam search and `num_return_sequences` repeat every sample; the visuals must follow their sample as a
+        whole (the default would repeat each tile, or frame, on its own)."""
+        visual = {key: model_kwargs.pop(key) for key in self.VISUAL_INPUTS if model_kwargs.get(key) is not None}
+        input_ids_before = input_ids
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
+        if visual and expand_size > 1:
+            visual = self._repeat_visuals_per_sample(input_ids_before, expand_size, **visual)
+        return input_ids, {**model_kwargs, **visual}
+
+    def _repeat_visuals_per_sample(
+        self,
+        input_ids,
+        times,
+        pixel_values=None,
+        image_num_tiles=None,
+        pixel_values_videos=None,
+        video_num_frames=None,
+        video_num_tiles=None,
+        visual_order=None,
+    ):
+        config = self.config
+        visuals = []  # (kind, pixel rows, count, tiles, token count) in text order
+        if pixel_values is not None:
+            tiles = _counts(image_num_tiles, pixel_values.shape[0], "image_num_tiles", "pixel_values")
+            for rows, count in zip(pixel_values.split(tiles), tiles):
+                visuals.append((IMAGE, rows, count, None, config.tokens_per_frame * config.image_repeat * count))
+        videos = []
+        if pixel_values_videos is not None:
+            frames = [int(count) for count in video_num_frames]
+            tiles = [1] * len(frames) if video_num_tiles is None else [int(count) for count in video_num_tiles]
+            for rows, count, tile in zip(
+                pixel_values_videos.split([f * t for f, t in zip(frames, tiles)]), frames, tiles
+            ):
+                videos.append((VIDEO, rows, count, tile, config.tokens_per_frame * count * tile))
+        order = [IMAGE] * len(visuals) + [VIDEO] * len(videos) if visual_order is None else visual_order.tolist()
+        images, videos = iter(visuals), iter(videos)
+        ordered = [next(videos) if kind == VIDEO else next(images) for kind in order]
+        per_sample, position = [], 0
+        for tokens in (input_ids == config.image_token_id).sum(1).tolist():  # the visuals of each sample, in order
+            start = position
+            while tokens > 0 and position < len(ordered):
+                tokens -= ordered[position][4]
+                position += 1
+            per_sample.append(ordered[start:position])
+        repeated = [visual for sample in per_sample for _ in range(times) for visual in sample]
+        out = {}
+        image_items = [v for v in repeated if v[0] == IMAGE]
+        video_items = [v for v in repeated if v[0] == VIDEO]
+        if image_items:
+            out["pixel_values"] = torch.cat([v[1] for v in image_items])
+            out["image_num_tiles"] = torch.tensor([v[2] for v in image_items])
+        if video_items:
+            out["pixel_values_videos"] = torch.cat([v[1] for v in video_items])
+            out["video_num_frames"] = torch.tensor([v[2] for v in video_items])
+            out["video_num_tiles"] = torch.tensor([v[3] for v in video_items])
+        if visual_order is not None:
+            out["visual_order"] = torch.tensor([v[0] for v in repeated])
+        return out
+
 
 def _counts(counts, total: int, counts_name: str, tensor_name: str) -> list[int]:
     """Per-item row counts as a list of ints (one row each when `counts` is None), checked against the total."""

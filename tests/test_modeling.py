@@ -299,3 +299,26 @@ def test_bfloat16_forward(pixels):
     with torch.no_grad():
         logits = model(**inputs).logits
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+
+
+def test_beam_expansion_keeps_each_samples_visuals_together(pixels):
+    """Beam search and num_return_sequences repeat every sample; its multi-tile images and videos must follow it
+    whole: the expanded batch gives each copy the logits of its sample alone."""
+    model = tiny_model("pvc")
+    first = mixed_sample(model, pixels, ["image", "video"])
+    second = mixed_sample(model, pixels, ["video", "image"])
+    batch = dict(
+        pixel_values=torch.cat([first["pixel_values"], second["pixel_values"]]),
+        image_num_tiles=torch.tensor([2, 2]),
+        pixel_values_videos=torch.cat([first["pixel_values_videos"], second["pixel_values_videos"]]),
+        video_num_frames=torch.tensor([3, 3]),
+        visual_order=torch.tensor([0, 1, 1, 0]),
+    )
+    input_ids = torch.cat([first["input_ids"], second["input_ids"]])
+    input_ids, expanded = model._expand_inputs_for_generation(expand_size=3, input_ids=input_ids, **batch)
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, **expanded).logits
+        expected = torch.cat([model(**first).logits] * 3 + [model(**second).logits] * 3)
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    beams = model.generate(input_ids=input_ids[::3], **batch, max_new_tokens=3, num_beams=3, pad_token_id=0)
+    assert beams.shape[0] == 2

@@ -197,11 +197,21 @@ def relative_timestamps(num_frames: int, device=None) -> torch.Tensor:
     return torch.linspace(0, 1, num_frames, device=device) if num_frames > 1 else torch.zeros(1, device=device)
 
 
-def in_chunks(function, frames: torch.Tensor, chunk_size: int | None) -> torch.Tensor:
-    """Apply a per-frame `function` to [F, N, C] at most `chunk_size` frames at a time (same result)."""
-    if chunk_size is None or frames.shape[0] <= chunk_size:
-        return function(frames)
-    return torch.cat([function(chunk) for chunk in frames.split(chunk_size)])
+def in_chunks(function, tensor: torch.Tensor, chunk_size: int | None, dim: int = 0) -> torch.Tensor:
+    """Apply `function`, which treats the slices of `dim` independently (frames, token positions), at most
+    `chunk_size` slices at a time; the results go straight into one output tensor. Same result as one call."""
+    if chunk_size is None or tensor.shape[dim] <= chunk_size:
+        return function(tensor)
+    pieces = tensor.split(chunk_size, dim=dim)
+    first = function(pieces[0])
+    output = first.new_empty(first.shape[:dim] + (tensor.shape[dim],) + first.shape[dim + 1 :])
+    output.narrow(dim, 0, first.shape[dim]).copy_(first)
+    start = first.shape[dim]
+    del first
+    for piece in pieces[1:]:
+        output.narrow(dim, start, piece.shape[dim]).copy_(function(piece))
+        start += piece.shape[dim]
+    return output
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -289,11 +299,10 @@ class PVCVisionProgressiveLayer(PVCVisionLayer):
         num_frames = temporal_embeds.shape[0]
         hidden_states = expand_frames(hidden_states, num_streams, num_frames)  # [S, T, N, C]
         # Temporal attention is independent per token position: chunk over positions within the same budget.
-        parts = [hidden_states]
-        if chunk_size is not None:
-            parts = hidden_states.split(max(1, chunk_size * hidden_states.shape[2] // num_frames), dim=2)
-        temporal = torch.cat([self.temporal_block(part, temporal_embeds) for part in parts], dim=2)
-        hidden_states = hidden_states + temporal  # [S, T, N, C]
+        positions = None if chunk_size is None else max(1, chunk_size * hidden_states.shape[2] // num_frames)
+        temporal = in_chunks(lambda part: self.temporal_block(part, temporal_embeds), hidden_states, positions, dim=2)
+        # The residual add goes into the fresh temporal buffer where no gradient needs the operands (inference).
+        hidden_states = temporal.add_(hidden_states) if not torch.is_grad_enabled() else hidden_states + temporal
         hidden_states = rearrange(hidden_states, "s t n c -> (s t) n c")
         return in_chunks(self.mlp_block, hidden_states, chunk_size)  # [S * T, N, C]
 

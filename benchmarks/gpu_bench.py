@@ -45,38 +45,67 @@ def internvl(config, attn, device):
     return build(InternVLForConditionalGeneration, internvl_config(config, attn), device)
 
 
-def measure(function, repeats):
+SHAPES = {
+    "8B": (LLMS["8B"], INTERNVIT_300M),
+    # A small stand-in that runs anywhere: checks the script itself (tests run it on the CPU).
+    "tiny": (
+        dict(
+            model_type="qwen2",
+            vocab_size=92553,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=8192,
+        ),
+        dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128),
+    ),
+}
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(function, repeats, device):
     times = []
     for _ in range(repeats):
-        torch.cuda.synchronize()
+        synchronize(device)
         started = time.perf_counter()
         function()
-        torch.cuda.synchronize()
+        synchronize(device)
         times.append(time.perf_counter() - started)
     return statistics.median(times)
 
 
-def run(attn: str, repeats: int) -> dict:
-    device = torch.device("cuda")
-    config = make_config(LLMS["8B"], "pvc", INTERNVIT_300M, attn=attn)
+def peak_gib(device) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+
+
+def run(attn: str, repeats: int, device: torch.device, shape: str = "8B") -> dict:
+    llm, vision = SHAPES[shape]
+    config = make_config(llm, "pvc", vision, attn=attn)
     pvc = build(PVCForConditionalGeneration, config, device)
     reference = internvl(config, attn, device)
     token = config.image_token_id
-    text = torch.randint(0, 90000, (1, 2048), device=device)
     image = torch.randn(1, 3, 448, 448, device=device, dtype=torch.bfloat16)
     video = torch.randn(16, 3, 448, 448, device=device, dtype=torch.bfloat16)
 
-    def ids(visual):
-        return torch.cat([text[:, :8], torch.full((1, visual), token, device=device), text[:, 8:]], dim=1)
+    def ids(visual, text):
+        words = torch.randint(0, 90000, (1, text), device=device)
+        return torch.cat([words[:, :8], torch.full((1, visual), token, device=device), words[:, 8:]], dim=1)
 
-    cases = {
+    frames = torch.tensor([16])
+    cases = {  # Table 5's image workload; a 16-frame video with its frame prompts and 64 text tokens
         "image_prefill": (
-            dict(input_ids=ids(256), pixel_values=image, image_num_tiles=torch.tensor([1])),
-            dict(input_ids=ids(256), pixel_values=image),
+            dict(input_ids=ids(256, 2048), pixel_values=image, image_num_tiles=torch.tensor([1])),
+            dict(input_ids=ids(256, 2048), pixel_values=image),
         ),
         "video16_prefill": (
-            dict(input_ids=ids(64 * 16)[:, :-1900], pixel_values_videos=video, video_num_frames=torch.tensor([16])),
-            dict(input_ids=ids(256 * 16)[:, :-1900], pixel_values=video),
+            dict(input_ids=ids(64 * 16, 64 + 6 * 16), pixel_values_videos=video, video_num_frames=frames),
+            dict(input_ids=ids(256 * 16, 64 + 6 * 16), pixel_values=video),
         ),
     }
     results = {}
@@ -85,47 +114,53 @@ def run(attn: str, repeats: int) -> dict:
             entry = {}
             for label, model, inputs in (("pvc", pvc, ours), ("internvl2", reference, theirs)):
                 model(**inputs, use_cache=False)  # warm-up
-                torch.cuda.reset_peak_memory_stats()
-                seconds = measure(lambda: model(**inputs, use_cache=False), repeats)
-                entry[label] = {"samples_per_s": 1 / seconds, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                seconds = measure(lambda: model(**inputs, use_cache=False), repeats, device)
+                entry[label] = {"samples_per_s": 1 / seconds, "peak_gib": peak_gib(device)}
             results[name] = entry
         entry = {}
+        new_tokens = 64
         for label, model, inputs in (
             ("pvc", pvc, cases["image_prefill"][0]),
             ("internvl2", reference, cases["image_prefill"][1]),
         ):
-            new_tokens = 64
-            seconds = measure(
-                lambda: model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False),
-                max(1, repeats // 2),
-            )
+            options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+            seconds = measure(lambda: model.generate(**inputs, **options), max(1, repeats // 2), device)
             entry[label] = {"tokens_per_s": new_tokens / seconds}
         results["generate_64"] = entry
     del pvc, reference
-    torch.cuda.empty_cache()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return results
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--attn", nargs="+", default=["sdpa", "flash_attention_2"])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="8B")
     parser.add_argument("--out")
-    args = parser.parse_args()
-    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
-    results = {"device": torch.cuda.get_device_name()}
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else args.device
+    print(f"device: {name}  torch {torch.__version__}")
+    results = {"device": name, "shape": args.shape}
     for attn in args.attn:
         if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
             print("flash-attn is not installed: skipping flash_attention_2")
             continue
-        results[attn] = run(attn, args.repeats)
+        results[attn] = run(attn, args.repeats, device, args.shape)
         print(f"\n| {attn}, bf16 | PVC | InternVL2 | PVC / InternVL2 |\n|---|---|---|---|")
         for case, entry in results[attn].items():
             for metric in entry["pvc"]:
                 ours, theirs = entry["pvc"][metric], entry["internvl2"][metric]
-                print(f"| {case} {metric} | {ours:.2f} | {theirs:.2f} | {ours / theirs:.3f} |")
+                if ours is not None and theirs is not None:
+                    print(f"| {case} {metric} | {ours:.2f} | {theirs:.2f} | {ours / theirs:.3f} |")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    return results
 
 
 if __name__ == "__main__":

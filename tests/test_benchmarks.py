@@ -49,3 +49,16 @@ def test_static_clip_dedup_shows_in_the_flop_count():
 def test_scripts_compile():
     for path in [*REPO.glob("benchmarks/*.py"), *REPO.glob("examples/*.py")]:
         py_compile.compile(str(path), doraise=True)
+
+
+def test_gpu_script_runs_on_a_small_shape():
+    """The GPU comparison itself, on the CPU with a small stand-in shape: every case runs for both models."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_bench
+
+    results = gpu_bench.main(["--device", "cpu", "--shape", "tiny", "--attn", "sdpa", "--repeats", "1"])
+    for case in ("image_prefill", "video16_prefill", "generate_64"):
+        for model in ("pvc", "internvl2"):
+            assert all(value is None or value > 0 for value in results["sdpa"][case][model].values())

@@ -524,16 +524,7 @@ class PVCModel(PVCPreTrainedModel):
 
     def video_features_per_video(self, pixel_values_videos, video_num_frames, video_num_tiles=None):
         """Each video is one clip of T frames (P tiles per frame, 1 by default); frame-major tokens."""
-        if video_num_frames is None:
-            raise ValueError("pixel_values_videos needs video_num_frames: the number of frames of each video.")
-        frames = [int(count) for count in video_num_frames]
-        tiles = [1] * len(frames) if video_num_tiles is None else [int(count) for count in video_num_tiles]
-        rows = _counts(
-            [t * p for t, p in zip(frames, tiles)],
-            pixel_values_videos.shape[0],
-            "video_num_frames (x video_num_tiles)",
-            "pixel_values_videos",
-        )
+        frames, tiles, rows = video_layout(pixel_values_videos, video_num_frames, video_num_tiles)
         features = []
         for clip, num_frames, num_tiles in zip(pixel_values_videos.split(rows), frames, tiles):
             clip = rearrange(clip, "(t p) c h w -> (p t) c h w", p=num_tiles)  # tile streams
@@ -565,22 +556,7 @@ class PVCModel(PVCPreTrainedModel):
             videos = self.video_features_per_video(pixel_values_videos, video_num_frames, video_num_tiles)
         if not images and not videos:
             return None
-        if visual_order is None:
-            if images and videos:
-                raise ValueError(
-                    "This batch holds both images and videos, whose placeholders share the <IMG_CONTEXT> token, so "
-                    "their order in the text is ambiguous. Pass `visual_order` (0 = image, 1 = video, one entry "
-                    "per visual in text order), as PVCProcessor returns it."
-                )
-            return torch.cat(images or videos)
-        order = [int(kind) for kind in visual_order]
-        if sorted(order) != [IMAGE] * len(images) + [VIDEO] * len(videos):
-            raise ValueError(
-                f"visual_order {order} must hold one 0 per image ({len(images)} given) and one 1 per video "
-                f"({len(videos)} given)."
-            )
-        images, videos = iter(images), iter(videos)
-        return torch.cat([next(videos) if kind == VIDEO else next(images) for kind in order])
+        return torch.cat(in_text_order(images, videos, visual_order))
 
     def forward(
         self,
@@ -739,22 +715,16 @@ class PVCForConditionalGeneration(PVCPreTrainedModel, GenerationMixin):
         visual_order=None,
     ):
         config = self.config
-        visuals = []  # (kind, pixel rows, count, tiles, token count) in text order
+        images, videos = [], []  # (kind, pixel rows, count, tiles, token count)
         if pixel_values is not None:
             tiles = _counts(image_num_tiles, pixel_values.shape[0], "image_num_tiles", "pixel_values")
             for rows, count in zip(pixel_values.split(tiles), tiles):
-                visuals.append((IMAGE, rows, count, None, config.tokens_per_frame * config.image_repeat * count))
-        videos = []
+                images.append((IMAGE, rows, count, None, config.tokens_per_frame * config.image_repeat * count))
         if pixel_values_videos is not None:
-            frames = [int(count) for count in video_num_frames]
-            tiles = [1] * len(frames) if video_num_tiles is None else [int(count) for count in video_num_tiles]
-            for rows, count, tile in zip(
-                pixel_values_videos.split([f * t for f, t in zip(frames, tiles)]), frames, tiles
-            ):
-                videos.append((VIDEO, rows, count, tile, config.tokens_per_frame * count * tile))
-        order = [IMAGE] * len(visuals) + [VIDEO] * len(videos) if visual_order is None else visual_order.tolist()
-        images, videos = iter(visuals), iter(videos)
-        ordered = [next(videos) if kind == VIDEO else next(images) for kind in order]
+            frames, tiles, rows = video_layout(pixel_values_videos, video_num_frames, video_num_tiles)
+            for clip, count, tile in zip(pixel_values_videos.split(rows), frames, tiles):
+                videos.append((VIDEO, clip, count, tile, config.tokens_per_frame * count * tile))
+        ordered = in_text_order(images, videos, visual_order)
         per_sample, position = [], 0
         for tokens in (input_ids == config.image_token_id).sum(1).tolist():  # the visuals of each sample, in order
             start = position
@@ -776,6 +746,38 @@ class PVCForConditionalGeneration(PVCPreTrainedModel, GenerationMixin):
         if visual_order is not None:
             out["visual_order"] = torch.tensor([v[0] for v in repeated])
         return out
+
+
+def in_text_order(images: list, videos: list, visual_order=None) -> list:
+    """Per-image and per-video items interleaved as `visual_order` says (0 image, 1 video, in text order); a batch
+    of one kind needs no order, a batch of both cannot do without."""
+    if visual_order is None:
+        if images and videos:
+            raise ValueError(
+                "This batch holds both images and videos, whose placeholders share the <IMG_CONTEXT> token, so "
+                "their order in the text is ambiguous. Pass `visual_order` (0 = image, 1 = video, one entry "
+                "per visual in text order), as PVCProcessor returns it."
+            )
+        return images + videos
+    order = [int(kind) for kind in visual_order]
+    if sorted(order) != [IMAGE] * len(images) + [VIDEO] * len(videos):
+        raise ValueError(
+            f"visual_order {order} must hold one 0 per image ({len(images)} given) and one 1 per video "
+            f"({len(videos)} given)."
+        )
+    images, videos = iter(images), iter(videos)
+    return [next(videos) if kind == VIDEO else next(images) for kind in order]
+
+
+def video_layout(pixel_values_videos, video_num_frames, video_num_tiles=None):
+    """Frames, tiles per frame and pixel rows of each video, checked against `pixel_values_videos`."""
+    if video_num_frames is None:
+        raise ValueError("pixel_values_videos needs video_num_frames: the number of frames of each video.")
+    frames = [int(count) for count in video_num_frames]
+    tiles = [1] * len(frames) if video_num_tiles is None else [int(count) for count in video_num_tiles]
+    rows = [count * tile for count, tile in zip(frames, tiles)]
+    _counts(rows, pixel_values_videos.shape[0], "video_num_frames (x video_num_tiles)", "pixel_values_videos")
+    return frames, tiles, rows
 
 
 def _counts(counts, total: int, counts_name: str, tensor_name: str) -> list[int]:

@@ -32,8 +32,10 @@ def load_tokenizer(folder: Path) -> PreTrainedTokenizerFast:
             eos=_content(config.get("eos_token")),
         )
         _add_tokens(backend, folder, config)
+    elif (folder / "vocab.json").exists() and (folder / "merges.txt").exists():
+        backend = _native_fast_backend(folder)  # e.g. InternVL2-1B's Qwen2 tokenizer, saved without tokenizer.json
     else:
-        raise ConversionError(f"No tokenizer.json or tokenizer.model in {folder}.")
+        raise ConversionError(f"No tokenizer.json, tokenizer.model or vocab.json + merges.txt in {folder}.")
     special = {name: _content(config.get(name)) for name in ("bos_token", "eos_token", "unk_token", "pad_token")}
     extra = [_content(token) for token in config.get("additional_special_tokens", [])]
     tokenizer = PreTrainedTokenizerFast(
@@ -124,6 +126,21 @@ def _add_tokens(backend: Tokenizer, folder: Path, config: dict):
                 f"Added token {token!r} has id {index}, but the next free id is {backend.get_vocab_size()}."
             )
         backend.add_special_tokens([token])
+
+
+def _native_fast_backend(folder: Path) -> Tokenizer:
+    """The `tokenizers` pipeline transformers builds for a tokenizer class of its own (no remote code)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except (OSError, ValueError) as error:
+        raise ConversionError(
+            f"Could not load the tokenizer in {folder} with transformers' own classes: {error}"
+        ) from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise ConversionError(f"The tokenizer in {folder} has no fast version to convert.")
+    return tokenizer.backend_tokenizer
 
 
 def _content(token):

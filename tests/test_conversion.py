@@ -339,3 +339,15 @@ def test_transformers_layout_source(tmp_path):
         expected = reference(input_ids=ids, pixel_values=pixels).logits
         actual = model(input_ids=ids, pixel_values=pixels, image_num_tiles=torch.tensor([2])).logits
     assert_relative(actual, expected, 1e-5)
+
+
+def test_qwen2_tokenizer_without_tokenizer_json(tmp_path):
+    """InternVL2-1B ships vocab.json + merges.txt only: transformers' own Qwen2 class rebuilds it, no remote code."""
+    source = copy_fixture("qwen2", tmp_path)
+    (source / "tokenizer.json").unlink()
+    destination = tmp_path / "out"
+    assert convert(["--src", str(source), "--dst", str(destination), "--ablation", "a"]) == 0
+    reference = load_file(FIXTURES / "qwen2" / "reference.safetensors")
+    tokenizer = AutoTokenizer.from_pretrained(destination, trust_remote_code=False)
+    text = "The quick brown fox jumps over the lazy dog. Hello world, this is a tiny test."
+    assert tokenizer(text)["input_ids"] == reference["input_ids_text"][0].tolist()

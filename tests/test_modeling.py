@@ -322,3 +322,22 @@ def test_beam_expansion_keeps_each_samples_visuals_together(pixels):
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
     beams = model.generate(input_ids=input_ids[::3], **batch, max_new_tokens=3, num_beams=3, pad_token_id=0)
     assert beams.shape[0] == 2
+
+
+def test_device_map_auto_with_offload_gives_the_same_logits(tmp_path, pixels):
+    """accelerate's dispatch (here to CPU and disk, the only devices a CI machine has) keeps the layers whole and
+    moves features where the embeddings are."""
+    model = tiny_model("pvc")
+    model.save_pretrained(tmp_path / "model")
+    dispatched = AutoModelForImageTextToText.from_pretrained(
+        tmp_path / "model",
+        trust_remote_code=True,
+        dtype=torch.float32,
+        device_map="auto",
+        max_memory={"cpu": "2MB"},
+        offload_folder=str(tmp_path / "offload"),
+    )
+    assert "disk" in set(dispatched.hf_device_map.values())
+    inputs = dict(input_ids=prompt(4 * 4 * 2), pixel_values=pixels(2), image_num_tiles=torch.tensor([2]))
+    with torch.no_grad():
+        torch.testing.assert_close(dispatched(**inputs).logits, model(**inputs).logits, rtol=1e-5, atol=1e-5)

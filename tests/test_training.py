@@ -307,3 +307,15 @@ def test_pipeline_on_images(tmp_path):
     ]
     out = pipe(text=messages, max_new_tokens=3)
     assert out[0]["generated_text"][-1]["role"] == "assistant"
+
+
+def test_lora_respects_a_frozen_vision_tower():
+    pytest.importorskip("peft")
+    model = tiny_model("pvc")
+    freeze(model, vision=True)
+    peft_model = add_lora(model, rank=4, alpha=8, train_vision=False)
+    trainable = [name for name, param in peft_model.named_parameters() if param.requires_grad]
+    vision = [name for name in trainable if ".vision_tower." in name]
+    assert vision and all(is_pvc_parameter(name) for name in vision)  # PVC's modules train, InternViT does not
+    assert any("multi_modal_projector" in name for name in trainable)
+    assert any("lora_" in name and "language_model" in name for name in trainable)

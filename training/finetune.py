@@ -79,22 +79,26 @@ def freeze(model, vision: bool = False, projector: bool = False, language_model:
                 param.requires_grad_(False)
 
 
-def add_lora(model, rank: int = 16, alpha: int = 32, dropout: float = 0.05, vision: bool = False):
-    """LoRA adapters on the language model (and the ViT's linear layers with `vision=True`) through PEFT. What LoRA
-    does not cover trains in full and is saved with the adapters: PVC's modules and the projector, and the vision
-    tower unless it has adapters of its own."""
+def add_lora(
+    model,
+    rank: int = 16,
+    alpha: int = 32,
+    dropout: float = 0.05,
+    vision: bool = False,
+    train_vision: bool = True,
+    train_projector: bool = True,
+):
+    """LoRA adapters on the language model (and on the ViT's linear layers with `vision=True`) through PEFT. What
+    LoRA does not cover and is not frozen trains in full and is saved with the adapters: the projector, and the
+    vision tower, or, where the ViT has adapters or is frozen, PVC's own modules in it."""
     from peft import LoraConfig, get_peft_model
 
     targets = LORA_TARGETS["language_model"] + ("|" + LORA_TARGETS["vision_tower"] if vision else "")
-    modules_to_save = [
-        "multi_modal_projector",
-        "temporal_attention",
-        "temporal_norm",
-        "temporal_gate",
-        "temporal_embedding",
-    ]
-    if not vision:
-        modules_to_save = ["vision_tower", "multi_modal_projector"]
+    modules_to_save = ["multi_modal_projector"] if train_projector else []
+    if train_vision and not vision:
+        modules_to_save.append("vision_tower")
+    else:
+        modules_to_save += ["temporal_attention", "temporal_norm", "temporal_gate", "vision_tower.temporal_embedding"]
     config = LoraConfig(
         r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=f"({targets})", modules_to_save=modules_to_save
     )
@@ -160,7 +164,14 @@ def main(argv=None):
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
     freeze(model, args.freeze_vision, args.freeze_projector, args.freeze_llm)
     if args.lora:
-        model = add_lora(model, args.lora_rank, args.lora_alpha, vision=args.lora_vision)
+        model = add_lora(
+            model,
+            args.lora_rank,
+            args.lora_alpha,
+            vision=args.lora_vision,
+            train_vision=not args.freeze_vision,
+            train_projector=not args.freeze_projector,
+        )
     training_args = TrainingArguments(
         output_dir=args.output_dir,
         learning_rate=args.learning_rate,

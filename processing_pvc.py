@@ -116,21 +116,21 @@ class PVCProcessor(ProcessorMixin):
         }
         images = None if images is None else _flatten(images)
         videos = None if videos is None else _flatten_videos(videos)
+        texts = [] if text is None else [text] if isinstance(text, str) else list(text)
+        kinds = [match.group() for sample in texts for match in re.finditer(r"<image>|<video>", sample)]
+        for placeholder, given, name in ((IMAGE_PLACEHOLDER, images, "images"), (VIDEO_PLACEHOLDER, videos, "videos")):
+            expected = kinds.count(placeholder)
+            if text is not None and expected != len(given or []):  # checked before any media is decoded
+                raise ValueError(
+                    f"The text holds {expected} {placeholder} placeholder(s) but {len(given or [])} {name} were "
+                    f"given: put one {placeholder} in the text where each of the {name} goes."
+                )
         visual = {}
         if images is not None or videos is not None:
             visual = dict(self.image_processor(images=images, videos=videos, return_tensors="pt", **pixel_options))
         if text is None:
             return BatchFeature(data=visual, tensor_type=return_tensors)
 
-        texts = [text] if isinstance(text, str) else list(text)
-        kinds = [match.group() for sample in texts for match in re.finditer(r"<image>|<video>", sample)]
-        for placeholder, given, name in ((IMAGE_PLACEHOLDER, images, "images"), (VIDEO_PLACEHOLDER, videos, "videos")):
-            expected = kinds.count(placeholder)
-            if expected != len(given or []):
-                raise ValueError(
-                    f"The text holds {expected} {placeholder} placeholder(s) but {len(given or [])} {name} were "
-                    f"given: put one {placeholder} in the text where each of the {name} goes."
-                )
         expansions = self.expansions(kinds, visual)
         expanded = [re.sub(r"<image>|<video>", lambda _: next(expansions), sample) for sample in texts]
         for token in (IMAGE_START, IMAGE_END, IMAGE_CONTEXT):

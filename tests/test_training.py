@@ -319,3 +319,32 @@ def test_lora_respects_a_frozen_vision_tower():
     assert vision and all(is_pvc_parameter(name) for name in vision)  # PVC's modules train, InternViT does not
     assert any("multi_modal_projector" in name for name in trainable)
     assert any("lora_" in name and "language_model" in name for name in trainable)
+
+
+def test_examples_run_on_a_tiny_model(tmp_path):
+    """The streaming and chat examples, end to end on a tiny saved model."""
+    import av
+
+    model_dir = tmp_path / "model"
+    tiny_model("pvc").save_pretrained(model_dir)
+    tiny_processor().save_pretrained(model_dir)
+    image = tmp_path / "image.png"
+    Image.new("RGB", (80, 50), "green").save(image)
+    video = tmp_path / "clip.mp4"
+    with av.open(str(video), "w") as container:
+        stream = container.add_stream("mpeg4", rate=5)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        for index in range(6):
+            frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 40 * index, np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for script, arguments in (
+        ("streaming.py", ["--image", str(image)]),
+        ("chat.py", ["--video", str(video), "--image", str(image), "--image", str(image)]),
+    ):
+        command = [sys.executable, str(REPO / "examples" / script), "--model", str(model_dir), *arguments]
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]

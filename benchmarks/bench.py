@@ -30,9 +30,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # noqa: E402 (not needed when installed)
-
-from pvc import PVCConfig, PVCForConditionalGeneration  # noqa: E402
+from pvc import PVCConfig, PVCForConditionalGeneration
 
 FRAME_PROMPT_TOKENS = 6  # "Frame12: " + <img> + </img> + "\n" in InternLM2's tokenizer, about
 TEXT_TOKENS_IMAGE = 2048

@@ -405,7 +405,7 @@ def write_repo(
         summary = {
             "copied": (len(copied), sum(math.prod(shape) for shape in copied.values())),
             "new": (len(new_names), sum(math.prod(expected[n]) for n in new_names)),
-            "dropped": (len(dropped), sum(math.prod(_shape(checkpoint, key)) for key in dropped)),
+            "dropped": (len(dropped), sum(checkpoint.get(key).numel() for key in dropped)),
         }
         if destination.exists():
             backup = Path(tempfile.mkdtemp(prefix=f".{destination.name}.old-", dir=parent))
@@ -420,10 +420,6 @@ def write_repo(
         raise
 
 
-def _shape(checkpoint: Checkpoint, key: str):
-    return checkpoint.get(key).shape
-
-
 def _is_new_module(name: str, config: PVCConfig, projector_init: str) -> bool:
     """Parameters a source may lack: PVC's own modules, and the projector parts a random init leaves to the model."""
     if is_pvc_parameter(name):
@@ -436,12 +432,13 @@ def _write_side_files(conversion: Conversion, folder: Path, config: PVCConfig):
     config.save_pretrained(folder)
     generation = dict(conversion.generation_config)
     (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    template = build_chat_template(conversion.chat_style)
     tokenizer = conversion.tokenizer
-    tokenizer.chat_template = build_chat_template(conversion.chat_style)
+    tokenizer.chat_template = template  # for those who load the tokenizer alone
     processor = PVCProcessor(
         conversion.image_processor,
         tokenizer,
-        chat_template=build_chat_template(conversion.chat_style),
+        chat_template=template,
         tokens_per_frame=config.tokens_per_frame,
         image_repeat=config.image_repeat,
     )

@@ -86,7 +86,7 @@ class PVCDataCollator:
             ),
             "labels": torch.tensor([s["labels"] + [-100] * (length - len(s["labels"])) for s in samples]),
         }
-        for key in ("pixel_values", "image_num_tiles", "pixel_values_videos", "video_num_frames", "video_num_tiles"):
+        for key in self.processor.image_processor.model_input_names:  # the pixel inputs and their counts
             parts = [s[key] for s in samples if key in s]
             if parts:
                 batch[key] = torch.cat(parts)

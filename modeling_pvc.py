@@ -101,7 +101,9 @@ class PVCVisionAttention(nn.Module):
         query = self.q_norm(self.q_proj(hidden_states)).view(heads).transpose(1, 2)  # [B, H, L, d]
         key = self.k_norm(self.k_proj(hidden_states)).view(heads).transpose(1, 2)  # [B, H, L, d]
         value = self.v_proj(hidden_states).view(heads).transpose(1, 2)  # [B, H, L, d]
-        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        attention = eager_attention_forward
+        if self.config._attn_implementation != "eager":
+            attention = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
         output, _ = attention(
             self,
             query,
@@ -690,6 +692,15 @@ class PVCForConditionalGeneration(PVCPreTrainedModel, GenerationMixin):
         "video_num_tiles",
         "visual_order",
     )
+
+    def prepare_inputs_for_generation(self, *args, is_first_iteration=False, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        if not is_first_iteration and kwargs.get("use_cache", True):
+            # The visual features entered the cache at prefill: decoding steps do not encode the pixels again
+            # (newer transformers drop these keys itself, older ones need it done here).
+            model_inputs.pop("pixel_values", None)
+            model_inputs.pop("pixel_values_videos", None)
+        return model_inputs
 
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
         """Beam search and `num_return_sequences` repeat every sample; the visuals must follow their sample as a

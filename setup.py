@@ -31,7 +31,7 @@ setup(
     cmdclass={"build_py": BuildPy},
     install_requires=[
         "torch>=2.6",
-        "transformers>=5.17,<6",
+        "transformers>=5.0,<6",
         "einops>=0.7",
         "safetensors",
         "pillow",

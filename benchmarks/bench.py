@@ -19,6 +19,7 @@
 """
 
 import argparse
+import contextlib
 import copy
 import json
 import statistics
@@ -84,6 +85,25 @@ def count(function) -> int:
     return counter.get_total_flops()
 
 
+@contextlib.contextmanager
+def rotary_on_meta(language_model):
+    """Rotary cos/sin as empty meta tensors of the right shape while counting. Older transformers 5.x releases
+    cannot run the rotary embedding on meta tensors (autocast has no meta backend); what it skips, the product of
+    head_dim / 2 frequencies with the positions, is below 1e-7 of a workload."""
+    rotary = language_model.rotary_emb
+    width = 2 * rotary.inv_freq.shape[-1]
+
+    def forward(hidden_states, position_ids, *args, **kwargs):
+        shape = (*position_ids.shape, width)
+        return (torch.empty(shape, dtype=hidden_states.dtype, device="meta"),) * 2
+
+    rotary.forward = forward
+    try:
+        yield
+    finally:
+        del rotary.forward
+
+
 def workload_flops(model, kind: str, frames: int = 1) -> dict:
     """FLOPs of the vision tower, projector and language model (with head) for one workload, on meta tensors."""
     config, inner = model.config, model.model
@@ -97,7 +117,7 @@ def workload_flops(model, kind: str, frames: int = 1) -> dict:
         num_frames, static = frames, False
         text = TEXT_TOKENS_VIDEO + FRAME_PROMPT_TOKENS * frames
     result = {}
-    with torch.no_grad():
+    with torch.no_grad(), rotary_on_meta(model.model.language_model):
         result["vision"] = count(lambda: inner.vision_tower(pixels, num_frames=num_frames, static=static))
         hidden = inner.vision_tower(pixels, num_frames=num_frames, static=static).last_hidden_state
         result["projector"] = count(lambda: inner.multi_modal_projector(hidden, num_frames))

@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 status=0
-for pair in ".venv-floor transformers==5.17.0" ".venv transformers>=5.17,<6"; do
+for pair in ".venv-floor transformers==5.0.0" ".venv transformers>=5.0,<6"; do
     read -r venv spec <<<"$pair"
     echo "=== $spec ($venv)"
     bash scripts/setup_env.sh "$venv" "$spec"

@@ -92,8 +92,8 @@ class PVCVisionAttention(nn.Module):
         self.v_proj = nn.Linear(self.embed_dim, self.embed_dim, bias=config.attention_bias)
         self.projection_layer = nn.Linear(self.embed_dim, self.embed_dim)
         self.projection_dropout = nn.Dropout(config.projection_dropout)
-        self.q_norm = PVCRMSNorm(self.embed_dim) if config.use_qk_norm else nn.Identity()
-        self.k_norm = PVCRMSNorm(self.embed_dim) if config.use_qk_norm else nn.Identity()
+        self.q_norm = PVCRMSNorm(self.embed_dim, config.layer_norm_eps) if config.use_qk_norm else nn.Identity()
+        self.k_norm = PVCRMSNorm(self.embed_dim, config.layer_norm_eps) if config.use_qk_norm else nn.Identity()
 
     def forward(self, hidden_states):
         batch, length, _ = hidden_states.shape

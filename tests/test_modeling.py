@@ -26,10 +26,14 @@ HF_VISION = dict(
 )
 
 
-def internvl_reference(pvc_model):
+# InternViT-6B's options (InternVL2-26B and larger): RMSNorm everywhere, q/k normalisation, no qkv bias.
+INTERNVIT_6B_STYLE = dict(norm_type="rms_norm", use_qk_norm=True, attention_bias=False)
+
+
+def internvl_reference(pvc_model, **vision):
     """transformers' own InternVL with the same shapes, loaded with the PVC model's state dict (same names)."""
     config = InternVLConfig(
-        vision_config=HF_VISION,
+        vision_config=dict(HF_VISION, **vision),
         text_config=dict(TINY_TEXT),
         image_token_id=IMAGE_TOKEN,
         downsample_ratio=0.5,
@@ -41,9 +45,10 @@ def internvl_reference(pvc_model):
     return reference
 
 
-def test_row_a_equals_transformers_internvl(pixels):
-    model = tiny_model("a", attn_implementation="eager")
-    reference = internvl_reference(model)
+@pytest.mark.parametrize("vision", [{}, INTERNVIT_6B_STYLE], ids=["internvit-300m", "internvit-6b"])
+def test_row_a_equals_transformers_internvl(pixels, vision):
+    model = tiny_model("a", attn_implementation="eager", vision=vision)
+    reference = internvl_reference(model, **vision)
     tiles = torch.tensor([3, 1, 2])  # three images of several tiles
     pixel_values = pixels(int(tiles.sum()))
     input_ids = prompt(16 * int(tiles.sum()))

@@ -14,7 +14,7 @@ from typing import TypedDict
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from transformers import BatchFeature, ImageProcessingMixin
 
 logger = logging.getLogger(__name__)
@@ -74,8 +74,8 @@ def _open_image(path) -> Image.Image:
         return load_image(path)
     try:
         with Image.open(path) as image:
-            image.load()
-            return image
+            # Upright as a viewer shows it (camera EXIF orientation), as transformers' `load_image` does for URLs.
+            return ImageOps.exif_transpose(image)
     except FileNotFoundError:
         raise ValueError(f"Image file not found: {path}") from None
     except OSError as error:

@@ -84,6 +84,19 @@ def test_image_input_types(tmp_path):
     assert processor(images=[array, [array, array]])["image_num_tiles"].tolist() == [13, 13, 13]
 
 
+def test_image_files_are_read_upright(tmp_path):
+    """A camera photo stored sideways with an EXIF orientation tag is processed as a viewer shows it."""
+    stored = Image.fromarray(np.random.RandomState(1).randint(0, 255, (30, 60, 3), dtype=np.uint8))  # 60 wide, 30 high
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the viewer turns the stored pixels 90 degrees clockwise
+    stored.save(tmp_path / "photo.png", exif=exif)
+    processor = PVCImageProcessor(image_size=28)
+    out = processor(images=tmp_path / "photo.png")
+    upright = stored.transpose(Image.Transpose.ROTATE_270)  # 30 wide, 60 high
+    assert upright.size == (30, 60)
+    torch.testing.assert_close(out["pixel_values"], processor(images=upright)["pixel_values"])
+
+
 def test_bad_images_are_clear_errors(tmp_path):
     processor = PVCImageProcessor(image_size=28)
     with pytest.raises(ValueError, match="empty image"):

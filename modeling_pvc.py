@@ -300,8 +300,10 @@ class PVCVisionProgressiveLayer(PVCVisionLayer):
         hidden_states = in_chunks(self.spatial_block, hidden_states, chunk_size)
         num_frames = temporal_embeds.shape[0]
         hidden_states = expand_frames(hidden_states, num_streams, num_frames)  # [S, T, N, C]
-        # Temporal attention is independent per token position: chunk over positions within the same budget.
-        positions = None if chunk_size is None else max(1, chunk_size * hidden_states.shape[2] // num_frames)
+        # Temporal attention is independent per token position: chunk over positions within the same budget of
+        # chunk_size * N tokens (all S streams of T frames take part in each chunk).
+        tokens_per_position = num_streams * num_frames
+        positions = None if chunk_size is None else max(1, chunk_size * hidden_states.shape[2] // tokens_per_position)
         temporal = in_chunks(lambda part: self.temporal_block(part, temporal_embeds), hidden_states, positions, dim=2)
         # The residual add goes into the fresh temporal buffer where no gradient needs the operands (inference).
         hidden_states = temporal.add_(hidden_states) if not torch.is_grad_enabled() else hidden_states + temporal

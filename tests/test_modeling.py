@@ -121,6 +121,30 @@ def test_frame_chunking_does_not_change_results(pixels, chunk):
     torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
 
 
+def test_frame_chunk_size_bounds_the_temporal_attention_too(pixels):
+    """Several streams (tiles) at once: each temporal attention call holds at most chunk_size frames' tokens."""
+    model = tiny_model("pvc")
+    tower = model.model.vision_tower
+    tokens_per_frame = tower.embeddings.grid[0] * tower.embeddings.grid[1] + 1
+    chunk, streams, frames = 2, 3, 4
+    seen = []
+    hooks = [
+        layer.temporal_attention.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape))
+        for layer in tower.encoder.layer
+        if hasattr(layer, "temporal_attention")
+    ]
+    images = pixels(streams)
+    with torch.no_grad():
+        chunked = tower(images, num_frames=frames, static=True, frame_chunk_size=chunk).last_hidden_state
+    for hook in hooks:
+        hook.remove()
+    with torch.no_grad():
+        whole = tower(images, num_frames=frames, static=True, frame_chunk_size=None).last_hidden_state
+    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
+    assert len(seen) > len(hooks)  # the temporal attention did run in chunks
+    assert all(batch * length <= chunk * tokens_per_frame for batch, length, _ in seen)  # [(S n), T, C]
+
+
 @pytest.mark.parametrize("row", sorted(ABLATIONS))
 def test_token_counts_per_ablation_row(pixels, row):
     model = tiny_model(row)

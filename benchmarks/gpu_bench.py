@@ -3,7 +3,8 @@
     python benchmarks/gpu_bench.py [--attn sdpa flash_attention_2] [--out gpu.json]
 
 For each attention implementation (flash_attention_2 only when flash-attn is installed): image prefill
-(448x448 + 2048 text tokens) samples/s, 16-frame video prefill samples/s, decode tokens/s, and peak memory;
+(448x448 + 2048 text tokens) samples/s, 16-frame video prefill samples/s, decode tokens/s, the activation
+peak of each prefill (GPU memory above the resident weights) and the weights' size;
 PVC and InternVL2 (transformers' InternVLForConditionalGeneration, same shapes) interleaved, median of repeats.
 Made to finish within 5 minutes on an H100.
 """
@@ -80,8 +81,20 @@ def measure(function, repeats, device):
     return statistics.median(times)
 
 
-def peak_gib(device) -> float | None:
-    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+def activation_peak_gib(function, device) -> float | None:
+    """Peak memory of one call above what was allocated before it (both models' weights stay resident)."""
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    function()
+    synchronize(device)
+    return (torch.cuda.max_memory_allocated() - before) / 2**30
+
+
+def weights_gib(model) -> float:
+    return sum(param.numel() * param.element_size() for param in model.parameters()) / 2**30
 
 
 def run(attn: str, repeats: int, device: torch.device, shape: str = "8B") -> dict:
@@ -113,11 +126,13 @@ def run(attn: str, repeats: int, device: torch.device, shape: str = "8B") -> dic
         for name, (ours, theirs) in cases.items():
             entry = {}
             for label, model, inputs in (("pvc", pvc, ours), ("internvl2", reference, theirs)):
-                model(**inputs, use_cache=False)  # warm-up
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
-                seconds = measure(lambda: model(**inputs, use_cache=False), repeats, device)
-                entry[label] = {"samples_per_s": 1 / seconds, "peak_gib": peak_gib(device)}
+
+                def call():
+                    return model(**inputs, use_cache=False)
+
+                call()  # warm-up
+                peak = activation_peak_gib(call, device)
+                entry[label] = {"samples_per_s": 1 / measure(call, repeats, device), "activation_peak_gib": peak}
             results[name] = entry
         entry = {}
         new_tokens = 64
@@ -129,6 +144,7 @@ def run(attn: str, repeats: int, device: torch.device, shape: str = "8B") -> dic
             seconds = measure(lambda: model.generate(**inputs, **options), max(1, repeats // 2), device)
             entry[label] = {"tokens_per_s": new_tokens / seconds}
         results["generate_64"] = entry
+        results["weights"] = {"pvc": {"gib": weights_gib(pvc)}, "internvl2": {"gib": weights_gib(reference)}}
     del pvc, reference
     if device.type == "cuda":
         torch.cuda.empty_cache()

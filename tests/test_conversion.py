@@ -1,6 +1,7 @@
 """pvc-convert against the tiny InternVL2 fixtures, whose reference outputs come from the original code."""
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -13,7 +14,9 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokeniz
 from pvc.conversion.cli import main as convert
 from pvc.conversion.common import ABLATIONS, convert_projector
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "internvl2"
+# Tiny checkpoints in the original InternVL2 layout with the original code's outputs, beside this checkout.
+DEFAULT_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "internvl2"
+FIXTURES = Path(os.environ.get("PVC_FIXTURES", DEFAULT_FIXTURES))
 VARIANTS = ["internlm2", "qwen2", "phi3"]
 pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"the InternVL2 fixtures are not at {FIXTURES}")
 

@@ -6,6 +6,7 @@ A video becomes `num_frames` frames sampled at segment midpoints, decoded with P
 frame by default.
 """
 
+import itertools
 import logging
 import math
 import os
@@ -321,17 +322,21 @@ def _frame_count(container, stream, rate) -> int:
 
 def _decode_at(container, stream, rate, indices) -> list[Image.Image]:
     """Frames at the given (sorted, possibly repeated) indices; a frame past the real end becomes the last one."""
-    time_base = stream.time_base
     start_pts = stream.start_time or 0
+
+    def index_of(frame, previous):
+        if frame.pts is None:
+            return previous + 1
+        return round((frame.pts - start_pts) * stream.time_base * rate)
+
     wanted = sorted(set(indices))
     found: dict[int, Image.Image] = {}
     decoder, position, last = None, -1, None
     for target in wanted:
         if decoder is None or target - position >= SEEK_DISTANCE:
-            container.seek(start_pts + int(target / rate / time_base), stream=stream, backward=True)
-            decoder = container.decode(stream)
+            decoder, position = _seek_before(container, stream, rate, target, index_of)
         for frame in decoder:
-            position = round((frame.pts - start_pts) * time_base * rate) if frame.pts is not None else position + 1
+            position = index_of(frame, position)
             last = frame
             if position >= target:
                 found[target] = frame.to_image()
@@ -341,6 +346,25 @@ def _decode_at(container, stream, rate, indices) -> list[Image.Image]:
                 break
             found[target] = last.to_image()
     return [found[index] for index in indices if index in found]
+
+
+def _seek_before(container, stream, rate, target, index_of):
+    """A decoder whose first frame is at or before frame `target`, and the index before that frame. Some containers
+    (MPEG-TS) land after the time asked for; then it seeks further back, down to the start if need be."""
+    start_pts, back = stream.start_time or 0, 0
+    while True:
+        goal = max(0, target - back)
+        # The very start is asked for as time 0 or earlier: MPEG-TS lands a keyframe late when asked for its start.
+        timestamp = start_pts + int(goal / rate / stream.time_base) if goal else min(0, start_pts)
+        container.seek(timestamp, stream=stream, backward=True)
+        decoder = container.decode(stream)
+        first = next(decoder, None)
+        if first is None:
+            return iter(()), -1
+        first_index = index_of(first, goal - 1)
+        if first_index <= target or goal == 0:
+            return itertools.chain([first], decoder), first_index - 1
+        back = max(SEEK_DISTANCE, 2 * back)
 
 
 def _frames_in_memory(video):

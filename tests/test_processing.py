@@ -110,11 +110,11 @@ def test_bad_images_are_clear_errors(tmp_path):
         processor(images=str(tmp_path / "broken.png"))
 
 
-def write_video(path, num_frames, fps=10, gop=8):
-    """An mp4 whose frame i shows a white bar at x = 4 i + 2 (and a gray level of i), readable back from pixels."""
+def write_video(path, num_frames, fps=10, gop=8, codec="mpeg4"):
+    """A video whose frame i shows a white bar at x = 4 i + 2, readable back from pixels."""
     width = 4 * num_frames + 8
     with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
+        stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, 32, "yuv420p"
         stream.codec_context.gop_size = gop
         stream.codec_context.bit_rate = 4_000_000
@@ -137,6 +137,7 @@ def video_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("videos")
     write_video(folder / "short.mp4", 40)
     write_video(folder / "long.mp4", 200)
+    write_video(folder / "long.ts", 200, codec="mpeg2video")  # MPEG-TS: seeking may land after the time asked for
     return folder
 
 
@@ -151,6 +152,9 @@ def test_video_frames_at_segment_midpoints(video_files):
     assert frame_indices(processor.sample_frames(video_files / "long.mp4", 5)) == midpoints(200, 5)
     # more frames than the video has: frames repeat
     assert frame_indices(processor.sample_frames(video_files / "short.mp4", 64)) == midpoints(40, 64)
+    # a transport stream (timestamps starting late, imprecise seeking), sparsely and densely sampled
+    for count in (5, 40):
+        assert frame_indices(processor.sample_frames(video_files / "long.ts", count)) == midpoints(200, count)
 
 
 def test_video_fps_and_time_window(video_files):

@@ -48,14 +48,19 @@ class ConversionError(ValueError):
 
 class Checkpoint:
     """Tensors of a local checkpoint folder, read lazily: `model.safetensors`, sharded safetensors (via the index)
-    or, failing those, `pytorch_model*.bin` loaded with `torch.load(weights_only=True)`."""
+    or, failing those, `pytorch_model*.bin` (sharded via its index, or listed by loading each file) loaded with
+    `torch.load(weights_only=True)`. A `.bin` file is loaded whole, so readers go file by file (`keys`,
+    `get_many`) and hold one file at a time."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self.files: dict[str, Path] = {}  # key -> file
         self._bin_cache: dict[Path, dict] = {}
-        index = self.folder / "model.safetensors.index.json"
         single = self.folder / "model.safetensors"
+        bins = sorted(self.folder.glob("pytorch_model*.bin"))
+        index = self.folder / "model.safetensors.index.json"
+        if not index.exists() and not single.exists():
+            index = self.folder / "pytorch_model.bin.index.json"
         if index.exists():
             weight_map = json.loads(index.read_text())["weight_map"]
             self.files = {key: self.folder / name for key, name in weight_map.items()}
@@ -64,17 +69,21 @@ class Checkpoint:
                 raise ConversionError(f"Shards named in {index.name} are missing from {self.folder}: {missing}")
         elif single.exists():
             self.files = {key: single for key in self._safetensors_keys(single)}
-        else:
-            bins = sorted(self.folder.glob("pytorch_model*.bin"))
-            if not bins:
-                raise ConversionError(f"No model.safetensors(.index.json) or pytorch_model*.bin in {self.folder}.")
+        elif bins:
             for path in bins:
                 self.files.update({key: path for key in self._load_bin(path)})
+        else:
+            raise ConversionError(f"No model.safetensors(.index.json) or pytorch_model*.bin in {self.folder}.")
         if not self.files:
             raise ConversionError(f"The checkpoint in {self.folder} holds no tensors.")
 
     def keys(self) -> list[str]:
-        return sorted(self.files)
+        """All keys, file by file (then by name)."""
+        return sorted(self.files, key=lambda key: (str(self.files[key]), key))
+
+    def get_many(self, keys) -> dict[str, torch.Tensor]:
+        """Several tensors, read file by file."""
+        return {key: self.get(key) for key in sorted(keys, key=lambda key: (str(self.files[key]), key))}
 
     def get(self, key: str) -> torch.Tensor:
         path = self.files[key]
@@ -361,8 +370,9 @@ def write_repo(
     missing_projector = [key for key in conversion.projector.values() if key not in checkpoint.files]
     if missing_projector:
         raise ConversionError(f"The source lacks projector keys: {missing_projector}")
+    sources = checkpoint.get_many(conversion.projector.values())
     projector = convert_projector(
-        {name: checkpoint.get(key).float() for name, key in conversion.projector.items()}, config, projector_init
+        {name: sources[key].float() for name, key in conversion.projector.items()}, config, projector_init
     )
     produced = {target for _, _, targets in plan for target in targets} | set(projector)
     new_names = set(expected) - produced - tied
@@ -405,7 +415,7 @@ def write_repo(
         summary = {
             "copied": (len(copied), sum(math.prod(shape) for shape in copied.values())),
             "new": (len(new_names), sum(math.prod(expected[n]) for n in new_names)),
-            "dropped": (len(dropped), sum(checkpoint.get(key).numel() for key in dropped)),
+            "dropped": (len(dropped), sum(tensor.numel() for tensor in checkpoint.get_many(dropped).values())),
         }
         if destination.exists():
             backup = Path(tempfile.mkdtemp(prefix=f".{destination.name}.old-", dir=parent))

@@ -286,6 +286,45 @@ def test_unknown_key_fails_and_known_extras_are_dropped(tmp_path, capsys):
     assert "| dropped | 1 | 8 |" in capsys.readouterr().out
 
 
+def test_pytorch_bin_shards_convert_like_safetensors(tmp_path, converted, monkeypatch):
+    """Old `.bin` checkpoints: the same output as from safetensors, each shard read once however keys interleave."""
+    source = copy_fixture("internlm2", tmp_path)
+    tensors = {}
+    for shard in sorted(source.glob("model-*.safetensors")):
+        tensors |= load_file(shard)
+        shard.unlink()
+    (source / "model.safetensors.index.json").unlink()
+    shards, weight_map = 3, {}
+    for number in range(shards):  # round robin: neighbouring keys in different shards
+        name = f"pytorch_model-0000{number + 1}-of-0000{shards}.bin"
+        part = {key: tensor for index, (key, tensor) in enumerate(sorted(tensors.items())) if index % shards == number}
+        torch.save(part, source / name)
+        weight_map |= dict.fromkeys(part, name)
+    (source / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(
+        torch, "load", lambda path, *args, **kwargs: loads.append(path) or real_load(path, *args, **kwargs)
+    )
+    destination = tmp_path / "from-bin"
+    assert convert(["--src", str(source), "--dst", str(destination), "--ablation", "a"]) == 0
+    assert len(loads) <= 2 * shards  # the projector's tensors, then all of them, file by file
+
+    (source / "pytorch_model.bin.index.json").unlink()  # without an index, the keys are listed by loading each file
+    assert convert(["--src", str(source), "--dst", str(tmp_path / "no-index"), "--ablation", "a"]) == 0
+
+    ours = {}
+    for shard in destination.glob("*.safetensors"):
+        ours |= load_file(shard)
+    expected = {}
+    for shard in converted("internlm2", "a").glob("*.safetensors"):
+        expected |= load_file(shard)
+    assert ours.keys() == expected.keys()
+    for key, tensor in expected.items():
+        assert torch.equal(ours[key], tensor), key
+
+
 def test_unknown_architecture_fails_cleanly(tmp_path, capsys):
     source = copy_fixture("phi3", tmp_path)
     config = json.loads((source / "config.json").read_text())

@@ -70,7 +70,13 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def measure(function, repeats, device):
+def measure(function, repeats, device) -> tuple[float, float | None]:
+    """Median seconds of a call, and its memory peak above what was allocated before (GiB, on CUDA; both models'
+    weights stay resident, so the peak is the call's own activations)."""
+    synchronize(device)
+    if device.type == "cuda":
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(repeats):
         synchronize(device)
@@ -78,19 +84,8 @@ def measure(function, repeats, device):
         function()
         synchronize(device)
         times.append(time.perf_counter() - started)
-    return statistics.median(times)
-
-
-def activation_peak_gib(function, device) -> float | None:
-    """Peak memory of one call above what was allocated before it (both models' weights stay resident)."""
-    if device.type != "cuda":
-        return None
-    synchronize(device)
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    function()
-    synchronize(device)
-    return (torch.cuda.max_memory_allocated() - before) / 2**30
+    peak = (torch.cuda.max_memory_allocated() - before) / 2**30 if device.type == "cuda" else None
+    return statistics.median(times), peak
 
 
 def weights_gib(model) -> float:
@@ -131,8 +126,8 @@ def run(attn: str, repeats: int, device: torch.device, shape: str = "8B") -> dic
                     return model(**inputs, use_cache=False)
 
                 call()  # warm-up
-                peak = activation_peak_gib(call, device)
-                entry[label] = {"samples_per_s": 1 / measure(call, repeats, device), "activation_peak_gib": peak}
+                seconds, peak = measure(call, repeats, device)
+                entry[label] = {"samples_per_s": 1 / seconds, "activation_peak_gib": peak}
             results[name] = entry
         entry = {}
         new_tokens = 64
@@ -141,7 +136,7 @@ def run(attn: str, repeats: int, device: torch.device, shape: str = "8B") -> dic
             ("internvl2", reference, cases["image_prefill"][1]),
         ):
             options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-            seconds = measure(lambda: model.generate(**inputs, **options), max(1, repeats // 2), device)
+            seconds, _ = measure(lambda: model.generate(**inputs, **options), max(1, repeats // 2), device)
             entry[label] = {"tokens_per_s": new_tokens / seconds}
         results["generate_64"] = entry
         results["weights"] = {"pvc": {"gib": weights_gib(pvc)}, "internvl2": {"gib": weights_gib(reference)}}

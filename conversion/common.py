@@ -79,11 +79,14 @@ class Checkpoint:
 
     def keys(self) -> list[str]:
         """All keys, file by file (then by name)."""
-        return sorted(self.files, key=lambda key: (str(self.files[key]), key))
+        return self._in_file_order(self.files)
 
     def get_many(self, keys) -> dict[str, torch.Tensor]:
         """Several tensors, read file by file."""
-        return {key: self.get(key) for key in sorted(keys, key=lambda key: (str(self.files[key]), key))}
+        return {key: self.get(key) for key in self._in_file_order(keys)}
+
+    def _in_file_order(self, keys) -> list[str]:
+        return sorted(keys, key=lambda key: (str(self.files[key]), key))
 
     def get(self, key: str) -> torch.Tensor:
         path = self.files[key]

@@ -48,6 +48,19 @@ def parse_args(argv=None):
         default=None,
         help="progressive layers (default: a third of the ViT's layers, 8 for InternViT-300M)",
     )
+    parser.add_argument(
+        "--adaln-hidden-size",
+        type=int,
+        default=None,
+        help="hidden width of the progressive layers' AdaLN modulation (default: the ViT's width C)",
+    )
+    parser.add_argument(
+        "--projector-adaln-hidden-size",
+        type=int,
+        default=None,
+        help="hidden width of the projector AdaLN's modulation (default: its input width 16C, as PVC-InternVL2-8B; "
+        "with InternViT-6B that is 51200 and adds about 10B parameters, so a smaller width is worth choosing)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --dst")
     return parser.parse_args(argv)
 
@@ -67,7 +80,12 @@ def main(argv=None) -> int:
                 "pvc-convert reads InternVL2 checkpoints: 'internvl_chat' (original layout) or 'internvl' "
                 "(transformers layout)."
             )
-        conversion = CONVERTERS[kind](source, args.src, ABLATIONS[args.ablation], args.num_temporal_layers)
+        choices = {
+            "num_temporal_layers": args.num_temporal_layers,
+            "adaln_hidden_size": args.adaln_hidden_size,
+            "projector_adaln_hidden_size": args.projector_adaln_hidden_size,
+        }
+        conversion = CONVERTERS[kind](source, args.src, ABLATIONS[args.ablation], choices)
         dtype = DTYPES[args.dtype] if args.dtype != "auto" else _source_dtype(meta)
         summary = write_repo(
             conversion, Path(args.dst), dtype, args.max_shard_size, args.projector_init, overwrite=args.overwrite

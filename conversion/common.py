@@ -197,21 +197,39 @@ class Conversion:
     notes: list[str] = field(default_factory=list)
 
 
-def build_config(vision: dict, text, tokenizer, ablation: dict, tie_word_embeddings: bool) -> PVCConfig:
-    """The PVC config of a converted model: the source's towers, the ablation row's switches and the token ids
-    read from the tokenizer."""
+def build_config(
+    vision: dict, text, tokenizer, ablation: dict, tie_word_embeddings: bool, choices: dict | None = None
+) -> PVCConfig:
+    """The PVC config of a converted model: the source's towers, the ablation row's switches, the token ids read
+    from the tokenizer, and the sizes of the new modules in `choices` (`num_temporal_layers`, default a third of
+    the tower's layers, 8 of InternViT-300M's 24; `adaln_hidden_size` and `projector_adaln_hidden_size`, defaults
+    C and 16C; `None` means the default)."""
+    choices = choices or {}
+    temporal = 0
+    if ablation["temporal"]:
+        temporal = choices.get("num_temporal_layers")
+        if temporal is None:
+            temporal = round(vision["num_hidden_layers"] / 3)
+    vision = dict(vision, num_temporal_layers=temporal, adaln_hidden_size=choices.get("adaln_hidden_size"))
+    for name in ("adaln_hidden_size", "projector_adaln_hidden_size"):
+        if choices.get(name) is not None and choices[name] < 1:
+            raise ConversionError(f"{name} must be a positive width, got {choices[name]}.")
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in ("<img>", "</img>", "<IMG_CONTEXT>")}
-    return PVCConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=ids["<IMG_CONTEXT>"],
-        image_start_token_id=ids["<img>"],
-        image_end_token_id=ids["</img>"],
-        downsample_ratio=ablation["downsample_ratio"],
-        image_repeat=ablation["image_repeat"],
-        projector_adaln=ablation["projector_adaln"],
-        tie_word_embeddings=tie_word_embeddings,
-    )
+    try:
+        return PVCConfig(
+            vision_config=vision,
+            text_config=text,
+            image_token_id=ids["<IMG_CONTEXT>"],
+            image_start_token_id=ids["<img>"],
+            image_end_token_id=ids["</img>"],
+            downsample_ratio=ablation["downsample_ratio"],
+            image_repeat=ablation["image_repeat"],
+            projector_adaln=ablation["projector_adaln"],
+            projector_adaln_hidden_size=choices.get("projector_adaln_hidden_size"),
+            tie_word_embeddings=tie_word_embeddings,
+        )
+    except ValueError as error:  # e.g. more progressive layers than the tower has
+        raise ConversionError(str(error)) from None
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -169,7 +169,7 @@ def text_config(llm: dict):
     )
 
 
-def vision_config(vision: dict, image_size: int, temporal_layers: int) -> dict:
+def vision_config(vision: dict, image_size: int) -> dict:
     if vision.get("model_type") not in (None, "intern_vit_6b"):
         raise ConversionError(f"Unsupported vision tower {vision.get('model_type')!r}; expected InternViT.")
     return dict(
@@ -185,11 +185,10 @@ def vision_config(vision: dict, image_size: int, temporal_layers: int) -> dict:
         image_size=image_size,
         patch_size=vision["patch_size"],
         num_channels=vision.get("num_channels", 3),
-        num_temporal_layers=temporal_layers,
     )
 
 
-def convert(source: Path, source_name: str, ablation: dict, temporal_layers: int | None) -> Conversion:
+def convert(source: Path, source_name: str, ablation: dict, choices: dict | None = None) -> Conversion:
     meta = json.loads((source / "config.json").read_text())
     architectures = meta.get("architectures") or []
     if meta.get("model_type") != "internvl_chat" or "InternVLChatModel" not in architectures:
@@ -198,8 +197,6 @@ def convert(source: Path, source_name: str, ablation: dict, temporal_layers: int
         if meta.get(key, wanted) != wanted:
             raise ConversionError(f"{key}={meta[key]!r} is not supported (only {wanted!r}); merge or re-export first.")
     llm, vision = meta["llm_config"], meta["vision_config"]
-    layers = vision["num_hidden_layers"]
-    temporal = (round(layers / 3) if temporal_layers is None else temporal_layers) if ablation["temporal"] else 0
     tokenizer = load_tokenizer(source)
     template = meta.get("template")
     if template not in CHAT_STYLES:
@@ -208,8 +205,9 @@ def convert(source: Path, source_name: str, ablation: dict, temporal_layers: int
     text = text_config(llm)
     if len(tokenizer) > text.vocab_size:
         raise ConversionError(f"The tokenizer has {len(tokenizer)} tokens, the language model {text.vocab_size}.")
-    vision_settings = vision_config(vision, meta.get("force_image_size") or vision["image_size"], temporal)
-    config = build_config(vision_settings, text, tokenizer, ablation, bool(llm.get("tie_word_embeddings", False)))
+    vision_settings = vision_config(vision, meta.get("force_image_size") or vision["image_size"])
+    tie = bool(llm.get("tie_word_embeddings", False))
+    config = build_config(vision_settings, text, tokenizer, ablation, tie, choices)
     llm_rules = internlm2_rules(llm) if llm.get("model_type") == "internlm2" else NATIVE_LLM_RULES
     image_processor = PVCImageProcessor(
         image_size=config.vision_config.image_size,

@@ -30,7 +30,7 @@ PROJECTOR_NAMES = {
 }
 
 
-def convert(source: Path, source_name: str, ablation: dict, temporal_layers: int | None) -> Conversion:
+def convert(source: Path, source_name: str, ablation: dict, choices: dict | None = None) -> Conversion:
     meta = json.loads((source / "config.json").read_text())
     vision, text = meta.get("vision_config", {}), dict(meta.get("text_config", {}))
     for key, wanted in (
@@ -42,8 +42,6 @@ def convert(source: Path, source_name: str, ablation: dict, temporal_layers: int
             raise ConversionError(f"{key}={meta[key]!r} is not supported (InternVL2 uses {wanted!r}).")
     if not vision.get("use_mean_pooling", True) or vision.get("use_mask_token", False):
         raise ConversionError("Only InternViT towers without a final norm or mask token are supported.")
-    layers = vision.get("num_hidden_layers", 24)
-    temporal = (round(layers / 3) if temporal_layers is None else temporal_layers) if ablation["temporal"] else 0
     size = vision.get("image_size", 448)
     patch = vision.get("patch_size", 14)
     tokenizer = load_tokenizer(source)
@@ -56,7 +54,7 @@ def convert(source: Path, source_name: str, ablation: dict, temporal_layers: int
     }
     vision_settings = dict(
         hidden_size=vision.get("hidden_size", 1024),
-        num_hidden_layers=layers,
+        num_hidden_layers=vision.get("num_hidden_layers", 24),
         num_attention_heads=vision.get("num_attention_heads", 16),
         intermediate_size=vision.get("intermediate_size", 4096),
         hidden_act=vision.get("hidden_act", "gelu"),
@@ -67,10 +65,9 @@ def convert(source: Path, source_name: str, ablation: dict, temporal_layers: int
         image_size=size[0] if isinstance(size, (list, tuple)) else size,
         patch_size=patch[0] if isinstance(patch, (list, tuple)) else patch,
         layer_scale_init_value=vision.get("layer_scale_init_value", 0.1),
-        num_temporal_layers=temporal,
     )
     tie = bool(meta.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
-    config = build_config(vision_settings, text, tokenizer, ablation, tie)
+    config = build_config(vision_settings, text, tokenizer, ablation, tie, choices)
     if meta.get("image_token_id", config.image_token_id) != config.image_token_id:
         raise ConversionError(
             f"config.image_token_id {meta['image_token_id']} is not the tokenizer's <IMG_CONTEXT> "

@@ -244,6 +244,29 @@ def test_random_projector_init_and_ablation_rows(converted):
     assert set(ABLATIONS) == {"a", "b", "c", "pvc"}
 
 
+def test_sizes_of_the_new_modules_are_chosen_on_the_command_line(converted, tmp_path, capsys):
+    """--num-temporal-layers, --adaln-hidden-size and --projector-adaln-hidden-size shape the new modules; the
+    converted tower still computes InternViT's features. Impossible sizes fail before anything is written."""
+    options = ("--num-temporal-layers", "2", "--adaln-hidden-size", "8", "--projector-adaln-hidden-size", "24")
+    model = load(converted("qwen2", "pvc", *options))
+    config, tower = model.config, model.model.vision_tower
+    width = config.vision_config.hidden_size
+    assert config.vision_config.num_temporal_layers == 2 and config.projector_adaln_hidden_size == 24
+    progressive = [layer for layer in tower.encoder.layer if hasattr(layer, "temporal_attention")]
+    assert len(progressive) == 2 and progressive[0] is tower.encoder.layer[-2]
+    assert progressive[0].temporal_norm.scale.fc1.weight.shape == (8, width)
+    assert model.model.multi_modal_projector.adaln.shift.fc1.weight.shape == (24, 16 * width)
+    reference = load_file(FIXTURES / "qwen2" / "reference.safetensors")
+    with torch.no_grad():
+        frames = tower(reference["pixel_values"], num_frames=4, static=True).last_hidden_state
+    assert_relative(frames[3::4], reference["vit_last_hidden_state"])
+    for option, value, message in (
+        ("--num-temporal-layers", "99", "num_temporal_layers must lie in [0, num_hidden_layers=4]"),
+        ("--projector-adaln-hidden-size", "0", "projector_adaln_hidden_size must be a positive width"),
+    ):
+        assert_fails_cleanly(FIXTURES / "qwen2", tmp_path, capsys, message, option, value)
+
+
 def copy_fixture(variant, tmp_path):
     folder = tmp_path / f"{variant}-source"
     shutil.copytree(FIXTURES / variant, folder)
@@ -252,9 +275,9 @@ def copy_fixture(variant, tmp_path):
     return folder
 
 
-def assert_fails_cleanly(source, tmp_path, capsys, message):
+def assert_fails_cleanly(source, tmp_path, capsys, message, *options):
     destination = tmp_path / "out" / "converted"
-    assert convert(["--src", str(source), "--dst", str(destination)]) == 1
+    assert convert(["--src", str(source), "--dst", str(destination), *options]) == 1
     assert message in capsys.readouterr().err
     assert not destination.exists()
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # no partial folder left

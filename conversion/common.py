@@ -147,7 +147,13 @@ def resolve_source(source: str) -> Path:
     from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
-    return Path(snapshot_download(source, allow_patterns=patterns))
+    try:
+        return Path(snapshot_download(source, allow_patterns=patterns))
+    except (OSError, ValueError) as error:  # the Hub's errors: unknown repo, no network, a malformed id
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConversionError(
+            f"{source} is not a local folder, and downloading it from the Hub failed: {reason}"
+        ) from None
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -402,8 +408,11 @@ def write_repo(
         raise ConversionError(f"The source gives no value for {len(missing)} parameters: {missing[:20]}")
 
     parent = destination.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.partial-", dir=parent))
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.partial-", dir=parent))
+    except OSError as error:
+        raise ConversionError(f"Cannot write into {parent} ({error.strerror}); choose another --dst.") from None
     try:
         writer = ShardWriter(staging, max_bytes)
         written: dict[str, torch.Size] = {}
@@ -446,8 +455,10 @@ def write_repo(
         else:
             os.replace(staging, destination)
         return summary
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(error, OSError):  # a full disk, say: nothing half-written stays behind
+            raise ConversionError(f"Writing {destination} failed and nothing was kept: {error}") from error
         raise
 
 

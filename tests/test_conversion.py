@@ -356,6 +356,17 @@ def test_unknown_architecture_fails_cleanly(tmp_path, capsys):
     assert_fails_cleanly(source, tmp_path, capsys, "Unknown architecture")
 
 
+def test_a_full_disk_or_an_unknown_source_fails_cleanly(tmp_path, capsys, monkeypatch):
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr("pvc.conversion.common.save_file", full_disk)
+        assert_fails_cleanly(FIXTURES / "qwen2", tmp_path, capsys, "No space left on device")
+    # Not a folder here, so taken as a Hub id; the tests run offline (HF_HUB_OFFLINE), so it cannot be fetched.
+    assert_fails_cleanly(tmp_path / "no-such-folder", tmp_path, capsys, "is not a local folder")
+
+
 def test_existing_destination_is_kept_unless_overwrite(tmp_path, capsys, converted):
     destination = tmp_path / "taken"
     destination.mkdir()

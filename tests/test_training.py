@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -113,6 +114,24 @@ def test_too_long_samples_are_cut_only_after_the_visual_tokens(media):
     assert len(cut["input_ids"]) == visual_end + 3
     with pytest.raises(ValueError, match="max_length"):
         collator(folder, max_length=visual_end - 5).encode(records[0])
+
+
+def test_bad_data_files_and_records_are_clear_errors(media, tmp_path):
+    folder, records = media
+    cases = {
+        "broken.jsonl": ('{"conversations": []}\n\n{"conversations": [}\n', "line 3 is not valid JSON"),
+        "object.json": ('{"conversations": []}', "expected a list of records, got a dict"),
+        "no-turns.jsonl": ('{"image": "image0.png"}\n', "record 1 has no 'conversations' list"),
+    }
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            ConversationDataset(tmp_path / name)
+    with pytest.raises(ValueError, match="Training data not found"):
+        ConversationDataset(tmp_path / "missing.jsonl")
+    gpt_only = {"image": "image0.png", "conversations": [{"from": "gpt", "value": "a cat"}]}
+    with pytest.raises(ValueError, match="no human turn"):
+        collator(folder).encode(gpt_only)
 
 
 def training_arguments(output, steps, **extra):

@@ -27,14 +27,28 @@ PLACEHOLDER = re.compile(r"<image>|<video>")
 def load_records(path) -> list[dict]:
     """Records from a .json (a list) or .jsonl file."""
     path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"Training data not found: {path} (a .json list or a .jsonl file of records).")
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
-        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        records = [_json(line, path, number) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
     else:
-        records = json.loads(text)
-    if not isinstance(records, list) or not all(isinstance(r, dict) and "conversations" in r for r in records):
-        raise ValueError(f"{path}: expected a list of records, each with 'conversations'.")
+        records = _json(text, path)
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a list of records, got a {type(records).__name__}.")
+    for number, record in enumerate(records, 1):
+        if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
+            raise ValueError(f"{path}: record {number} has no 'conversations' list: {str(record)[:200]}")
     return records
+
+
+def _json(text: str, path: Path, line: int | None = None):
+    """Parsed JSON; a syntax error names the file and the line."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        line = error.lineno if line is None else line
+        raise ValueError(f"{path}: line {line} is not valid JSON ({error.msg}, column {error.colno}).") from None
 
 
 class ConversationDataset(torch.utils.data.Dataset):
@@ -136,7 +150,9 @@ class PVCDataCollator:
             messages.append({"role": role, "content": turn.get("value", turn.get("content", ""))})
         placeholders = "".join(message["content"] for message in messages)
         if (num_images or num_videos) and not PLACEHOLDER.search(placeholders):
-            first_user = next(message for message in messages if message["role"] == "user")
+            first_user = next((message for message in messages if message["role"] == "user"), None)
+            if first_user is None:
+                raise ValueError(f"A record with media has no human turn to put them in: {str(record)[:200]}")
             first_user["content"] = "<image>\n" * num_images + "<video>\n" * num_videos + first_user["content"]
         return messages
 

@@ -159,6 +159,7 @@ def main(argv=None):
     """Train as the arguments say; returns the trained (and, with LoRA, merged) model."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO)
+    dataset = ConversationDataset(args.data)  # read first: a bad data file fails before minutes of model loading
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     model = AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True, dtype=dtype)
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
@@ -194,7 +195,7 @@ def main(argv=None):
     trainer = PVCTrainer(
         model=model,
         args=training_args,
-        train_dataset=ConversationDataset(args.data),
+        train_dataset=dataset,
         data_collator=collator,
         new_module_lr_multiplier=args.new_module_lr_multiplier,
     )

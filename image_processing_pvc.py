@@ -292,7 +292,12 @@ def read_video(path: str, num_frames, fps=None, max_frames=None, start=None, end
                 raise ValueError(f"{path} holds no video stream.")
             stream = container.streams.video[0]
             rate = Fraction(stream.average_rate or stream.guessed_rate or 0)
-            total = _frame_count(container, stream, rate)
+            total = _frame_count(container, stream)
+            # No length in any header: a raw elementary stream (.h264, .hevc), which cannot seek either. Count its
+            # frames by decoding, then decode again from the start without seeking.
+            seekable = total is not None
+            if not seekable:
+                total = sum(1 for _ in container.decode(stream))
             first = 0 if start is None else max(0, math.floor(start * rate))
             last = total if end is None else min(total, math.ceil(end * rate))
             if last <= first:
@@ -300,7 +305,11 @@ def read_video(path: str, num_frames, fps=None, max_frames=None, start=None, end
             indices = [
                 first + index for index in sample_indices(last - first, num_frames, fps, float(rate), max_frames)
             ]
-            frames = _decode_at(container, stream, rate, indices)
+            if seekable:
+                frames = _decode_at(container, stream, rate, indices)
+        if not seekable:
+            with av.open(path) as container:
+                frames = _decode_at(container, container.streams.video[0], rate, indices, seek=False)
     except av.error.FFmpegError as error:
         raise ValueError(f"Could not decode the video {path}: {error}. Is it a valid video file?") from None
     if not frames:
@@ -308,20 +317,21 @@ def read_video(path: str, num_frames, fps=None, max_frames=None, start=None, end
     return frames
 
 
-def _frame_count(container, stream, rate) -> int:
+def _frame_count(container, stream) -> int | None:
+    """The number of frames as the headers give it (directly, or as duration x frame rate), else None."""
+    rate = stream.average_rate or stream.guessed_rate
     if stream.frames:
         return stream.frames
     if stream.duration and stream.time_base and rate:
         return math.floor(stream.duration * stream.time_base * rate)
     if container.duration and rate:
         return math.floor(container.duration / 1_000_000 * rate)
-    count = sum(1 for _ in container.decode(stream))  # no header information: count by decoding
-    container.seek(0)
-    return count
+    return None
 
 
-def _decode_at(container, stream, rate, indices) -> list[Image.Image]:
-    """Frames at the given (sorted, possibly repeated) indices; a frame past the real end becomes the last one."""
+def _decode_at(container, stream, rate, indices, seek: bool = True) -> list[Image.Image]:
+    """Frames at the given (sorted, possibly repeated) indices; a frame past the real end becomes the last one.
+    Far-apart frames are reached by seeking, unless `seek` is False (the decoder then runs from the start)."""
     start_pts = stream.start_time or 0
 
     def index_of(frame, previous):
@@ -333,7 +343,9 @@ def _decode_at(container, stream, rate, indices) -> list[Image.Image]:
     found: dict[int, Image.Image] = {}
     decoder, position, last = None, -1, None
     for target in wanted:
-        if decoder is None or target - position >= SEEK_DISTANCE:
+        if decoder is None and not seek:
+            decoder = container.decode(stream)
+        elif decoder is None or (seek and target - position >= SEEK_DISTANCE):
             decoder, position = _seek_before(container, stream, rate, target, index_of)
         for frame in decoder:
             position = index_of(frame, position)

@@ -138,6 +138,7 @@ def video_files(tmp_path_factory):
     write_video(folder / "short.mp4", 40)
     write_video(folder / "long.mp4", 200)
     write_video(folder / "long.ts", 200, codec="mpeg2video")  # MPEG-TS: seeking may land after the time asked for
+    write_video(folder / "long.h264", 200, codec="libx264")  # raw stream: no length in any header, cannot seek
     return folder
 
 
@@ -155,6 +156,9 @@ def test_video_frames_at_segment_midpoints(video_files):
     # a transport stream (timestamps starting late, imprecise seeking), sparsely and densely sampled
     for count in (5, 40):
         assert frame_indices(processor.sample_frames(video_files / "long.ts", count)) == midpoints(200, count)
+    # a raw H.264 stream: counted by decoding, then decoded from the start
+    for count in (5, 40):
+        assert frame_indices(processor.sample_frames(video_files / "long.h264", count)) == midpoints(200, count)
 
 
 def test_video_fps_and_time_window(video_files):

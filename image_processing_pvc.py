@@ -2,8 +2,8 @@
 
 An image becomes its tiles (an aspect-ratio grid of 448px tiles, plus a thumbnail when there is more than one
 tile); the model turns each image into a static clip of `image_repeat` frames itself, so pixels are sent once.
-A video becomes `num_frames` frames sampled at segment midpoints, decoded with PyAV by seeking, one tile per
-frame by default.
+A video becomes `num_frames` frames sampled as InternVL2's and PVC's own `load_video` samples them (the middles of
+equal segments), decoded with PyAV by seeking, one tile per frame by default.
 """
 
 import itertools
@@ -221,11 +221,13 @@ class PVCImageProcessor(ImageProcessingMixin):
     def sample_frames(self, video, num_frames=None, fps=None, max_frames=None, start=None, end=None):
         """RGB frames of one video (a path, a list of frames, or an array/tensor [T, H, W, 3]).
 
-        By default `num_frames` frames at the midpoints of equal segments: frame floor((k + 1/2) * n / num_frames)
-        of the n frames in the window, k = 0 .. num_frames - 1. With `fps`, frames every 1/fps seconds instead, at
-        most `max_frames` (beyond that, `max_frames` at segment midpoints). `start`/`end` (seconds) restrict a video
-        file to a time window. A video with fewer frames than asked for repeats frames. Frames given in memory
-        are sampled by the same rule as a file; pass `num_frames=len(frames)` to keep them all.
+        By default `num_frames` frames at the middles of equal segments, as InternVL2's and PVC's `load_video`
+        picks them: the span from the window's first frame a to its last frame b is cut into `num_frames` segments
+        of length s = (b - a) / num_frames, and frame a + int(s / 2 + round(s * k)) is kept, k = 0 .. num_frames - 1.
+        With `fps`, frames every 1/fps seconds instead, at most `max_frames` (beyond that, `max_frames` by the
+        default rule). `start`/`end` (seconds) restrict a video file to the frames round(start * rate) ..
+        round(end * rate). A video with fewer frames than asked for repeats frames. Frames given in memory are
+        sampled by the same rule as a file; pass `num_frames=len(frames)` to keep them all.
         """
         num_frames = self.num_frames if num_frames is None else num_frames
         if num_frames is not None and num_frames < 1:
@@ -274,8 +276,10 @@ def sample_indices(total: int, num_frames: int | None, fps: float | None, native
         num_frames = min(num_frames, max_frames)
     if num_frames > total:
         logger.debug("The video has %d frames, fewer than the %d requested: frames repeat.", total, num_frames)
-    # Design decision (paper silent on the exact rule): frames at the midpoints of equal segments.
-    return [math.floor((k + 0.5) * total / num_frames) for k in range(num_frames)]
+    # The rule of the authors' `load_video` (the paper is silent): segments of the span from the first to the last
+    # frame, rounded as there (`round` halves to even, as numpy's).
+    segment = (total - 1) / num_frames
+    return [int(segment / 2 + round(segment * k)) for k in range(num_frames)]
 
 
 def read_video(path: str, num_frames, fps=None, max_frames=None, start=None, end=None) -> list[Image.Image]:
@@ -298,12 +302,12 @@ def read_video(path: str, num_frames, fps=None, max_frames=None, start=None, end
             seekable = total is not None
             if not seekable:
                 total = sum(1 for _ in container.decode(stream))
-            first = 0 if start is None else max(0, math.floor(start * rate))
-            last = total if end is None else min(total, math.ceil(end * rate))
-            if last <= first:
+            first = 0 if start is None else max(0, round(start * rate))
+            last = total - 1 if end is None else min(total - 1, round(end * rate))  # inclusive, as `load_video`
+            if last < first:
                 raise ValueError(f"The window [{start}, {end}] s holds no frame of {path} ({total} frames).")
             indices = [
-                first + index for index in sample_indices(last - first, num_frames, fps, float(rate), max_frames)
+                first + index for index in sample_indices(last - first + 1, num_frames, fps, float(rate), max_frames)
             ]
             if seekable:
                 frames = _decode_at(container, stream, rate, indices)

@@ -142,34 +142,49 @@ def video_files(tmp_path_factory):
     return folder
 
 
-def midpoints(total, count, offset=0):
-    return [offset + int((k + 0.5) * total / count) for k in range(count)]
+def load_video_indices(total, count, first=0, last=None):
+    """The frames InternVL2's and PVC's own `load_video` picks (its `get_index`): the span from frame `first` to
+    frame `last` (default the video's last) in `count` equal segments, the frame at each segment's middle."""
+    last = total - 1 if last is None else last
+    segment = (last - first) / count
+    return [int(first + segment / 2 + np.round(segment * k)) for k in range(count)]
 
 
-def test_video_frames_at_segment_midpoints(video_files):
+def every(step, count):
+    """The middle frame of each run of `step` frames."""
+    return [int((k + 0.5) * step) for k in range(count)]
+
+
+def test_video_frames_as_the_original_load_video(video_files):
     processor = PVCImageProcessor(image_size=28)
-    assert frame_indices(processor.sample_frames(video_files / "short.mp4", 8)) == midpoints(40, 8)
+    assert frame_indices(processor.sample_frames(video_files / "short.mp4", 8)) == load_video_indices(40, 8)
     # a long video, sparsely sampled: reached by seeking
-    assert frame_indices(processor.sample_frames(video_files / "long.mp4", 5)) == midpoints(200, 5)
+    assert frame_indices(processor.sample_frames(video_files / "long.mp4", 5)) == load_video_indices(200, 5)
     # more frames than the video has: frames repeat
-    assert frame_indices(processor.sample_frames(video_files / "short.mp4", 64)) == midpoints(40, 64)
+    assert frame_indices(processor.sample_frames(video_files / "short.mp4", 64)) == load_video_indices(40, 64)
     # a transport stream (timestamps starting late, imprecise seeking), sparsely and densely sampled
     for count in (5, 40):
-        assert frame_indices(processor.sample_frames(video_files / "long.ts", count)) == midpoints(200, count)
+        assert frame_indices(processor.sample_frames(video_files / "long.ts", count)) == load_video_indices(200, count)
     # a raw H.264 stream: counted by decoding, then decoded from the start
     for count in (5, 40):
-        assert frame_indices(processor.sample_frames(video_files / "long.h264", count)) == midpoints(200, count)
+        assert frame_indices(processor.sample_frames(video_files / "long.h264", count)) == load_video_indices(
+            200, count
+        )
 
 
 def test_video_fps_and_time_window(video_files):
     processor = PVCImageProcessor(image_size=28)
     # 10 fps video sampled at 2 fps: one frame in the middle of every 5
-    assert frame_indices(processor.sample_frames(video_files / "short.mp4", fps=2)) == midpoints(40, 8)
+    assert frame_indices(processor.sample_frames(video_files / "short.mp4", fps=2)) == every(5, 8)
     # a cap on the count falls back to uniform sampling
-    assert frame_indices(processor.sample_frames(video_files / "short.mp4", fps=5, max_frames=4)) == midpoints(40, 4)
-    # seconds 1 to 3 are frames 10 .. 29
+    assert frame_indices(processor.sample_frames(video_files / "short.mp4", fps=5, max_frames=4)) == load_video_indices(
+        40, 4
+    )
+    # seconds 1 to 3 are frames 10 .. 30, as the original `load_video(bound=(1, 3))` reads them
     window = processor.sample_frames(video_files / "short.mp4", 4, start=1.0, end=3.0)
-    assert frame_indices(window) == midpoints(20, 4, offset=10)
+    assert frame_indices(window) == load_video_indices(40, 4, first=10, last=30)
+    window = processor.sample_frames(video_files / "short.mp4", 3, start=0.54, end=3.16)  # frames 5 .. 32
+    assert frame_indices(window) == load_video_indices(40, 3, first=5, last=32)
 
 
 def test_video_inputs_in_memory_follow_the_same_rule():
@@ -177,7 +192,7 @@ def test_video_inputs_in_memory_follow_the_same_rule():
     video = np.zeros((9, 8, 36, 3), np.uint8)
     for index in range(9):
         video[index, :, 4 * index : 4 * index + 4] = 255
-    expected = midpoints(9, 3)
+    expected = load_video_indices(9, 3)
     assert frame_indices(processor.sample_frames(video)) == expected
     assert frame_indices(processor.sample_frames(list(video))) == expected
     assert frame_indices(processor.sample_frames(torch.from_numpy(video))) == expected

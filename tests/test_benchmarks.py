@@ -62,3 +62,21 @@ def test_gpu_script_runs_on_a_small_shape():
     for case in ("image_prefill", "video16_prefill", "generate_64"):
         for model in ("pvc", "internvl2"):
             assert all(value is None or value > 0 for value in results["sdpa"][case][model].values())
+
+
+def test_gpu_check_script_runs_on_the_cpu(tmp_path):
+    """benchmarks/gpu_check.sh, the one command for a GPU machine, run here with the benchmark's CPU stand-in."""
+    import os
+    import subprocess
+    import sys
+
+    options = ["--device", "cpu", "--shape", "tiny", "--attn", "sdpa", "--repeats", "1"]
+    subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_check.sh"), str(tmp_path), *options],
+        env=dict(os.environ, PYTHON=sys.executable),
+        check=True,
+        capture_output=True,
+    )
+    numerics = (tmp_path / "gpu_numerics.txt").read_text()
+    assert "passed" in numerics and "failed" not in numerics
+    assert "image_prefill" in (tmp_path / "gpu_bench.txt").read_text() and (tmp_path / "gpu.json").exists()

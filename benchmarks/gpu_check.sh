@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The GPU checks in one command: bf16 against float32 for every attention implementation (eager, sdpa, and
+# flash-attn when installed) on CUDA, then the bf16 benchmark against transformers' InternVL.
+#
+#   bash benchmarks/gpu_check.sh [OUT_DIR] [gpu_bench.py options]
+#
+# Writes OUT_DIR/gpu_numerics.txt, OUT_DIR/gpu_bench.txt and OUT_DIR/gpu.json (OUT_DIR defaults to gpu-results).
+# Uses the Python environment it finds (${PYTHON:-python3}); installs this repo into it without dependencies when
+# `import pvc` fails there (torch, transformers and einops must be present).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=${PYTHON:-python3}
+out=${1:-gpu-results}
+shift || true
+mkdir -p "$out"
+"$python" -c "import pvc" 2>/dev/null || "$python" -m pip install --quiet --no-deps --no-build-isolation -e .
+status=0  # the benchmark runs even when a numerics check fails; the exit status reports either
+"$python" -m pytest -q -p no:cacheprovider tests/test_modeling.py -k bfloat16 -rs 2>&1 | tee "$out/gpu_numerics.txt" ||
+    status=$?
+"$python" benchmarks/gpu_bench.py --out "$out/gpu.json" "$@" 2>&1 | tee "$out/gpu_bench.txt" || status=$?
+exit $status

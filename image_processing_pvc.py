@@ -296,7 +296,7 @@ def read_video(path: str, num_frames, fps=None, max_frames=None, start=None, end
                 raise ValueError(f"{path} holds no video stream.")
             stream = container.streams.video[0]
             rate = Fraction(stream.average_rate or stream.guessed_rate or 0)
-            total = _frame_count(container, stream)
+            total = _frame_count(container, stream, rate)
             # No length in any header: a raw elementary stream (.h264, .hevc), which cannot seek either. Count its
             # frames by decoding, then decode again from the start without seeking.
             seekable = total is not None
@@ -321,27 +321,44 @@ def read_video(path: str, num_frames, fps=None, max_frames=None, start=None, end
     return frames
 
 
-def _frame_count(container, stream) -> int | None:
-    """The number of frames as the headers give it (directly, or as duration x frame rate), else None."""
-    rate = stream.average_rate or stream.guessed_rate
+def _frame_count(container, stream, rate) -> int | None:
+    """The number of frames: as the muxer counted them, else up to the last packet's timestamp, else None."""
     if stream.frames:
         return stream.frames
     if stream.duration and stream.time_base and rate:
-        return math.floor(stream.duration * stream.time_base * rate)
-    if container.duration and rate:
-        return math.floor(container.duration / 1_000_000 * rate)
-    return None
+        estimate = math.floor(stream.duration * stream.time_base * rate)
+    elif container.duration and rate:
+        estimate = math.floor(container.duration / 1_000_000 * rate)
+    else:
+        return None
+    # A duration may be a guess (MPEG-PS estimates it from the bitrate): the packets from shortly before the end it
+    # gives to the true end carry the last frame's timestamp (read without decoding).
+    import av
+
+    try:
+        container.seek(_timestamp_of(stream, rate, max(0, estimate - SEEK_DISTANCE)), stream=stream, backward=True)
+        stamps = [packet.pts for packet in container.demux(stream) if packet.pts is not None]
+    except av.error.FFmpegError:
+        return estimate
+    return _index_at(stream, rate, max(stamps)) + 1 if stamps else estimate
+
+
+def _timestamp_of(stream, rate, index: int) -> int:
+    """The presentation timestamp of frame `index` (in the stream's time base)."""
+    return (stream.start_time or 0) + int(index / rate / stream.time_base)
+
+
+def _index_at(stream, rate, pts: int) -> int:
+    """The frame index of a presentation timestamp."""
+    return round((pts - (stream.start_time or 0)) * stream.time_base * rate)
 
 
 def _decode_at(container, stream, rate, indices, seek: bool = True) -> list[Image.Image]:
     """Frames at the given (sorted, possibly repeated) indices; a frame past the real end becomes the last one.
     Far-apart frames are reached by seeking, unless `seek` is False (the decoder then runs from the start)."""
-    start_pts = stream.start_time or 0
 
     def index_of(frame, previous):
-        if frame.pts is None:
-            return previous + 1
-        return round((frame.pts - start_pts) * stream.time_base * rate)
+        return previous + 1 if frame.pts is None else _index_at(stream, rate, frame.pts)
 
     wanted = sorted(set(indices))
     found: dict[int, Image.Image] = {}
@@ -367,11 +384,11 @@ def _decode_at(container, stream, rate, indices, seek: bool = True) -> list[Imag
 def _seek_before(container, stream, rate, target, index_of):
     """A decoder whose first frame is at or before frame `target`, and the index before that frame. Some containers
     (MPEG-TS) land after the time asked for; then it seeks further back, down to the start if need be."""
-    start_pts, back = stream.start_time or 0, 0
+    back = 0
     while True:
         goal = max(0, target - back)
         # The very start is asked for as time 0 or earlier: MPEG-TS lands a keyframe late when asked for its start.
-        timestamp = start_pts + int(goal / rate / stream.time_base) if goal else min(0, start_pts)
+        timestamp = _timestamp_of(stream, rate, goal) if goal else min(0, stream.start_time or 0)
         container.seek(timestamp, stream=stream, backward=True)
         decoder = container.decode(stream)
         first = next(decoder, None)

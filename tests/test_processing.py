@@ -139,6 +139,7 @@ def video_files(tmp_path_factory):
     write_video(folder / "long.mp4", 200)
     write_video(folder / "long.ts", 200, codec="mpeg2video")  # MPEG-TS: seeking may land after the time asked for
     write_video(folder / "long.h264", 200, codec="libx264")  # raw stream: no length in any header, cannot seek
+    write_video(folder / "long.mpg", 200, fps=25, codec="mpeg2video")  # MPEG-PS: its duration is a bitrate guess
     return folder
 
 
@@ -162,14 +163,13 @@ def test_video_frames_as_the_original_load_video(video_files):
     assert frame_indices(processor.sample_frames(video_files / "long.mp4", 5)) == load_video_indices(200, 5)
     # more frames than the video has: frames repeat
     assert frame_indices(processor.sample_frames(video_files / "short.mp4", 64)) == load_video_indices(40, 64)
-    # a transport stream (timestamps starting late, imprecise seeking), sparsely and densely sampled
-    for count in (5, 40):
-        assert frame_indices(processor.sample_frames(video_files / "long.ts", count)) == load_video_indices(200, count)
-    # a raw H.264 stream: counted by decoding, then decoded from the start
-    for count in (5, 40):
-        assert frame_indices(processor.sample_frames(video_files / "long.h264", count)) == load_video_indices(
-            200, count
-        )
+    # containers whose seeking or length need care, sampled sparsely (seeking) and densely: MPEG-TS (timestamps
+    # starting late, imprecise seeking); a raw H.264 stream (no length in any header and no seeking: counted by
+    # decoding); an MPEG program stream (its header duration, a guess from the bitrate, says 178 frames)
+    for name in ("long.ts", "long.h264", "long.mpg"):
+        for count in (5, 40):
+            expected = load_video_indices(200, count)
+            assert frame_indices(processor.sample_frames(video_files / name, count)) == expected, name
 
 
 def test_video_fps_and_time_window(video_files):

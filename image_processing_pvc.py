@@ -219,7 +219,8 @@ class PVCImageProcessor(ImageProcessingMixin):
         return self.tiles(frame, max_tiles)
 
     def sample_frames(self, video, num_frames=None, fps=None, max_frames=None, start=None, end=None):
-        """RGB frames of one video (a path, a list of frames, or an array/tensor [T, H, W, 3]).
+        """RGB frames of one video (a path or http(s) URL, a list of frames, or an array/tensor
+        [T, H, W, 3]).
 
         By default `num_frames` frames at the middles of equal segments, as InternVL2's and PVC's `load_video`
         picks them: the span from the window's first frame a to its last frame b is cut into `num_frames` segments
@@ -283,12 +284,14 @@ def sample_indices(total: int, num_frames: int | None, fps: float | None, native
 
 
 def read_video(path: str, num_frames, fps=None, max_frames=None, start=None, end=None) -> list[Image.Image]:
-    """Decode only the sampled frames of a video file with PyAV, seeking to far-apart frames."""
+    """Decode only the sampled frames of a video file (or http(s) URL, read by ranges) with PyAV, seeking to
+    far-apart frames."""
     try:
         import av
     except ImportError:
         raise ImportError("Reading video files needs PyAV: pip install av") from None
-    if not os.path.exists(path):
+    is_url = path.startswith(("http://", "https://"))
+    if not is_url and not os.path.exists(path):
         raise ValueError(f"Video file not found: {path}")
     try:
         with av.open(path) as container:
@@ -315,7 +318,8 @@ def read_video(path: str, num_frames, fps=None, max_frames=None, start=None, end
             with av.open(path) as container:
                 frames = _decode_at(container, container.streams.video[0], rate, indices, seek=False)
     except av.error.FFmpegError as error:
-        raise ValueError(f"Could not decode the video {path}: {error}. Is it a valid video file?") from None
+        hint = "Is the URL reachable?" if is_url else "Is it a valid video file?"
+        raise ValueError(f"Could not read the video {path}: {error}. {hint}") from None
     if not frames:
         raise ValueError(f"The video {path} has no decodable frames.")
     return frames

@@ -98,8 +98,8 @@ class PVCProcessor(ProcessorMixin):
         r"""
         Args:
             text (`str` or `list[str]`): prompts with one `<image>` per image and one `<video>` per video, in order.
-            images: PIL images, arrays, tensors or paths (a flat or per-sample nested list).
-            videos: paths, lists of frames or arrays [T, H, W, 3] (a list of these).
+            images: PIL images, arrays, tensors, paths or http(s) URLs (a flat or per-sample nested list).
+            videos: paths or http(s) URLs, lists of frames or arrays [T, H, W, 3] (a list of these).
             padding, padding_side: batches are padded on the left by default, ready for `generate`.
             Other keyword arguments: `max_tiles` for images; `num_frames`, `fps`, `max_frames`, `start`, `end`,
             `video_max_tiles` for videos (see `PVCImageProcessor`); the rest go to the tokenizer.

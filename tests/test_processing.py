@@ -208,12 +208,35 @@ def test_video_tiles_per_frame():
     assert out["pixel_values_videos"].shape == (12, 3, 28, 28)
 
 
+def test_video_urls_are_read_by_ranges(video_files):
+    """An http(s) URL is read as a file would be (PyAV fetches ranges and seeks); a dead one is a clear error."""
+    import functools
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=video_files))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    processor = PVCImageProcessor(image_size=28)
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/long.mp4"
+        assert frame_indices(processor.sample_frames(url, 5)) == load_video_indices(200, 5)
+    finally:
+        server.shutdown()
+        server.server_close()
+    with pytest.raises(ValueError, match="Is the URL reachable"):
+        processor.sample_frames(url, 5)
+
+
 def test_bad_videos_are_clear_errors(tmp_path, video_files):
     processor = PVCImageProcessor(image_size=28)
     (tmp_path / "corrupt.mp4").write_bytes(np.random.RandomState(0).bytes(5000))
     (tmp_path / "empty.mp4").write_bytes(b"")
     for name in ("corrupt.mp4", "empty.mp4"):
-        with pytest.raises(ValueError, match="decode|no video|no decodable"):
+        with pytest.raises(ValueError, match="read the video|no video|no decodable"):
             processor(videos=str(tmp_path / name))
     with pytest.raises(ValueError, match="not found"):
         processor(videos=str(tmp_path / "missing.mp4"))
@@ -221,7 +244,7 @@ def test_bad_videos_are_clear_errors(tmp_path, video_files):
         stream = container.add_stream("mpeg4", rate=10)
         stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
         container.start_encoding()  # a header, no frame
-    with pytest.raises(ValueError, match="decode|no video|no decodable"):
+    with pytest.raises(ValueError, match="read the video|no video|no decodable"):
         processor(videos=str(tmp_path / "no-frames.mp4"))
     with pytest.raises(ValueError, match="num_frames"):
         processor(videos=str(video_files / "short.mp4"), num_frames=0)

@@ -129,6 +129,8 @@ def test_bad_data_files_and_records_are_clear_errors(media, tmp_path):
             ConversationDataset(tmp_path / name)
     with pytest.raises(ValueError, match="Training data not found"):
         ConversationDataset(tmp_path / "missing.jsonl")
+    url = "https://example.com/clip.mp4"  # URLs are not joined to media_root; relative paths are
+    assert collator(folder)._path(url) == url and collator(folder)._path("a.png") == str(folder / "a.png")
     gpt_only = {"image": "image0.png", "conversations": [{"from": "gpt", "value": "a cat"}]}
     with pytest.raises(ValueError, match="no human turn"):
         collator(folder).encode(gpt_only)

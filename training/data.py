@@ -194,9 +194,10 @@ class PVCDataCollator:
         return ids[: self.max_length], labels[: self.max_length]
 
     def _path(self, media):
-        if isinstance(media, (str, os.PathLike)) and self.media_root is not None and not Path(media).is_absolute():
-            return str(self.media_root / media)
-        return media
+        """A relative media path under `media_root`; absolute paths, URLs and in-memory media as they are."""
+        if not isinstance(media, (str, os.PathLike)) or self.media_root is None or Path(media).is_absolute():
+            return media
+        return media if str(media).startswith(("http://", "https://")) else str(self.media_root / media)
 
 
 def _as_list(value) -> list:

@@ -144,10 +144,12 @@ def resolve_source(source: str) -> Path:
         return Path(source)
     if Path(source).exists():
         raise ConversionError(f"{source} is a file; pass the checkpoint's folder.")
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import list_repo_files, snapshot_download
 
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
     try:
+        if not any(name.endswith(".safetensors") for name in list_repo_files(source)):
+            patterns.append("pytorch_model*.bin")  # an older checkpoint without safetensors
         return Path(snapshot_download(source, allow_patterns=patterns))
     except (OSError, ValueError) as error:  # the Hub's errors: unknown repo, no network, a malformed id
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -367,6 +367,26 @@ def test_a_full_disk_or_an_unknown_source_fails_cleanly(tmp_path, capsys, monkey
     assert_fails_cleanly(tmp_path / "no-such-folder", tmp_path, capsys, "is not a local folder")
 
 
+def test_hub_sources_fetch_bin_weights_only_without_safetensors(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from pvc.conversion.common import resolve_source
+
+    repos = {"has/safetensors": ["model.safetensors", "pytorch_model.bin"], "has/bin-only": ["pytorch_model.bin"]}
+    asked = {}
+
+    def snapshot_download(repo, allow_patterns):
+        asked[repo] = allow_patterns
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo: repos[repo])
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    for repo in repos:
+        assert resolve_source(repo) == tmp_path
+    assert "*.safetensors" in asked["has/safetensors"] and "pytorch_model*.bin" not in asked["has/safetensors"]
+    assert "pytorch_model*.bin" in asked["has/bin-only"]
+
+
 def test_existing_destination_is_kept_unless_overwrite(tmp_path, capsys, converted):
     destination = tmp_path / "taken"
     destination.mkdir()

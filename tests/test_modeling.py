@@ -123,6 +123,21 @@ def test_frame_chunking_does_not_change_results(pixels, chunk):
     torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
 
 
+def test_frame_chunking_does_not_change_gradients(pixels):
+    """Training runs chunked too (frame_chunk_size defaults to 16): gradients flow through the chunks unchanged."""
+    video = pixels(7)
+    gradients = []
+    for chunk in (None, 2):
+        model = tiny_model("pvc").train()
+        model.model.vision_tower(
+            video, num_frames=7, frame_chunk_size=chunk
+        ).last_hidden_state.square().mean().backward()
+        gradients.append({name: param.grad for name, param in model.named_parameters() if param.grad is not None})
+    assert gradients[0].keys() == gradients[1].keys() and len(gradients[0]) > 0
+    for name, gradient in gradients[0].items():
+        torch.testing.assert_close(gradients[1][name], gradient, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_frame_chunk_size_bounds_the_temporal_attention_too(pixels):
     """Several streams (tiles) at once: each temporal attention call holds at most chunk_size frames' tokens."""
     model = tiny_model("pvc")

@@ -103,6 +103,8 @@ class PVCVisionConfig(PreTrainedConfig):
             raise ValueError(f"norm_type must be 'layer_norm' or 'rms_norm', got {norm_type!r}.")
         if frame_chunk_size is not None and frame_chunk_size < 1:
             raise ValueError(f"frame_chunk_size must be a positive integer or None, got {frame_chunk_size}.")
+        if adaln_hidden_size is not None and adaln_hidden_size < 1:
+            raise ValueError(f"adaln_hidden_size must be a positive width, got {adaln_hidden_size}.")
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
         self.num_attention_heads = num_attention_heads
@@ -195,6 +197,10 @@ class PVCConfig(PreTrainedConfig):
             )
         if image_repeat < 1:
             raise ValueError(f"image_repeat must be at least 1, got {image_repeat}.")
+        if projector_adaln_hidden_size is not None and projector_adaln_hidden_size < 1:
+            raise ValueError(
+                f"projector_adaln_hidden_size must be a positive width, got {projector_adaln_hidden_size}."
+            )
 
         self.image_token_id = image_token_id
         self.image_start_token_id = image_start_token_id

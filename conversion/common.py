@@ -219,9 +219,6 @@ def build_config(
         if temporal is None:
             temporal = round(vision["num_hidden_layers"] / 3)
     vision = dict(vision, num_temporal_layers=temporal, adaln_hidden_size=choices.get("adaln_hidden_size"))
-    for name in ("adaln_hidden_size", "projector_adaln_hidden_size"):
-        if choices.get(name) is not None and choices[name] < 1:
-            raise ConversionError(f"{name} must be a positive width, got {choices[name]}.")
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in ("<img>", "</img>", "<IMG_CONTEXT>")}
     try:
         return PVCConfig(
@@ -236,7 +233,7 @@ def build_config(
             projector_adaln_hidden_size=choices.get("projector_adaln_hidden_size"),
             tie_word_embeddings=tie_word_embeddings,
         )
-    except ValueError as error:  # e.g. more progressive layers than the tower has
+    except ValueError as error:  # the config's own checks: more progressive layers than layers, a width < 1
         raise ConversionError(str(error)) from None
 
 

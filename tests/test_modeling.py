@@ -327,6 +327,10 @@ def test_config_errors_name_the_problem():
         tiny_config(downsample_ratio=0.3)
     with pytest.raises(ValueError, match="num_temporal_layers"):
         tiny_config(vision=dict(num_temporal_layers=9))
+    with pytest.raises(ValueError, match="adaln_hidden_size must be a positive width"):
+        tiny_config(vision=dict(adaln_hidden_size=0))
+    with pytest.raises(ValueError, match="projector_adaln_hidden_size must be a positive width"):
+        tiny_config(projector_adaln_hidden_size=-1)
 
 
 def test_config_round_trip(tmp_path):

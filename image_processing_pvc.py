@@ -227,7 +227,8 @@ class PVCImageProcessor(ImageProcessingMixin):
         of length s = (b - a) / num_frames, and frame a + int(s / 2 + round(s * k)) is kept, k = 0 .. num_frames - 1.
         With `fps`, frames every 1/fps seconds instead, at most `max_frames` (beyond that, `max_frames` by the
         default rule). `start`/`end` (seconds) restrict a video file to the frames round(start * rate) ..
-        round(end * rate). A video with fewer frames than asked for repeats frames. Frames given in memory are
+        round(end * rate). Asked for as many frames as the video (or window) has, each frame comes once; asked for
+        more, frames repeat evenly, in order. Frames given in memory are
         sampled by the same rule as a file; pass `num_frames=len(frames)` to keep them all.
         """
         num_frames = self.num_frames if num_frames is None else num_frames
@@ -275,10 +276,16 @@ def sample_indices(total: int, num_frames: int | None, fps: float | None, native
         num_frames = max_frames
     elif max_frames is not None:
         num_frames = min(num_frames, max_frames)
-    if num_frames > total:
-        logger.debug("The video has %d frames, fewer than the %d requested: frames repeat.", total, num_frames)
+    if num_frames >= total:
+        # The authors' rule below is for sparse sampling: asked for every frame (or more) it picks some twice and
+        # never the last (30 of 30 frames: frame 14 twice, no frame 29). Here each frame comes once, in order, and
+        # asking for more frames than there are repeats them evenly.
+        if num_frames > total:
+            logger.debug("The video has %d frames, fewer than the %d requested: frames repeat.", total, num_frames)
+        return [k * total // num_frames for k in range(num_frames)]
     # The rule of the authors' `load_video` (the paper is silent): segments of the span from the first to the last
-    # frame, rounded as there (`round` halves to even, as numpy's).
+    # frame, rounded as there (`round` halves to even, as numpy's). With fewer frames than the video has, it picks
+    # distinct frames, the first segment's middle first; the last frame only when the segments are short.
     segment = (total - 1) / num_frames
     return [int(segment / 2 + round(segment * k)) for k in range(num_frames)]
 

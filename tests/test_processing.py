@@ -161,8 +161,12 @@ def test_video_frames_as_the_original_load_video(video_files):
     assert frame_indices(processor.sample_frames(video_files / "short.mp4", 8)) == load_video_indices(40, 8)
     # a long video, sparsely sampled: reached by seeking
     assert frame_indices(processor.sample_frames(video_files / "long.mp4", 5)) == load_video_indices(200, 5)
-    # more frames than the video has: frames repeat
-    assert frame_indices(processor.sample_frames(video_files / "short.mp4", 64)) == load_video_indices(40, 64)
+    # as many frames as the video has, or more: every frame, in order, evenly repeated (the authors' rule would
+    # pick some twice and never the last)
+    for count in (40, 64, 80):
+        picked = frame_indices(processor.sample_frames(video_files / "short.mp4", count))
+        assert picked == sorted(picked) and set(picked) == set(range(40)), count
+        assert max(np.bincount(picked)) - min(np.bincount(picked)) <= 1, count
     # containers whose seeking or length need care, sampled sparsely (seeking) and densely: MPEG-TS (timestamps
     # starting late, imprecise seeking); a raw H.264 stream (no length in any header and no seeking: counted by
     # decoding); an MPEG program stream (its header duration, a guess from the bitrate, says 178 frames)
@@ -196,6 +200,9 @@ def test_video_inputs_in_memory_follow_the_same_rule():
     assert frame_indices(processor.sample_frames(video)) == expected
     assert frame_indices(processor.sample_frames(list(video))) == expected
     assert frame_indices(processor.sample_frames(torch.from_numpy(video))) == expected
+    # all the frames given: each once (was [0, 1, 2, 3, 4, 4, 5, 6] for 8 of 8)
+    for count in (8, 9):
+        assert frame_indices(processor.sample_frames(video[:count], count)) == list(range(count))
     out = processor(videos=[video, list(video[:2])])
     assert out["video_num_frames"].tolist() == [3, 3] and out["pixel_values_videos"].shape == (6, 3, 28, 28)
 

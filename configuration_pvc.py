@@ -56,6 +56,9 @@ class PVCVisionConfig(PreTrainedConfig):
             Relative frame timestamps in [0, 1] are multiplied by this before the sinusoidal embedding.
         timestamp_embedding_size (`int`, defaults to 256):
             Width of the sinusoidal timestamp embedding.
+        temporal_gate_init (`float`, defaults to 0.0):
+            Initial value of every channel of the temporal gates g. Zero (the paper) makes a fresh progressive
+            layer the InternViT layer it extends; a small non-zero value is an option for training from scratch.
         frame_chunk_size (`int`, *optional*, defaults to 16):
             At most this many frames go through a per-frame computation (the spatial attention and MLP of
             every layer) at once, so that activation memory of long videos stays bounded. Results do not
@@ -88,6 +91,7 @@ class PVCVisionConfig(PreTrainedConfig):
         adaln_hidden_size=None,
         timestamp_scale=1000.0,
         timestamp_embedding_size=256,
+        temporal_gate_init=0.0,
         frame_chunk_size=16,
         **kwargs,
     ):
@@ -126,6 +130,7 @@ class PVCVisionConfig(PreTrainedConfig):
         self.adaln_hidden_size = adaln_hidden_size if adaln_hidden_size is not None else hidden_size
         self.timestamp_scale = timestamp_scale
         self.timestamp_embedding_size = timestamp_embedding_size
+        self.temporal_gate_init = temporal_gate_init
         self.frame_chunk_size = frame_chunk_size
         super().__init__(**kwargs)
 

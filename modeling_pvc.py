@@ -162,7 +162,8 @@ class PVCAdaLayerNorm(nn.Module):
 
 
 class PVCGate(nn.Module):
-    """Learnable per-channel gate g on a residual branch, initialised to zero (the branch starts switched off)."""
+    """Learnable per-channel gate g on a residual branch, initialised to zero (the branch starts switched off) unless
+    the config's `temporal_gate_init` says otherwise."""
 
     def __init__(self, hidden_size: int):
         super().__init__()
@@ -362,7 +363,7 @@ class PVCPreTrainedModel(PreTrainedModel):
             init.constant_(module.lambda_1, vision_config.layer_scale_init_value)
             init.constant_(module.lambda_2, vision_config.layer_scale_init_value)
         elif isinstance(module, PVCGate):
-            init.zeros_(module.weight)
+            init.constant_(module.weight, getattr(vision_config, "temporal_gate_init", 0.0))
 
 
 class PVCVisionEncoder(nn.Module):
@@ -529,11 +530,16 @@ class PVCModel(PVCPreTrainedModel):
     def video_features_per_video(self, pixel_values_videos, video_num_frames, video_num_tiles=None):
         """Each video is one clip of T frames (P tiles per frame, 1 by default); frame-major tokens."""
         frames, tiles, rows = video_layout(pixel_values_videos, video_num_frames, video_num_tiles)
-        features = []
-        for clip, num_frames, num_tiles in zip(pixel_values_videos.split(rows), frames, tiles):
-            clip = rearrange(clip, "(t p) c h w -> (p t) c h w", p=num_tiles)  # tile streams
-            clip_features = self.encode_clips(clip, num_frames)  # [P, T, M, D]
-            features.append(rearrange(clip_features, "p t m d -> (t p m) d"))
+        clips = pixel_values_videos.split(rows)
+        features = [None] * len(clips)
+        # Videos of one shape (frames, tiles) go through the tower together: streams are independent.
+        for shape in dict.fromkeys(zip(frames, tiles)):
+            num_frames, num_tiles = shape
+            same = [index for index, other in enumerate(zip(frames, tiles)) if other == shape]
+            streams = [rearrange(clips[i], "(t p) c h w -> (p t) c h w", p=num_tiles) for i in same]  # tile streams
+            encoded = self.encode_clips(torch.cat(streams), num_frames)  # [videos * P, T, M, D]
+            for index, clip_features in zip(same, encoded.split(num_tiles)):
+                features[index] = rearrange(clip_features, "p t m d -> (t p m) d")
         return features
 
     def get_image_features(self, pixel_values, image_num_tiles=None):

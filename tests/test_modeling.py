@@ -408,3 +408,31 @@ def test_device_map_auto_with_offload_gives_the_same_logits(tmp_path, pixels):
     inputs = dict(input_ids=prompt(4 * 4 * 2), pixel_values=pixels(2), image_num_tiles=torch.tensor([2]))
     with torch.no_grad():
         torch.testing.assert_close(dispatched(**inputs).logits, model(**inputs).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_videos_of_several_shapes_batched_equal_each_alone(pixels):
+    """Videos of one shape go through the tower together; mixed shapes must come back in their own order."""
+    model = tiny_model("pvc")
+    shapes = [(3, 1), (2, 2), (3, 1), (4, 1)]  # (frames, tiles per frame)
+    clips = [pixels(frames * tiles) for frames, tiles in shapes]
+    with torch.no_grad():
+        together = model.model.video_features_per_video(
+            torch.cat(clips), torch.tensor([f for f, _ in shapes]), torch.tensor([t for _, t in shapes])
+        )
+        alone = [
+            model.model.video_features_per_video(clip, torch.tensor([f]), torch.tensor([t]))[0]
+            for clip, (f, t) in zip(clips, shapes)
+        ]
+    assert [len(x) for x in together] == [4 * f * t for f, t in shapes]
+    for batched, single in zip(together, alone):
+        torch.testing.assert_close(batched, single, rtol=1e-5, atol=1e-5)
+
+
+def test_temporal_gate_init_option():
+    """Zero by default (the paper); `temporal_gate_init` starts every gate channel at the value given."""
+    assert all(
+        float(p.abs().max()) == 0 for n, p in tiny_model(randomize=False).named_parameters() if "temporal_gate" in n
+    )
+    model = tiny_model(randomize=False, vision={"temporal_gate_init": 0.05})
+    gates = [p for n, p in model.named_parameters() if "temporal_gate" in n]
+    assert len(gates) == 2 and all(torch.equal(g, torch.full_like(g, 0.05)) for g in gates)

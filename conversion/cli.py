@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from . import convert_internvl2, convert_internvl_hf
-from .common import ABLATIONS, DTYPES, ConversionError, resolve_source, write_repo
+from .common import ABLATIONS, DTYPES, ConversionError, Interrupted, resolve_source, termination_unwinds, write_repo
 
 CONVERTERS = {"internvl_chat": convert_internvl2.convert, "internvl": convert_internvl_hf.convert}
 
@@ -68,36 +68,45 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        source = resolve_source(args.src)
-        config_path = source / "config.json"
-        if not config_path.exists():
-            raise ConversionError(f"{source} has no config.json.")
-        meta = json.loads(config_path.read_text())
-        kind = meta.get("model_type")
-        if kind not in CONVERTERS:
-            raise ConversionError(
-                f"Unknown architecture: model_type {kind!r} (architectures {meta.get('architectures')}). "
-                "pvc-convert reads InternVL2 checkpoints: 'internvl_chat' (original layout) or 'internvl' "
-                "(transformers layout)."
-            )
-        choices = {
-            "num_temporal_layers": args.num_temporal_layers,
-            "adaln_hidden_size": args.adaln_hidden_size,
-            "projector_adaln_hidden_size": args.projector_adaln_hidden_size,
-        }
-        conversion = CONVERTERS[kind](source, args.src, ABLATIONS[args.ablation], choices)
-        dtype = DTYPES[args.dtype] if args.dtype != "auto" else _source_dtype(meta)
-        summary = write_repo(
-            conversion, Path(args.dst), dtype, args.max_shard_size, args.projector_init, overwrite=args.overwrite
-        )
+        with termination_unwinds():
+            summary, dtype = _convert(args)
     except ConversionError as error:
         print(f"pvc-convert: error: {error}", file=sys.stderr)
         return 1
+    except Interrupted as stop:
+        print(f"pvc-convert: stopped by {stop}; nothing was written to {args.dst}", file=sys.stderr)
+        return 128 + stop.signum
     print(f"\nWrote {args.dst} ({args.ablation}, {str(dtype).removeprefix('torch.')})")
     print("| parameters | tensors | values |\n|---|---|---|")
     for name, (count, values) in summary.items():
         print(f"| {name} | {count} | {values:,} |")
     return 0
+
+
+def _convert(args):
+    source = resolve_source(args.src)
+    config_path = source / "config.json"
+    if not config_path.exists():
+        raise ConversionError(f"{source} has no config.json.")
+    meta = json.loads(config_path.read_text())
+    kind = meta.get("model_type")
+    if kind not in CONVERTERS:
+        raise ConversionError(
+            f"Unknown architecture: model_type {kind!r} (architectures {meta.get('architectures')}). "
+            "pvc-convert reads InternVL2 checkpoints: 'internvl_chat' (original layout) or 'internvl' "
+            "(transformers layout)."
+        )
+    choices = {
+        "num_temporal_layers": args.num_temporal_layers,
+        "adaln_hidden_size": args.adaln_hidden_size,
+        "projector_adaln_hidden_size": args.projector_adaln_hidden_size,
+    }
+    conversion = CONVERTERS[kind](source, args.src, ABLATIONS[args.ablation], choices)
+    dtype = DTYPES[args.dtype] if args.dtype != "auto" else _source_dtype(meta)
+    summary = write_repo(
+        conversion, Path(args.dst), dtype, args.max_shard_size, args.projector_init, overwrite=args.overwrite
+    )
+    return summary, dtype
 
 
 def _source_dtype(meta: dict):

@@ -7,12 +7,16 @@ safetensors shards, initialises the modules PVC adds, and fails, leaving nothing
 neither consumed nor explicitly dropped, or when a PVC parameter gets no value.
 """
 
+import contextlib
+import fnmatch
 import json
 import math
 import os
 import re
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,7 +155,7 @@ def resolve_source(source: str) -> Path:
         if not any(name.endswith(".safetensors") for name in list_repo_files(source)):
             patterns.append("pytorch_model*.bin")  # an older checkpoint without safetensors
         return Path(snapshot_download(source, allow_patterns=patterns))
-    except (OSError, ValueError) as error:  # the Hub's errors: unknown repo, no network, a malformed id
+    except Exception as error:  # the Hub's errors: unknown repo, no network (httpx's own errors), a malformed id
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConversionError(
             f"{source} is not a local folder, and downloading it from the Hub failed: {reason}"
@@ -360,8 +364,7 @@ def write_repo(
 ) -> dict:
     """Convert and write the complete repo to `destination` atomically. Returns the summary counts."""
     destination = Path(destination)
-    if destination.exists() and any(destination.iterdir()) and not overwrite:
-        raise ConversionError(f"{destination} exists and is not empty; choose another --dst or pass --overwrite.")
+    check_destination(Path(conversion.source), destination, overwrite)
     max_bytes = parse_size(max_shard_size)
     checkpoint = Checkpoint(conversion.source)
     checkpoint.validate()
@@ -441,24 +444,110 @@ def write_repo(
         writer.close()
 
         _write_side_files(conversion, staging, config)
+        _set_modes(staging, destination)
         summary = {
             "copied": (len(copied), sum(math.prod(shape) for shape in copied.values())),
             "new": (len(new_names), sum(math.prod(expected[n]) for n in new_names)),
             "dropped": (len(dropped), sum(tensor.numel() for tensor in checkpoint.get_many(dropped).values())),
         }
-        if destination.exists():
-            backup = Path(tempfile.mkdtemp(prefix=f".{destination.name}.old-", dir=parent))
-            os.replace(destination, backup / "old")
-            os.replace(staging, destination)
-            shutil.rmtree(backup)
-        else:
-            os.replace(staging, destination)
+        with signals_held():  # a signal now would leave neither the old output nor the new one in place
+            if destination.exists():
+                backup = Path(tempfile.mkdtemp(prefix=f".{destination.name}.old-", dir=parent))
+                os.replace(destination, backup / "old")
+                os.replace(staging, destination)
+                shutil.rmtree(backup)
+            else:
+                os.replace(staging, destination)
         return summary
     except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
         if isinstance(error, OSError):  # a full disk, say: nothing half-written stays behind
             raise ConversionError(f"Writing {destination} failed and nothing was kept: {error}") from error
         raise
+
+
+# What a conversion writes; `--overwrite` replaces a folder that holds nothing else.
+CONVERSION_FILES = ("*.json", "*.safetensors", "*.py", "*.md", "*.jinja", "*.model", "*.txt", "*.tiktoken")
+
+
+def check_destination(source: Path, destination: Path, overwrite: bool):
+    """Refuse, before anything is touched, a destination that would destroy the source or anything that is not an
+    earlier conversion."""
+    source_path, destination_path = source.resolve(), destination.resolve()  # through symlinks
+    if source_path == destination_path or source_path in destination_path.parents:
+        raise ConversionError(
+            f"--dst {destination} is the source folder {source} or inside it; write the conversion elsewhere."
+        )
+    if destination_path in source_path.parents:
+        raise ConversionError(f"--dst {destination} contains the source {source}; write the conversion elsewhere.")
+    if destination.exists() and not destination.is_dir():
+        raise ConversionError(f"--dst {destination} is a file, not a folder; choose another --dst.")
+    if not destination.is_dir() or not any(destination.iterdir()):
+        return
+    if not overwrite:
+        raise ConversionError(f"{destination} exists and is not empty; choose another --dst or pass --overwrite.")
+    others = sorted(
+        path.name
+        for path in destination.iterdir()
+        if not path.is_file() or not any(fnmatch.fnmatch(path.name, pattern) for pattern in CONVERSION_FILES)
+    )
+    try:
+        is_pvc = json.loads((destination / "config.json").read_text()).get("model_type") == "pvc"
+    except (OSError, ValueError, AttributeError):
+        is_pvc = False
+    if not is_pvc or others:
+        reason = f"it holds {others[:5]}" if others else "it has no config.json of model_type 'pvc'"
+        raise ConversionError(
+            f"--overwrite replaces only an earlier conversion, and {destination} is not one ({reason}). Empty or "
+            "remove it yourself, or choose another --dst."
+        )
+
+
+def _set_modes(folder: Path, destination: Path):
+    """The permissions a plain write would give (the umask), not the temporary folder's private ones; a destination
+    that exists keeps its own mode."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.iterdir():
+        path.chmod(0o666 & ~umask)
+    folder.chmod(destination.stat().st_mode & 0o7777 if destination.is_dir() else 0o777 & ~umask)
+
+
+class Interrupted(BaseException):
+    """A termination signal (SIGTERM, SIGHUP) arrived: unwinds through the clean-up as Ctrl-C does."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def termination_unwinds():
+    """SIGTERM and SIGHUP (kill, timeout, batch schedulers) raise `Interrupted` while the block runs."""
+
+    def handler(signum, frame):
+        raise Interrupted(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {number: signal.signal(number, handler) for number in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for number, old in previous.items():
+            signal.signal(number, old)
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Signals that end the process wait until the block is done."""
+    held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _is_new_module(name: str, config: PVCConfig, projector_init: str) -> bool:

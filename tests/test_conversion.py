@@ -4,6 +4,10 @@ import json
 import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -394,8 +398,100 @@ def test_existing_destination_is_kept_unless_overwrite(tmp_path, capsys, convert
     source = FIXTURES / "qwen2"
     assert convert(["--src", str(source), "--dst", str(destination), "--ablation", "a"]) == 1
     assert "--overwrite" in capsys.readouterr().err and (destination / "keep.txt").exists()
-    assert convert(["--src", str(source), "--dst", str(destination), "--ablation", "a", "--overwrite"]) == 0
-    assert not (destination / "keep.txt").exists() and (destination / "config.json").exists()
+    # --overwrite replaces an earlier conversion only, never a folder of other things
+    assert convert(["--src", str(source), "--dst", str(destination), "--ablation", "a", "--overwrite"]) == 1
+    assert "not one" in capsys.readouterr().err and (destination / "keep.txt").read_text() == "mine"
+    (destination / "keep.txt").unlink()
+    assert convert(["--src", str(source), "--dst", str(destination), "--ablation", "a"]) == 0
+    (destination / "notes").mkdir()  # something a user added inside a conversion: kept, and the run refused
+    assert convert(["--src", str(source), "--dst", str(destination), "--ablation", "pvc", "--overwrite"]) == 1
+    assert "notes" in capsys.readouterr().err
+    (destination / "notes").rmdir()
+    assert convert(["--src", str(source), "--dst", str(destination), "--ablation", "pvc", "--overwrite"]) == 0
+    assert json.loads((destination / "config.json").read_text())["vision_config"]["num_temporal_layers"] == 1
+
+
+def tree(folder):
+    """Every file below `folder` (symlinks not followed) and its bytes."""
+    return {
+        os.path.join(root, name): Path(root, name).read_bytes()
+        for root, _, names in os.walk(folder)
+        for name in names
+        if not Path(root, name).is_symlink()
+    }
+
+
+def test_destination_overlapping_the_source_is_refused(tmp_path, capsys):
+    source = copy_fixture("qwen2", tmp_path / "models")
+    (tmp_path / "models" / "unrelated.txt").write_text("a file beside the source")
+    before = tree(tmp_path)
+    (tmp_path / "link").symlink_to(source)
+    for destination in (source, source / "pvc", tmp_path / "models", tmp_path, tmp_path / "link", tmp_path / "link" / "x"):
+        assert convert(["--src", str(source), "--dst", str(destination), "--overwrite"]) == 1, destination
+        assert "elsewhere" in capsys.readouterr().err
+        assert tree(tmp_path) == before, destination  # nothing touched
+    # the same through a symlinked source
+    assert convert(["--src", str(tmp_path / "link"), "--dst", str(source / "out"), "--overwrite"]) == 1
+    assert tree(tmp_path) == before
+
+
+def test_destination_that_is_a_file_or_a_hub_without_network_fails_in_one_line(tmp_path, capsys, monkeypatch):
+    import huggingface_hub
+
+    (tmp_path / "a-file").write_text("x")
+    assert convert(["--src", str(FIXTURES / "qwen2"), "--dst", str(tmp_path / "a-file")]) == 1
+    error = capsys.readouterr().err
+    assert "is a file" in error and len(error.strip().splitlines()) == 1
+
+    class ConnectError(Exception):  # as httpx's: not an OSError
+        pass
+
+    def offline(repo):
+        raise ConnectError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", offline)
+    assert convert(["--src", "OpenGVLab/InternVL2-1B", "--dst", str(tmp_path / "out")]) == 1
+    error = capsys.readouterr().err
+    assert "name resolution" in error and len(error.strip().splitlines()) == 1
+
+
+def test_output_permissions_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        fresh = tmp_path / "fresh"
+        assert convert(["--src", str(FIXTURES / "qwen2"), "--dst", str(fresh), "--ablation", "a"]) == 0
+        assert fresh.stat().st_mode & 0o777 == 0o755
+        assert {p.name: p.stat().st_mode & 0o777 for p in fresh.iterdir()} == {p.name: 0o644 for p in fresh.iterdir()}
+        kept = tmp_path / "kept"
+        kept.mkdir(mode=0o750)
+        kept.chmod(0o750)
+        assert convert(["--src", str(FIXTURES / "qwen2"), "--dst", str(kept), "--ablation", "a"]) == 0
+        assert kept.stat().st_mode & 0o777 == 0o750
+    finally:
+        os.umask(old)
+
+
+def test_sigterm_during_conversion_leaves_nothing(tmp_path):
+    """kill/timeout/batch schedulers send SIGTERM: the staging folder goes, as with Ctrl-C."""
+    destination = tmp_path / "out" / "converted"
+    slow_conversion = (
+        "import sys, time; import pvc.conversion.common as common\n"
+        "add = common.ShardWriter.add\n"
+        "def slow(self, *args):\n    time.sleep(0.05); add(self, *args)\n"
+        "common.ShardWriter.add = slow\n"
+        "from pvc.conversion.cli import main\n"
+        f"sys.exit(main(['--src', {str(FIXTURES / 'qwen2')!r}, '--dst', {str(destination)!r}]))\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", slow_conversion], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not any((tmp_path / "out").glob(".converted.partial-*")):
+        assert process.poll() is None and time.monotonic() < deadline, "the conversion never started writing"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    _, error = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, error
+    assert "SIGTERM" in error and "Traceback" not in error
+    assert list((tmp_path / "out").iterdir()) == []
 
 
 def test_transformers_layout_source(tmp_path):

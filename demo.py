@@ -1,10 +1,14 @@
-"""PVC end to end: one image and one video through the processor and `generate`.
+"""PVC end to end: images and a video through the processor and `generate`.
 
-    python -m pvc.demo                       # a small random-weight PVC built here (no download)
-    python -m pvc.demo --model PATH_OR_ID    # a real converted checkpoint (PVC or `pvc-convert` output)
+    python -m pvc.demo                       # the trained toy PVC in demo_model/: a fresh picture and video
+    python -m pvc.demo --eval 200 --seed 1   # score it on 200 fresh samples ("accuracy A on N samples")
+    python -m pvc.demo --model PATH_OR_ID    # a real checkpoint (PVC or `pvc-convert` output)
+    python -m pvc.demo --random              # a small random-weight PVC at 448px: the pipeline, answers are noise
 
-Prints the visual token budget of PVC against InternVL2 for the same inputs, and timings. With the built-in
-model the weights are random, so the generated text is noise: the demo shows the pipeline, not the quality.
+The toy PVC (trained here from scratch, see demo_model/TRAINING.md) reads the 8x8 colour grid of a 32x32 picture,
+and the grid of the last frame of a 4-frame video whose cells are repainted as it plays: the demo prints the
+question, the model's answer and the true one. With --model or --random it prints the visual token budget of PVC
+against InternVL2 for the same inputs, and timings.
 """
 
 import argparse
@@ -16,6 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+
+DEMO_MODEL = Path(__file__).resolve().parent / "demo_model"
+DEMO_FRAMES = 4  # frames of the toy demo's videos, as the model was trained
 
 
 def tiny_tokenizer():
@@ -112,7 +120,10 @@ def load(model_id: str, dtype: torch.dtype):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="a PVC checkpoint (local folder or Hub id); default: a small random model")
+    parser.add_argument("--model", help="a PVC checkpoint (local folder or Hub id); default: the trained toy PVC")
+    parser.add_argument("--random", action="store_true", help="a small PVC with random weights, 448px tiles")
+    parser.add_argument("--eval", type=int, metavar="N", help="score the toy PVC on N fresh samples")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the toy demo's generated samples")
     parser.add_argument("--image", help="an image file (default: a generated gradient)")
     parser.add_argument("--video", help="a video file (default: a generated clip)")
     parser.add_argument("--num-frames", type=int, default=8, help="frames sampled from the video (default 8)")
@@ -120,6 +131,14 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    if args.model and args.random:
+        parser.error("--model and --random each choose the model: pass one of them.")
+    if args.eval is not None and (args.model or args.random):
+        parser.error("--eval scores the toy tasks of the built-in trained model: leave out --model and --random.")
+    if args.eval is not None and args.eval < 1:
+        parser.error(f"--eval takes a positive number of samples, got {args.eval}.")
+    if not (args.model or args.random):
+        return toy_demo(args)
 
     started = time.perf_counter()
     if args.model:
@@ -128,7 +147,7 @@ def main(argv=None):
     else:
         model, processor = small_random_model()
         print("Model: a small PVC built here with RANDOM weights (448px tiles, 64 tokens per frame).")
-        print("       Its answers are noise; pass --model PATH_OR_HUB_ID for a real checkpoint.")
+        print("       Its answers are noise: it shows the pipeline. Leave out --random for the trained toy PVC.")
     model.to(args.device)
     print(f"Loaded in {time.perf_counter() - started:.1f} s on {args.device}\n")
 
@@ -178,6 +197,80 @@ def main(argv=None):
         "\nAn image costs PVC as many tokens as InternVL2 (4 frames x 64 = 256 per tile) while a video frame costs 64"
         " instead of 256."
     )
+
+
+def toy_demo(args):
+    from .experiments.toy_ablation import IMAGE_QUESTION, VIDEO_QUESTION, ToyConfig, grid_image, repaint_video
+
+    model, processor = load(str(DEMO_MODEL), torch.float32)
+    model.to(args.device)
+    toy, rng = ToyConfig(), np.random.default_rng(args.seed)
+    if args.eval is None:
+        print(f"Model: the toy PVC in {DEMO_MODEL} (trained from scratch: see TRAINING.md there)\n")
+        for kind, (media, truth) in (("image", grid_image(toy, rng)), ("video", repaint_video(toy, DEMO_FRAMES, rng))):
+            question = IMAGE_QUESTION if kind == "image" else VIDEO_QUESTION
+            what = "a 32x32 picture" if kind == "image" else f"a video of {DEMO_FRAMES} frames of 32x32"
+            (answer,) = toy_answers(model, processor, [(kind, media)])
+            right = sum(a == t for a, t in zip(answer, truth))
+            print(f"[{kind}] {what}; question: {question!r}")
+            print(f"model's answer and the true one, as the grid (r g b y = red green blue yellow):")
+            for model_row, true_row in zip(as_grid(answer, toy.grid), as_grid(truth, toy.grid)):
+                print(f"    {model_row}    {true_row}")
+            print(f"{right} of {len(truth)} cells right\n")
+        return
+    samples = []
+    for index in range(args.eval):  # images and videos in turn
+        media, truth = grid_image(toy, rng) if index % 2 == 0 else repaint_video(toy, DEMO_FRAMES, rng)
+        samples.append(("image" if index % 2 == 0 else "video", media, truth))
+    scores = {"image": [], "video": []}
+    for start in range(0, len(samples), 16):
+        batch = samples[start : start + 16]
+        answers = toy_answers(model, processor, [(kind, media) for kind, media, _ in batch])
+        for (kind, _, truth), answer in zip(batch, answers):
+            scores[kind].append(sum(a == t for a, t in zip(answer, truth)) / len(truth))
+    for kind, values in scores.items():
+        if values:
+            print(f"{kind}: {np.mean(values):.3f} of the cells right on {len(values)} samples")
+    print(f"accuracy {np.mean(scores['image'] + scores['video']):.3f} on {args.eval} samples")
+
+
+def toy_answers(model, processor, items) -> list[str]:
+    """Greedy answers of the toy PVC to (kind, picture or frames) items, through the chat template and `generate`."""
+    from .experiments.toy_ablation import IMAGE_QUESTION, VIDEO_QUESTION
+
+    conversations = [
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": kind, kind: media},
+                    {"type": "text", "text": IMAGE_QUESTION if kind == "image" else VIDEO_QUESTION},
+                ],
+            }
+        ]
+        for kind, media in items
+    ]
+    inputs = processor.apply_chat_template(
+        conversations,
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+        num_frames=DEMO_FRAMES,
+    ).to(model.device)
+    with torch.inference_mode():
+        output = model.generate(**inputs, max_new_tokens=70, do_sample=False)
+    return processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def as_grid(answer: str, side: int) -> list[str]:
+    """An answer in Z order (the toy task's readout) as rows of the grid; '?' where the answer is short."""
+    from .experiments.toy_ablation import z_order
+
+    cells = [["?"] * side for _ in range(side)]
+    for (row, column), colour in zip(z_order(side), answer):
+        cells[row][column] = colour
+    return [" ".join(row) for row in cells]
 
 
 if __name__ == "__main__":

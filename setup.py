@@ -19,8 +19,8 @@ setup(
     description="PVC: Progressive Visual Token Compression for image and video VLMs, for Hugging Face Transformers",
     license="MIT",
     python_requires=">=3.10",
-    packages=["pvc", "pvc.conversion", "pvc.training"],
-    package_dir={"pvc": ".", "pvc.conversion": "conversion", "pvc.training": "training"},
+    packages=["pvc", "pvc.conversion", "pvc.training", "pvc.experiments"],
+    package_dir={"pvc": ".", "pvc.conversion": "conversion", "pvc.training": "training", "pvc.experiments": "experiments"},
     entry_points={
         "console_scripts": [
             "pvc-convert=pvc.conversion.cli:main",
@@ -45,6 +45,7 @@ setup(
         "train": ["accelerate>=1.0", "peft>=0.15"],
         "flash": ["flash-attn>=2.6"],
         "convert": ["sentencepiece", "protobuf"],
+        "plots": ["matplotlib"],
         "test": ["pytest", "hypothesis", "av>=12", "accelerate>=1.0", "peft>=0.15", "sentencepiece", "protobuf"],
     },
 )

@@ -45,7 +45,8 @@ def tile_grid(width: int, height: int, min_tiles: int, max_tiles: int, tile_size
 
 
 def to_pil(image) -> Image.Image:
-    """A PIL image, numpy array (HWC or HW; uint8, or float in [0, 1]), torch tensor (CHW or HWC) or path, as RGB."""
+    """A PIL image, numpy array (HWC or HW; uint8, uint16 or float in [0, 1]), torch tensor (CHW or HWC) or path, as
+    RGB. High bit-depth images are scaled to 8 bits by their range (see `_to_8_bits`)."""
     if isinstance(image, (str, os.PathLike)):
         image = _open_image(image)
     elif isinstance(image, torch.Tensor):
@@ -64,7 +65,21 @@ def to_pil(image) -> Image.Image:
         raise ValueError(f"Got an empty image ({image.width}x{image.height} pixels).")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
+    if image.mode.startswith("I") or image.mode == "F":
+        image = _to_8_bits(image)
     return image.convert("RGB")
+
+
+def _to_8_bits(image: Image.Image) -> Image.Image:
+    """High bit-depth greyscale (which `convert("RGB")` clips to near white) scaled to 8 bits by its range: 16-bit
+    modes by 0..65535, 32-bit integer and float images by their own minimum and maximum."""
+    array = np.asarray(image, dtype=np.float64)
+    if image.mode.startswith("I;16"):
+        low, high = 0.0, 65535.0
+    else:
+        low, high = float(array.min()), float(array.max())
+    scaled = (array - low) * (255.0 / (high - low)) if high > low else np.zeros_like(array)
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
 
 
 def _open_image(path) -> Image.Image:
@@ -90,7 +105,11 @@ def _array_to_pil(array: np.ndarray) -> Image.Image:
         raise ValueError(f"An image array must be HxW or HxWx3 (or 4); got shape {array.shape}.")
     if array.size == 0:
         raise ValueError(f"Got an empty image (array of shape {array.shape}).")
-    if array.dtype != np.uint8:
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8) * 255
+    elif array.dtype.kind == "u" and array.dtype != np.uint8:  # 16-bit and wider: by the type's range
+        array = np.rint(array.astype(np.float64) * (255 / np.iinfo(array.dtype).max)).astype(np.uint8)
+    elif array.dtype != np.uint8:  # floats in [0, 1]
         array = np.clip(np.rint(array.astype(np.float64) * 255), 0, 255).astype(np.uint8)
     return Image.fromarray(array)
 
@@ -225,15 +244,15 @@ class PVCImageProcessor(ImageProcessingMixin):
         By default `num_frames` frames at the middles of equal segments, as InternVL2's and PVC's `load_video`
         picks them: the span from the window's first frame a to its last frame b is cut into `num_frames` segments
         of length s = (b - a) / num_frames, and frame a + int(s / 2 + round(s * k)) is kept, k = 0 .. num_frames - 1.
-        With `fps`, frames every 1/fps seconds instead, at most `max_frames` (beyond that, `max_frames` by the
-        default rule). `start`/`end` (seconds) restrict a video file to the frames round(start * rate) ..
+        With `fps`, frames every 1/fps seconds instead (each frame at most once: an fps above the video's own gives
+        every frame), at most `max_frames` (beyond that, `max_frames` by the default rule). Frames come upright (the
+        container's rotation applied). `start`/`end` (seconds) restrict a video file to the frames round(start * rate) ..
         round(end * rate). Asked for as many frames as the video (or window) has, each frame comes once; asked for
         more, frames repeat evenly, in order. Frames given in memory are
         sampled by the same rule as a file; pass `num_frames=len(frames)` to keep them all.
         """
         num_frames = self.num_frames if num_frames is None else num_frames
-        if num_frames is not None and num_frames < 1:
-            raise ValueError(f"num_frames must be at least 1, got {num_frames}.")
+        check_sampling(num_frames, fps, max_frames, start, end)
         if isinstance(video, (str, os.PathLike)):
             return read_video(str(video), num_frames, fps, max_frames, start, end)
         frames = _frames_in_memory(video)
@@ -263,6 +282,21 @@ class PVCImageProcessor(ImageProcessingMixin):
     preprocess = __call__
 
 
+def check_sampling(num_frames, fps, max_frames, start, end):
+    """Frame-sampling options, checked before any video is opened."""
+    if num_frames is not None and (isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1):
+        raise ValueError(f"num_frames must be a whole number of frames, at least 1; got {num_frames!r}.")
+    if fps is not None and not (isinstance(fps, (int, float)) and fps > 0 and math.isfinite(fps)):
+        raise ValueError(f"fps must be a positive number of frames per second; got {fps!r}.")
+    if max_frames is not None and (isinstance(max_frames, bool) or not isinstance(max_frames, int) or max_frames < 1):
+        raise ValueError(f"max_frames must be a whole number of frames, at least 1; got {max_frames!r}.")
+    for name, value in (("start", start), ("end", end)):
+        if value is not None and not (isinstance(value, (int, float)) and value >= 0 and math.isfinite(value)):
+            raise ValueError(f"{name} must be a time in seconds, 0 or more; got {value!r}.")
+    if start is not None and end is not None and end < start:
+        raise ValueError(f"end ({end} s) must not come before start ({start} s).")
+
+
 def sample_indices(total: int, num_frames: int | None, fps: float | None, native_fps: float | None, max_frames):
     """Indices of the frames to keep among `total` (see `PVCImageProcessor.sample_frames`)."""
     if total < 1:
@@ -270,9 +304,11 @@ def sample_indices(total: int, num_frames: int | None, fps: float | None, native
     if fps is not None:
         if native_fps is None:
             raise ValueError("fps sampling needs the video's own frame rate (a video file).")
-        count = max(1, math.floor(total * fps / native_fps))
+        # A frame every native_fps / fps source frames; never more often than the video has frames.
+        step = max(1.0, native_fps / fps)
+        count = max(1, math.floor(total / step))
         if max_frames is None or count <= max_frames:
-            return [min(total - 1, math.floor((k + 0.5) * native_fps / fps)) for k in range(count)]
+            return [min(total - 1, math.floor((k + 0.5) * step)) for k in range(count)]
         num_frames = max_frames
     elif max_frames is not None:
         num_frames = min(num_frames, max_frames)
@@ -383,13 +419,21 @@ def _decode_at(container, stream, rate, indices, seek: bool = True) -> list[Imag
             position = index_of(frame, position)
             last = frame
             if position >= target:
-                found[target] = frame.to_image()
+                found[target] = _upright(frame)
                 break
         else:  # the stream ended before the target: the header overstated the length
             if last is None:
                 break
-            found[target] = last.to_image()
+            found[target] = _upright(last)
     return [found[index] for index in indices if index in found]
+
+
+def _upright(frame) -> Image.Image:
+    """A decoded frame as a viewer shows it: turned by its display matrix (a phone held upright records its frames
+    sideways and says so there), as images are by their EXIF orientation."""
+    image = frame.to_image()
+    rotation = getattr(frame, "rotation", 0) or 0  # degrees counter-clockwise, as PIL's `rotate` takes them
+    return image.rotate(rotation, expand=True) if rotation % 360 else image
 
 
 def _seek_before(container, stream, rate, target, index_of):

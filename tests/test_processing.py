@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from pvc import PVCImageProcessor
-from pvc.image_processing_pvc import tile_grid
+from pvc.image_processing_pvc import tile_grid, to_pil
 
 # (width, height, max_tiles) -> (columns, rows), worked out by hand from InternVL's rule: the grid with the
 # closest aspect ratio; on a tie the larger grid wins when the image area exceeds half of the grid's area.
@@ -379,3 +379,67 @@ def test_processor_properties(width, height, max_tiles):
     assert 1 <= tiles <= max_tiles + 1 and (tiles == 1 or tiles > 2)  # a thumbnail comes only with 2+ tiles
     assert out["pixel_values"].shape == (tiles, 3, 56, 56)
     assert context_tokens(out["input_ids"]) == 4 * 4 * tiles
+
+
+@pytest.mark.parametrize("degrees", [90, -90, 180])
+def test_rotated_videos_come_out_upright(tmp_path, degrees):
+    """A phone video stores its frames sideways and a display matrix that turns them; viewers (and we) apply it."""
+    stored = np.zeros((32, 64, 3), np.uint8)
+    stored[:8, :16] = 255  # a white block in the stored frame's top-left corner
+    path = tmp_path / f"rotated{degrees}.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 32, "yuv420p"
+        stream.set_display_rotation(degrees)  # counter-clockwise, as ffmpeg's display matrix
+        for _ in range(3):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(stored, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    expected = np.rot90(stored, k=degrees // 90)  # numpy turns counter-clockwise for positive k
+    for frame in PVCImageProcessor(image_size=28).sample_frames(path, 2):
+        shown = np.asarray(frame.convert("L"), np.float32)
+        assert shown.shape == expected.shape[:2]
+        assert np.abs(shown - expected[..., 0]).mean() < 8  # codec noise only
+
+
+@pytest.mark.parametrize(
+    "mode, values, expected",
+    [
+        ("I;16", [0, 32768, 65535], [0, 128, 255]),  # 16 bits: by the type's range
+        ("I", [-1000, 0, 1000], [0, 128, 255]),  # 32-bit integers: by the image's own range
+        ("F", [0.5, 1.0, 1.5], [0, 128, 255]),
+    ],
+)
+def test_high_bit_depth_images_are_scaled_not_clipped(mode, values, expected):
+    array = np.array([values] * 3, dtype={"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode])
+    image = Image.fromarray(array, mode=mode) if mode != "I;16" else Image.fromarray(array).convert("I;16")
+    assert image.mode == mode
+    rgb = np.asarray(to_pil(image))
+    assert rgb.shape == (3, 3, 3) and np.abs(rgb[0, :, 0].astype(int) - expected).max() <= 1
+    # a 16-bit array too
+    assert np.asarray(to_pil(np.array([[0, 65535]], np.uint16)))[0, :, 0].tolist() == [0, 255]
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"fps": 0}, "fps must be a positive"),
+        ({"fps": -2}, "fps must be a positive"),
+        ({"num_frames": 0}, "num_frames must be"),
+        ({"num_frames": -3}, "num_frames must be"),
+        ({"fps": 2, "max_frames": 0}, "max_frames must be"),
+        ({"fps": 2, "max_frames": -1}, "max_frames must be"),
+        ({"start": -1.0}, "start must be"),
+        ({"start": 2.0, "end": 1.0}, "must not come before"),
+    ],
+)
+def test_bad_sampling_options_are_clear_errors(video_files, options, message):
+    with pytest.raises(ValueError, match=message):
+        PVCImageProcessor(image_size=28).sample_frames(video_files / "short.mp4", **options)
+
+
+def test_fps_above_the_video_rate_takes_each_frame_once(video_files):
+    processor = PVCImageProcessor(image_size=28)  # the file has 40 frames at 10 fps
+    for fps in (10, 25, 1000):
+        assert frame_indices(processor.sample_frames(video_files / "short.mp4", fps=fps)) == list(range(40)), fps

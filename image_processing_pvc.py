@@ -6,6 +6,9 @@ A video becomes `num_frames` frames sampled as InternVL2's and PVC's own `load_v
 equal segments), decoded with PyAV by seeking, one tile per frame by default.
 """
 
+import base64
+import binascii
+import io
 import itertools
 import logging
 import math
@@ -84,7 +87,7 @@ def _to_8_bits(image: Image.Image) -> Image.Image:
 
 def _open_image(path) -> Image.Image:
     path = str(path)
-    if path.startswith(("http://", "https://")):
+    if path.startswith(("http://", "https://", "data:")):
         from transformers.image_utils import load_image
 
         return load_image(path)
@@ -238,7 +241,7 @@ class PVCImageProcessor(ImageProcessingMixin):
         return self.tiles(frame, max_tiles)
 
     def sample_frames(self, video, num_frames=None, fps=None, max_frames=None, start=None, end=None):
-        """RGB frames of one video (a path or http(s) URL, a list of frames, or an array/tensor
+        """RGB frames of one video (a path, an http(s) or base64 data: URL, a list of frames, or an array/tensor
         [T, H, W, 3]).
 
         By default `num_frames` frames at the middles of equal segments, as InternVL2's and PVC's `load_video`
@@ -334,10 +337,13 @@ def read_video(path: str, num_frames, fps=None, max_frames=None, start=None, end
     except ImportError:
         raise ImportError("Reading video files needs PyAV: pip install av") from None
     is_url = path.startswith(("http://", "https://"))
-    if not is_url and not os.path.exists(path):
+    source = path
+    if path.startswith("data:"):  # a data URL: data:video/mp4;base64,....
+        source, path = io.BytesIO(_data_url_bytes(path)), path[:40] + "..."
+    elif not is_url and not os.path.exists(path):
         raise ValueError(f"Video file not found: {path}")
     try:
-        with av.open(path) as container:
+        with av.open(source) as container:
             if not container.streams.video:
                 raise ValueError(f"{path} holds no video stream.")
             stream = container.streams.video[0]
@@ -358,7 +364,9 @@ def read_video(path: str, num_frames, fps=None, max_frames=None, start=None, end
             if seekable:
                 frames = _decode_at(container, stream, rate, indices)
         if not seekable:
-            with av.open(path) as container:
+            if isinstance(source, io.BytesIO):
+                source.seek(0)
+            with av.open(source) as container:
                 frames = _decode_at(container, container.streams.video[0], rate, indices, seek=False)
     except av.error.FFmpegError as error:
         hint = "Is the URL reachable?" if is_url else "Is it a valid video file?"
@@ -366,6 +374,16 @@ def read_video(path: str, num_frames, fps=None, max_frames=None, start=None, end
     if not frames:
         raise ValueError(f"The video {path} has no decodable frames.")
     return frames
+
+
+def _data_url_bytes(url: str) -> bytes:
+    header, _, payload = url.partition(",")
+    if not header.endswith(";base64"):
+        raise ValueError(f"Only base64 data URLs are read (data:<type>;base64,...); got {url[:40]}...")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except binascii.Error as error:
+        raise ValueError(f"The data URL's base64 payload cannot be decoded: {error}") from None
 
 
 def _frame_count(container, stream, rate) -> int | None:

@@ -6,6 +6,7 @@ Each `<image>` becomes `<img>` + `<IMG_CONTEXT>` x (tokens_per_frame x image_rep
 features.
 """
 
+import itertools
 import re
 
 import torch
@@ -14,6 +15,22 @@ from transformers import BatchFeature, ProcessorMixin
 from .image_processing_pvc import _flatten, _flatten_videos
 
 IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER = "<image>", "<video>"
+# Keyword options: for the pixels (see `PVCImageProcessor`), and the tokenizer's own.
+PIXEL_OPTIONS = ("max_tiles", "num_frames", "fps", "max_frames", "start", "end", "video_max_tiles")
+TOKENIZER_OPTIONS = (
+    "add_special_tokens",
+    "truncation",
+    "max_length",
+    "stride",
+    "pad_to_multiple_of",
+    "return_token_type_ids",
+    "return_attention_mask",
+    "return_overflowing_tokens",
+    "return_special_tokens_mask",
+    "return_offsets_mapping",
+    "return_length",
+    "verbose",
+)
 IMAGE_START, IMAGE_END, IMAGE_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 # InternVL2's default system message, which PVC keeps (the prompt the original chat() builds).
 DEFAULT_SYSTEM_MESSAGE = (
@@ -109,13 +126,10 @@ class PVCProcessor(ProcessorMixin):
             `pixel_values_videos` + `video_num_frames` + `video_num_tiles`, and `visual_order` (0 image, 1 video, in
             text order) when both images and videos are given.
         """
-        pixel_options = {
-            key: kwargs.pop(key)
-            for key in ("max_tiles", "num_frames", "fps", "max_frames", "start", "end", "video_max_tiles")
-            if key in kwargs
-        }
-        images = None if images is None else _flatten(images)
-        videos = None if videos is None else _flatten_videos(videos)
+        _check_options(kwargs, "PVCProcessor")
+        pixel_options = {key: kwargs.pop(key) for key in PIXEL_OPTIONS if key in kwargs}
+        images = (_flatten(images) or None) if images is not None else None  # an empty list is no media
+        videos = (_flatten_videos(videos) or None) if videos is not None else None
         texts = [] if text is None else [text] if isinstance(text, str) else list(text)
         kinds = [match.group() for sample in texts for match in re.finditer(r"<image>|<video>", sample)]
         for placeholder, given, name in ((IMAGE_PLACEHOLDER, images, "images"), (VIDEO_PLACEHOLDER, videos, "videos")):
@@ -128,36 +142,53 @@ class PVCProcessor(ProcessorMixin):
         visual = {}
         if images is not None or videos is not None:
             visual = dict(self.image_processor(images=images, videos=videos, return_tensors="pt", **pixel_options))
-        if text is None:
-            return BatchFeature(data=visual, tensor_type=return_tensors)
-
-        expansions = self.expansions(kinds, visual)
-        expanded = [re.sub(r"<image>|<video>", lambda _: next(expansions), sample) for sample in texts]
-        for token in (IMAGE_START, IMAGE_END, IMAGE_CONTEXT):
-            self.token_id(token)
-        encoding = self.tokenizer(
-            expanded, padding=padding, padding_side=padding_side, return_tensors=return_tensors, **kwargs
-        )
-        data = {**encoding, **visual}
-        if images and videos:
-            data["visual_order"] = torch.tensor([int(kind == VIDEO_PLACEHOLDER) for kind in kinds])
-        return BatchFeature(data=data, tensor_type=return_tensors)
+        if images and videos and text is not None:
+            visual["visual_order"] = torch.tensor([int(kind == VIDEO_PLACEHOLDER) for kind in kinds])
+        if text is not None:
+            for token in (IMAGE_START, IMAGE_END, IMAGE_CONTEXT):
+                self.token_id(token)
+            expansions = self.expansions(kinds, visual)
+            expanded = [re.sub(r"<image>|<video>", lambda _: next(expansions), sample) for sample in texts]
+            encoding = self.tokenizer(expanded, padding=padding, padding_side=padding_side, **kwargs)
+            self._check_visual_tokens_kept(expanded, encoding["input_ids"], kwargs.get("max_length"))
+            visual = {**encoding, **visual}
+        if return_tensors is None:  # lists, as a tokenizer gives them (pixels: one array per tile or frame)
+            visual = {key: _as_list(value) for key, value in visual.items()}
+        return BatchFeature(data=visual, tensor_type=return_tensors)
 
     def expansions(self, kinds, visual):
-        """The replacement text of each placeholder kind, in order, for the processed `visual` inputs."""
-        image_tiles = iter(visual.get("image_num_tiles", torch.empty(0)).tolist())
-        video_shapes = iter(
-            zip(
-                visual.get("video_num_frames", torch.empty(0)).tolist(),
-                visual.get("video_num_tiles", torch.empty(0)).tolist(),
-            )
-        )
+        """The text each placeholder (`kinds`, in text order) becomes, through the `replace_*_token` hooks."""
+        counters = {IMAGE_PLACEHOLDER: itertools.count(), VIDEO_PLACEHOLDER: itertools.count()}
         for kind in kinds:
-            yield (
-                self.image_prompt(next(image_tiles))
-                if kind == IMAGE_PLACEHOLDER
-                else self.video_prompt(*next(video_shapes))
-            )
+            index = next(counters[kind])
+            if kind == IMAGE_PLACEHOLDER:
+                yield self.replace_image_token(visual, index)
+            else:
+                yield self.replace_video_token(visual, index)
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int) -> str:
+        """The text an image's placeholder becomes (transformers' processor hook): `<img>`, then
+        tokens_per_frame x image_repeat x tiles `<IMG_CONTEXT>`, then `</img>`."""
+        return self.image_prompt(int(image_inputs["image_num_tiles"][image_idx]))
+
+    def replace_video_token(self, video_inputs: dict, video_idx: int) -> str:
+        """The text a video's placeholder becomes (transformers' processor hook): one `Frame{i}: <img>...</img>`
+        line per frame, tokens_per_frame x tiles `<IMG_CONTEXT>` each."""
+        frames = int(video_inputs["video_num_frames"][video_idx])
+        return self.video_prompt(frames, int(video_inputs["video_num_tiles"][video_idx]))
+
+    def _check_visual_tokens_kept(self, expanded: list[str], input_ids, max_length):
+        """Truncation must not cut into the visual tokens: the model would get fewer places than features."""
+        context = self.token_id(IMAGE_CONTEXT)
+        for index, (sample, ids) in enumerate(zip(expanded, input_ids)):
+            wanted = sample.count(IMAGE_CONTEXT)
+            kept = sum(1 for token in ids if int(token) == context)
+            if kept != wanted:
+                raise ValueError(
+                    f"Truncation to max_length={max_length} cuts into the visual tokens of sample {index}: {kept} of "
+                    f"its {wanted} {IMAGE_CONTEXT} tokens would be kept. Raise max_length, or give fewer tiles "
+                    "(max_tiles) or frames (num_frames), or leave truncation off."
+                )
 
     def apply_chat_template(
         self,
@@ -167,16 +198,29 @@ class PVCProcessor(ProcessorMixin):
         tokenize=False,
         return_dict=False,
         return_tensors=None,
+        processor_kwargs=None,
         **kwargs,
     ):
         r"""
         Render one conversation (a list of messages) or a batch of them. Content items: `{"type": "text", "text":
-        ...}`, `{"type": "image", "image" | "path" | "url": ...}` and `{"type": "video", "path" | "video": ...}`.
-        With `tokenize=True` the media are loaded and the result is this processor's output (a `BatchFeature`
-        when `return_dict=True`, else the `input_ids`); otherwise the prompt text(s).
+        ...}`, `{"type": "image", "image" | "path" | "url": ...}`, `{"type": "video", "video" | "path" | "url": ...}`
+        and OpenAI's `{"type": "image_url" | "video_url", "image_url" | "video_url": {"url": ...}}` (http(s) or
+        `data:` URLs). With `tokenize=True` the media are loaded and the result is this processor's output (a
+        `BatchFeature` when `return_dict=True`, else the `input_ids`); otherwise the prompt text(s). Options for the
+        processor (`num_frames`, `max_tiles`, `max_length`, ...) may come as keywords or, as transformers passes
+        them, in `processor_kwargs`; an option this processor does not know is an error.
         """
+        options = dict(processor_kwargs or {})
+        clashing = sorted(key for key in set(options) & set(kwargs) if options[key] != kwargs[key])
+        if clashing:
+            raise ValueError(f"{clashing} given both as keywords and in processor_kwargs, with different values.")
+        options.update(kwargs)
+        _check_options(options, "apply_chat_template", extra=("padding", "padding_side"))
         batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
-        conversations = conversation if batched else [conversation]
+        conversations = [
+            [dict(message, content=_normalized_content(message["content"])) for message in messages]
+            for messages in (conversation if batched else [conversation])
+        ]
         template = chat_template if chat_template is not None else self.chat_template
         texts = [
             self.tokenizer.apply_chat_template(
@@ -191,14 +235,51 @@ class PVCProcessor(ProcessorMixin):
             for message in messages:
                 content = message["content"]
                 for item in [] if isinstance(content, str) else content:
-                    if item.get("type") == "image":
+                    if item["type"] == "image":
                         images.append(_media(item, ("image", "path", "url")))
-                    elif item.get("type") == "video":
+                    elif item["type"] == "video":
                         videos.append(_media(item, ("video", "path", "url")))
         outputs = self(
-            text=texts, images=images or None, videos=videos or None, return_tensors=return_tensors, **kwargs
+            text=texts, images=images or None, videos=videos or None, return_tensors=return_tensors, **options
         )
         return outputs if return_dict else outputs["input_ids"]
+
+
+def _check_options(options: dict, where: str, extra=()):
+    unknown = sorted(set(options) - set(PIXEL_OPTIONS) - set(TOKENIZER_OPTIONS) - set(extra))
+    if unknown:
+        raise TypeError(
+            f"{where} got unknown option(s) {unknown}. Pixel options: {', '.join(PIXEL_OPTIONS)}; tokenizer options: "
+            f"{', '.join(TOKENIZER_OPTIONS)}, padding, padding_side."
+        )
+
+
+def _normalized_content(content):
+    """Content items as the chat template renders them: OpenAI's image_url / video_url become image / video items;
+    an item of any other unknown type is an error (it would silently vanish from the prompt)."""
+    if isinstance(content, str):
+        return content
+    items = []
+    for item in content:
+        kind = item.get("type")
+        if kind in ("image_url", "video_url"):
+            value = item.get(kind)
+            url = value.get("url") if isinstance(value, dict) else value
+            if not isinstance(url, str):
+                raise ValueError(f"A {kind} content item needs {{'{kind}': {{'url': ...}}}}; got {item}.")
+            item = {"type": kind.removesuffix("_url"), "url": url}
+        elif kind not in ("text", "image", "video"):
+            raise ValueError(
+                f"Content items of type {kind!r} are not supported; use text, image, video, image_url or video_url."
+            )
+        items.append(item)
+    return items
+
+
+def _as_list(value):
+    if isinstance(value, torch.Tensor):
+        return list(value.numpy()) if value.ndim == 4 else value.tolist()
+    return value
 
 
 def _media(item: dict, keys) -> object:

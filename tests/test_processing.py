@@ -443,3 +443,84 @@ def test_fps_above_the_video_rate_takes_each_frame_once(video_files):
     processor = PVCImageProcessor(image_size=28)  # the file has 40 frames at 10 fps
     for fps in (10, 25, 1000):
         assert frame_indices(processor.sample_frames(video_files / "short.mp4", fps=fps)) == list(range(40)), fps
+
+
+def image_message(item, text="What?"):
+    return [{"role": "user", "content": [item, {"type": "text", "text": text}]}]
+
+
+def test_truncation_into_visual_tokens_is_an_error():
+    processor = tiny_processor()
+    image = Image.new("RGB", (56, 56), "red")  # one tile: 16 context tokens
+    full = processor(text="<image> a question", images=[image])["input_ids"].shape[1]
+    with pytest.raises(ValueError, match="cuts into the visual tokens of sample 0"):
+        processor(text="<image> a question", images=[image], truncation=True, max_length=10)
+    kept = processor(text="<image> a question", images=[image], truncation=True, max_length=full - 3)  # text only
+    assert int((kept["input_ids"] == IMAGE_TOKEN).sum()) == 16
+
+
+def test_empty_media_lists_are_no_media():
+    processor = tiny_processor()
+    out = processor(text=["no media here", "nor here"], images=[], videos=[])
+    assert set(out) == {"input_ids", "attention_mask"}
+    with pytest.raises(ValueError, match="1 <image> placeholder"):
+        processor(text="<image>", images=[])
+
+
+def test_return_tensors_none_gives_lists():
+    processor = tiny_processor()
+    out = processor(text="<image> hi", images=[Image.new("RGB", (112, 56))], return_tensors=None)
+    assert isinstance(out["input_ids"], list) and isinstance(out["input_ids"][0], list)
+    assert out["image_num_tiles"] == [3]  # 2 tiles + thumbnail
+    assert isinstance(out["pixel_values"], list) and len(out["pixel_values"]) == 3
+    assert isinstance(out["pixel_values"][0], np.ndarray) and out["pixel_values"][0].shape == (3, 56, 56)
+    chat = processor.apply_chat_template(
+        image_message({"type": "image", "image": Image.new("RGB", (56, 56))}), tokenize=True, return_dict=True
+    )
+    assert isinstance(chat["input_ids"], list) and chat["image_num_tiles"] == [1]
+
+
+def test_chat_template_options_as_keywords_or_processor_kwargs():
+    processor = tiny_processor()
+    video = np.zeros((12, 28, 28, 3), np.uint8)
+    messages = image_message({"type": "video", "video": video})
+    common = dict(tokenize=True, return_dict=True, return_tensors="pt")
+    assert processor.apply_chat_template(messages, num_frames=3, **common)["video_num_frames"].tolist() == [3]
+    out = processor.apply_chat_template(messages, processor_kwargs={"num_frames": 5}, **common)
+    assert out["video_num_frames"].tolist() == [5]
+    assert int((out["input_ids"] == IMAGE_TOKEN).sum()) == 5 * 4
+    with pytest.raises(TypeError, match="num_frame"):  # a typo must not silently do nothing
+        processor.apply_chat_template(messages, num_frame=4, **common)
+    with pytest.raises(TypeError, match="num_frame"):
+        processor.apply_chat_template(messages, processor_kwargs={"num_frame": 4}, **common)
+    with pytest.raises(TypeError, match="max_tile"):
+        processor(text="<video>", videos=[video], max_tile=2)
+
+
+def test_openai_style_image_and_video_urls(video_files):
+    import base64
+    import io
+
+    processor = tiny_processor()
+    image = Image.new("RGB", (56, 56), (200, 30, 90))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    data_url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    common = dict(tokenize=True, return_dict=True, return_tensors="pt")
+    reference = processor.apply_chat_template(image_message({"type": "image", "image": image}), **common)
+    for item in (
+        {"type": "image_url", "image_url": {"url": data_url}},
+        {"type": "image_url", "image_url": data_url},
+    ):
+        out = processor.apply_chat_template(image_message(item), **common)
+        assert torch.equal(out["input_ids"], reference["input_ids"])
+        torch.testing.assert_close(out["pixel_values"], reference["pixel_values"])
+    mp4 = (video_files / "short.mp4").read_bytes()
+    video_url = {"type": "video_url", "video_url": {"url": "data:video/mp4;base64," + base64.b64encode(mp4).decode()}}
+    out = processor.apply_chat_template(image_message(video_url), num_frames=4, **common)
+    from_file = processor.apply_chat_template(
+        image_message({"type": "video", "path": str(video_files / "short.mp4")}), num_frames=4, **common
+    )
+    torch.testing.assert_close(out["pixel_values_videos"], from_file["pixel_values_videos"])
+    with pytest.raises(ValueError, match="'audio' are not supported"):
+        processor.apply_chat_template(image_message({"type": "audio", "audio": "x.wav"}), **common)

@@ -304,7 +304,7 @@ def test_finetune_cli_under_accelerate_ddp(media, tmp_path):
 def test_demo_runs_end_to_end(capsys):
     from pvc.demo import main
 
-    main(["--max-new-tokens", "3", "--num-frames", "4"])
+    main(["--random", "--max-new-tokens", "3", "--num-frames", "4"])
     out = capsys.readouterr().out
     assert "RANDOM weights" in out
     assert "| image | 3 tiles x 4 frames | 768 | 768 |" in out

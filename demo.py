@@ -218,20 +218,29 @@ def toy_demo(args):
                 print(f"    {model_row}    {true_row}")
             print(f"{right} of {len(truth)} cells right\n")
         return
-    samples = []
-    for index in range(args.eval):  # images and videos in turn
-        media, truth = grid_image(toy, rng) if index % 2 == 0 else repaint_video(toy, DEMO_FRAMES, rng)
-        samples.append(("image" if index % 2 == 0 else "video", media, truth))
-    scores = {"image": [], "video": []}
-    for start in range(0, len(samples), 16):
-        batch = samples[start : start + 16]
-        answers = toy_answers(model, processor, [(kind, media) for kind, media, _ in batch])
-        for (kind, _, truth), answer in zip(batch, answers):
-            scores[kind].append(sum(a == t for a, t in zip(answer, truth)) / len(truth))
+    scores = toy_scores(model, processor, args.eval, args.seed)
     for kind, values in scores.items():
         if values:
             print(f"{kind}: {np.mean(values):.3f} of the cells right on {len(values)} samples")
     print(f"accuracy {np.mean(scores['image'] + scores['video']):.3f} on {args.eval} samples")
+
+
+def toy_scores(model, processor, samples: int, seed: int, batch_size: int = 16) -> dict:
+    """Share of cells right per fresh sample, images and videos in turn, answered through `generate`."""
+    from .experiments.toy_ablation import ToyConfig, grid_image, repaint_video
+
+    toy, rng = ToyConfig(), np.random.default_rng(seed)
+    items = []
+    for index in range(samples):
+        media, truth = grid_image(toy, rng) if index % 2 == 0 else repaint_video(toy, DEMO_FRAMES, rng)
+        items.append(("image" if index % 2 == 0 else "video", media, truth))
+    scores = {"image": [], "video": []}
+    for start in range(0, len(items), batch_size):
+        batch = items[start : start + batch_size]
+        answers = toy_answers(model, processor, [(kind, media) for kind, media, _ in batch])
+        for (kind, _, truth), answer in zip(batch, answers):
+            scores[kind].append(sum(a == t for a, t in zip(answer, truth)) / len(truth))
+    return scores
 
 
 def toy_answers(model, processor, items) -> list[str]:

@@ -1,0 +1,561 @@
+"""PVC's ablation at toy scale: Table 4 and Figure 3 of the paper, trained from scratch on a CPU.
+
+    python -m pvc.experiments.toy_ablation --out experiments/results/toy_ablation.json --seeds 3
+    python -m pvc.experiments.toy_ablation --quick --out /tmp/quick.json      # a few minutes, the test's run
+
+Small models built from this repository's own `PVCConfig` / `PVCForConditionalGeneration` (nothing of the model is
+re-implemented here) learn two synthetic tasks generated on the fly, and are scored on held-out samples:
+
+- image: a 32x32 picture is an 8x8 grid of cells, each one of 4 colours (one cell = one 4x4-pixel patch of the
+  ViT). The model answers with the 64 colours in Z order (a fixed readout: no question to route). Score:
+  the share of cells right.
+- video: a grid that changes: at every frame after the first, each cell is repainted with a random colour with
+  probability 1/4. The model answers with the last frame's 64 colours in Z order; which value of a cell is the
+  answer depends on the order of the frames. Score: the share of cells right.
+
+Rows (Table 4): (a) InternVL2: 16 tokens per image (2x2 pixel shuffle), seen once; (b) 4 tokens per frame (4x4
+pixel shuffle) and the image repeated 4 times, no temporal layers; (c) (b) + progressive layers; PVC: (c) + the
+projector's AdaLN (adaptive compression). Figure 3 (right): PVC and (b), trained at 4 repeats as the paper, scored
+at 1, 2, 3 and 4. Figure 3 (left): PVC and (b) on the video task at several frame counts, trained at each.
+See experiments/README.md for the reasoning behind the sizes and what came out.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..configuration_pvc import PVCConfig
+from ..demo import tiny_tokenizer
+from ..image_processing_pvc import PVCImageProcessor
+from ..modeling_pvc import PVCForConditionalGeneration, relative_timestamps
+from ..processing_pvc import PVCProcessor, build_chat_template
+from ..training.finetune import parameter_groups
+
+# The paper's ablation rows as config switches (num_temporal_layers is filled in from the toy size).
+ROWS = {
+    "a": dict(progressive=False, downsample_ratio=0.5, image_repeat=1, projector_adaln=False),
+    "b": dict(progressive=False, downsample_ratio=0.25, image_repeat=4, projector_adaln=False),
+    "c": dict(progressive=True, downsample_ratio=0.25, image_repeat=4, projector_adaln=False),
+    "pvc": dict(progressive=True, downsample_ratio=0.25, image_repeat=4, projector_adaln=True),
+}
+PALETTE = np.array([[230, 25, 75], [60, 180, 75], [0, 130, 200], [255, 225, 25]], np.uint8)
+COLOUR_NAMES = "rgby"  # one character, hence one token, per colour
+SYSTEM_MESSAGE = "Toy PVC."
+IMAGE_QUESTION = "Colours of the cells?"
+VIDEO_QUESTION = "Colours at the end?"
+
+
+@dataclass
+class ToyConfig:
+    """Sizes of the toy task and models, and the training recipe (see experiments/README.md for the reasons)."""
+
+    image_size: int = 32
+    patch_size: int = 4  # 8 x 8 patches: 16 tokens per frame at downsample 0.5, 4 at 0.25
+    grid: int = 8  # cells per side; one cell per patch
+    noise: int = 12  # uniform pixel noise, +- this many levels of 255
+    repaint: float = 0.25  # video: chance that a cell is repainted at each frame after the first
+    vision_width: int = 64
+    vision_layers: int = 4
+    temporal_layers: int = 2  # the last 2 of the 4 are progressive (rows c and PVC)
+    vision_heads: int = 4
+    text_width: int = 32
+    text_layers: int = 2
+    text_heads: int = 2
+    projector_adaln_width: int = 128  # the paper's default is the full 16C = 1024; narrower here for speed and size
+    gate_init: float = 0.0  # the paper's zero gate
+    steps: int = 1500
+    batch_size: int = 32  # image task
+    video_batch_size: int = 16  # video task (its steps cost T frames per sample)
+    learning_rate: float = 2e-3
+    # The paper trains its randomly initialised modules at 10x the rate of the pretrained ones; from scratch every
+    # module is new, so one rate for all (10x made row (c) collapse to chance here: see the README).
+    new_module_lr_multiplier: float = 1.0
+    warmup_steps: int = 100
+    eval_samples: int = 512
+    repeats: tuple = (1, 2, 3, 4)
+    video_frames: tuple = (2, 3, 4)
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+QUICK = dict(steps=20, warmup_steps=5, eval_samples=32, video_frames=(2, 4))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Models
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def build_model(row: str, toy: ToyConfig, seed: int, tokenizer) -> PVCForConditionalGeneration:
+    switches = dict(ROWS[row])
+    progressive = switches.pop("progressive")
+    config = PVCConfig(
+        vision_config=dict(
+            hidden_size=toy.vision_width,
+            num_hidden_layers=toy.vision_layers,
+            num_attention_heads=toy.vision_heads,
+            intermediate_size=2 * toy.vision_width,
+            image_size=toy.image_size,
+            patch_size=toy.patch_size,
+            num_temporal_layers=toy.temporal_layers if progressive else 0,
+            temporal_gate_init=toy.gate_init,
+        ),
+        text_config=dict(
+            model_type="qwen2",
+            hidden_size=toy.text_width,
+            intermediate_size=4 * toy.text_width,
+            num_hidden_layers=toy.text_layers,
+            num_attention_heads=toy.text_heads,
+            num_key_value_heads=toy.text_heads,
+            vocab_size=max(tokenizer.get_vocab().values()) + 1,
+            max_position_embeddings=1024,
+            tie_word_embeddings=False,
+        ),
+        image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
+        image_start_token_id=tokenizer.convert_tokens_to_ids("<img>"),
+        image_end_token_id=tokenizer.convert_tokens_to_ids("</img>"),
+        projector_adaln_hidden_size=toy.projector_adaln_width,
+        **switches,
+    )
+    torch.manual_seed(seed)
+    return PVCForConditionalGeneration(config)
+
+
+def build_processor(model: PVCForConditionalGeneration, toy: ToyConfig, tokenizer=None) -> PVCProcessor:
+    """The processor a user of the trained model gets: one tile per image and per frame, a short system turn."""
+    return PVCProcessor(
+        PVCImageProcessor(image_size=toy.image_size, max_tiles=1, num_frames=max(toy.video_frames)),
+        tokenizer if tokenizer is not None else tiny_tokenizer(),
+        chat_template=build_chat_template("chatml", system_message=SYSTEM_MESSAGE),
+        tokens_per_frame=model.config.tokens_per_frame,
+        image_repeat=model.config.image_repeat,
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Tasks
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def draw(cells: np.ndarray, toy: ToyConfig, rng: np.random.Generator, noise=None) -> np.ndarray:
+    """A grid of colour indices [g, g] -> an RGB picture [H, W, 3] (uint8) with a little pixel noise (`noise`, or
+    fresh noise drawn from `rng`)."""
+    side = toy.image_size // toy.grid
+    picture = PALETTE[cells].repeat(side, axis=0).repeat(side, axis=1).astype(np.int16)
+    if noise is None:
+        noise = rng.integers(-toy.noise, toy.noise + 1, picture.shape, dtype=np.int16)
+    return np.clip(picture + noise, 0, 255).astype(np.uint8)
+
+
+def z_order(side: int) -> list[tuple[int, int]]:
+    """The cells of a side x side grid (side a power of 2) in Z (Morton) order: 2x2 blocks of 4 cells, 4x4 blocks of
+    four 2x2 blocks, and so on. Consecutive answers then come from one visual token in every row: groups of 4 from
+    one token of row (a) (2x2 pixel shuffle), groups of 16 from one token position of (b), (c) and PVC (4x4)."""
+    bits = side.bit_length() - 1
+    cells = []
+    for code in range(side * side):
+        row = sum(((code >> (2 * b + 1)) & 1) << b for b in range(bits))
+        column = sum(((code >> (2 * b)) & 1) << b for b in range(bits))
+        cells.append((row, column))
+    return cells
+
+
+def grid_image(toy: ToyConfig, rng: np.random.Generator) -> tuple[np.ndarray, str]:
+    """The image task: a picture and its answer, the cells' colours in Z order (see `z_order`)."""
+    cells = rng.integers(0, len(PALETTE), (toy.grid, toy.grid))
+    return draw(cells, toy, rng), "".join(COLOUR_NAMES[cells[r, c]] for r, c in z_order(toy.grid))
+
+
+def repaint_video(toy: ToyConfig, num_frames: int, rng: np.random.Generator) -> tuple[np.ndarray, str]:
+    """The video task: frames [T, H, W, 3] of a grid that is partly repainted at every frame after the first (each
+    cell gets a fresh random colour with probability `repaint`), and the answer: the last frame's colours in Z
+    order. Each frame's noise is fresh."""
+    cells = rng.integers(0, len(PALETTE), (toy.grid, toy.grid))
+    frames = [draw(cells, toy, rng)]
+    for _ in range(1, num_frames):
+        repainted = rng.random(cells.shape) < toy.repaint
+        cells = np.where(repainted, rng.integers(0, len(PALETTE), cells.shape), cells)
+        frames.append(draw(cells, toy, rng))
+    return np.stack(frames), "".join(COLOUR_NAMES[cells[r, c]] for r, c in z_order(toy.grid))
+
+
+class Task:
+    """Batches of one task for one model: the prompt as the model's processor writes it, pixels as its image
+    processor normalises them, and the loss on the answer's tokens (and the end of the turn)."""
+
+    def __init__(self, kind: str, processor: PVCProcessor, toy: ToyConfig, num_frames: int | None = None):
+        self.kind, self.toy, self.num_frames = kind, toy, num_frames
+        self.processor = processor
+        sample = self.sample(np.random.default_rng(0))[0]
+        media = {"images": [sample]} if kind == "image" else {"videos": [sample], "num_frames": num_frames}
+        self.prompt_ids = processor(text=self.prompt(), **media)["input_ids"][0]
+        self.end_id = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    def prompt(self) -> str:
+        item = {"type": "image"} if self.kind == "image" else {"type": "video"}
+        question = IMAGE_QUESTION if self.kind == "image" else VIDEO_QUESTION
+        messages = [{"role": "user", "content": [item, {"type": "text", "text": question}]}]
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True)
+
+    def sample(self, rng):
+        if self.kind == "image":
+            return grid_image(self.toy, rng)
+        return repaint_video(self.toy, self.num_frames, rng)
+
+    def batch(self, rng: np.random.Generator, size: int) -> dict:
+        samples = [self.sample(rng) for _ in range(size)]
+        answers = torch.tensor([self.processor.tokenizer.convert_tokens_to_ids(list(a)) for _, a in samples])
+        ends = torch.full((size, 1), self.end_id)
+        prompt = self.prompt_ids.expand(size, -1)
+        input_ids = torch.cat([prompt, answers, ends], dim=1)  # [B, L]
+        labels = torch.cat([torch.full_like(prompt, -100), answers, ends], dim=1)
+        to_tensor = self.processor.image_processor.to_tensor  # the processor's normalisation
+        if self.kind == "image":
+            pixels = {
+                "pixel_values": to_tensor([picture for picture, _ in samples]),
+                "image_num_tiles": torch.ones(size, dtype=torch.long),
+            }
+        else:
+            pixels = {
+                "pixel_values_videos": to_tensor([frame for frames, _ in samples for frame in frames]),
+                "video_num_frames": torch.full((size,), self.num_frames),
+                "video_num_tiles": torch.ones(size, dtype=torch.long),
+            }
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels, **pixels}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Training and scoring
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def train(model, tasks: list["Task"], toy: ToyConfig, seed: int, log_every: int = 0, log=print):
+    """AdamW, warm-up then cosine decay; PVC's new modules at `new_module_lr_multiplier` x the rate. With several
+    tasks, the steps go round them in turn."""
+    groups = parameter_groups(model, toy.learning_rate, toy.new_module_lr_multiplier, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.98))
+    base_rates = [group["lr"] for group in optimizer.param_groups]
+    rng = np.random.default_rng(seed)
+    model.train()
+    losses = []
+    for step in range(toy.steps):
+        progress = max(0.0, (step - toy.warmup_steps) / max(1, toy.steps - toy.warmup_steps))
+        factor = min(1.0, (step + 1) / toy.warmup_steps) * 0.5 * (1 + math.cos(math.pi * progress))
+        for group, rate in zip(optimizer.param_groups, base_rates):
+            group["lr"] = rate * factor
+        task = tasks[step % len(tasks)]
+        loss = model(**task.batch(rng, toy.batch_size if task.kind == "image" else toy.video_batch_size)).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+        if log_every and (step + 1) % log_every == 0:
+            log(f"step {step + 1}: loss {np.mean(losses[-log_every:]):.3f}")
+    return model.eval()
+
+
+@torch.no_grad()
+def evaluate(model, task: Task, samples: int, seed: int, batch_size: int = 64) -> float:
+    """Held-out score (samples drawn from another stream than training's): the share of cells whose colour is the
+    model's most likely next token."""
+    rng = np.random.default_rng(10**6 + seed)
+    right, total = 0.0, 0
+    model.eval()
+    for start in range(0, samples, batch_size):
+        batch = task.batch(rng, min(batch_size, samples - start))
+        labels = batch.pop("labels")
+        predicted = model(**batch).logits[:, :-1].argmax(-1)  # [B, L-1], predicts tokens 1..L-1
+        target = labels[:, 1:]
+        answer = (target != -100) & (target != task.end_id)  # the answer's own tokens
+        right += ((predicted == target) & answer).sum().item() / answer[0].sum().item()
+        total += labels.shape[0]
+    return right / total
+
+
+def with_repeat(model, toy: ToyConfig, repeat: int) -> Task:
+    """The image task for `model` seen as a static clip of `repeat` frames (the model's config is changed)."""
+    model.config.image_repeat = repeat
+    return Task("image", build_processor(model, toy), toy)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# What the mechanism does (diagnostics)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def diagnostics(model, task: Task, samples: int = 64) -> dict:
+    """For the image task: how alike the compressed tokens of a static image's frames are, how far the gates
+    opened, how much the AdaLN scale/shift differ across frames, and how much temporal attention goes to earlier
+    frames."""
+    model.eval()
+    batch = task.batch(np.random.default_rng(123), samples)
+    repeat = model.config.image_repeat
+    captured = {"norm": [], "attention": []}
+    hooks = []
+    for layer in model.model.vision_tower.encoder.layer:
+        if hasattr(layer, "temporal_norm"):
+            hooks.append(layer.temporal_norm.register_forward_hook(_capture(captured["norm"])))
+            hooks.append(layer.temporal_attention.register_forward_hook(_capture(captured["attention"])))
+    try:
+        tokens = model.model.encode_clips(batch["pixel_values"], repeat, static=True)  # [S, T, M, D]
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+    flat = torch.nn.functional.normalize(tokens.flatten(2), dim=-1)  # [S, T, M*D]
+    similarity = torch.einsum("sti,sui->tu", flat, flat) / flat.shape[0]  # [T, T], mean cosine over images
+    off_diagonal = similarity[~torch.eye(repeat, dtype=torch.bool)]
+    result = {
+        "frame_token_cosine": similarity.tolist(),
+        "frame_token_cosine_mean_off_diagonal": off_diagonal.mean().item() if repeat > 1 else 1.0,
+        "gate_mean_abs": [],
+        "temporal_norm_spread": [],
+        "attention_to_earlier_frames": [],
+    }
+    for layer in model.model.vision_tower.encoder.layer:
+        if hasattr(layer, "temporal_gate"):
+            result["gate_mean_abs"].append(layer.temporal_gate.weight.abs().mean().item())
+    progressive = [layer for layer in model.model.vision_tower.encoder.layer if hasattr(layer, "temporal_norm")]
+    for layer, (norm_inputs, _), (attention_inputs, _) in zip(progressive, captured["norm"], captured["attention"]):
+        result["temporal_norm_spread"].append(_modulation_spread(layer.temporal_norm, norm_inputs[1], frame_dim=1))
+        result["attention_to_earlier_frames"].append(_earlier_frame_mass(layer.temporal_attention, attention_inputs[0]))
+    projector = model.model.multi_modal_projector
+    if projector.adaptive:
+        vision = model.model.vision_tower(batch["pixel_values"], num_frames=repeat, static=True).last_hidden_state
+        shuffled = projector.pixel_shuffle(vision, repeat)  # [S, T, M, k*k*C]
+        embeds = projector.temporal_embedding(relative_timestamps(repeat))[None, :, None]
+        result["projector_adaln_spread"] = _modulation_spread(projector.adaln, shuffled + embeds, frame_dim=1)
+    return result
+
+
+def _capture(store: list):
+    def hook(module, inputs, output):
+        store.append((inputs, output))
+
+    return hook
+
+
+def _modulation_spread(adaln, condition, frame_dim: int) -> dict:
+    """Standard deviation across frames of AdaLN's (1 + scale) and shift, averaged over tokens and channels, beside
+    their mean magnitude: zero spread means every frame is normalised the same way."""
+    scale, shift = 1 + adaln.scale(condition), adaln.shift(condition)
+    return {
+        "scale_std_across_frames": scale.std(dim=frame_dim).mean().item(),
+        "scale_mean_abs": scale.abs().mean().item(),
+        "shift_std_across_frames": shift.std(dim=frame_dim).mean().item(),
+        "shift_mean_abs": shift.abs().mean().item(),
+    }
+
+
+def _earlier_frame_mass(attention, normed) -> float:
+    """Mean attention weight that frames 2..T give to the frames before them (causal softmax over frames)."""
+    sequences, frames, _ = normed.shape  # [(S n), T, C]
+    heads = (sequences, frames, attention.num_heads, attention.head_dim)
+    query = attention.q_norm(attention.q_proj(normed)).view(heads).transpose(1, 2)  # [Sn, H, T, d]
+    key = attention.k_norm(attention.k_proj(normed)).view(heads).transpose(1, 2)
+    scores = query @ key.transpose(-1, -2) * attention.scale  # [Sn, H, T, T]
+    future = torch.ones(frames, frames, dtype=torch.bool).triu(1)
+    weights = scores.masked_fill(future, float("-inf")).softmax(-1)
+    earlier = weights.tril(-1).sum(-1)[..., 1:]  # [Sn, H, T-1]: frames 2..T
+    return earlier.mean().item()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Runs
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def run_job(job: dict) -> dict:
+    """Train one model on one task with one seed and score it; a job is a dict so that it pickles to a worker."""
+    torch.set_num_threads(1)
+    toy, row, seed = ToyConfig(**job["toy"]), job["row"], job["seed"]
+    started = time.perf_counter()
+    tokenizer = tiny_tokenizer()
+    model = build_model(row, toy, seed, tokenizer)
+    result = {"task": job["task"], "row": row, "seed": seed}
+    if job["task"] == "image":
+        task = Task("image", build_processor(model, toy, tokenizer), toy)
+        train(model, [task], toy, seed)
+        result["accuracy"] = evaluate(model, task, toy.eval_samples, seed)
+        if row in ("b", "c", "pvc"):
+            result["diagnostics"] = diagnostics(model, task)
+            trained_repeat = model.config.image_repeat
+            result["repeats"] = {
+                str(r): evaluate(model, with_repeat(model, toy, r), toy.eval_samples, seed) for r in toy.repeats
+            }
+            model.config.image_repeat = trained_repeat
+    else:
+        task = Task("video", build_processor(model, toy, tokenizer), toy, num_frames=job["frames"])
+        train(model, [task], toy, seed)
+        result["frames"] = job["frames"]
+        result["accuracy"] = evaluate(model, task, toy.eval_samples, seed)
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    print(f"  {json.dumps({k: v for k, v in result.items() if k != 'diagnostics'})}", flush=True)
+    return result
+
+
+def jobs_for(toy: ToyConfig, rows, seeds, tasks) -> list[dict]:
+    jobs = []
+    if "image" in tasks:
+        jobs += [dict(task="image", row=row, seed=seed) for seed in seeds for row in rows]
+    if "video" in tasks:
+        video_rows = [row for row in ("b", "pvc") if row in rows]
+        jobs += [
+            dict(task="video", row=row, seed=seed, frames=frames)
+            for seed in seeds
+            for frames in toy.video_frames
+            for row in video_rows
+        ]
+    return [dict(job, toy=asdict(toy)) for job in jobs]
+
+
+# Settings that do not change a run of the other task (so changing them does not redo it).
+IRRELEVANT = {"image": ("video_frames", "video_batch_size", "repaint"), "video": ("repeats", "batch_size", "video_frames")}
+
+
+def _job_key(job: dict) -> str:
+    toy = {k: v for k, v in job["toy"].items() if k not in IRRELEVANT[job["task"]]}
+    return json.dumps(dict(job, toy=toy), sort_keys=True)
+
+
+def _run_all(jobs: list[dict], workers: int):
+    """(job, result) pairs as runs finish, on `workers` single-threaded processes."""
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            yield job, run_job(job)
+        return
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        yield from zip(jobs, pool.imap(run_job, jobs, chunksize=1))
+
+
+def summary(values) -> dict:
+    return {"mean": float(np.mean(values)), "std": float(np.std(values)), "runs": [float(v) for v in values]}
+
+
+def collect(results: list[dict], toy: ToyConfig, argv) -> dict:
+    image = [r for r in results if r["task"] == "image"]
+    video = [r for r in results if r["task"] == "video"]
+    report = {"rows": {}, "repeats": {}, "video": {}, "diagnostics": {}}
+    for row in ROWS:
+        runs = [r for r in image if r["row"] == row]
+        if runs:
+            report["rows"][row] = summary([r["accuracy"] for r in runs])
+        if runs and "repeats" in runs[0]:
+            report["repeats"][row] = {k: summary([r["repeats"][k] for r in runs]) for k in runs[0]["repeats"]}
+            report["diagnostics"][row] = [r["diagnostics"] for r in runs]
+        frames = sorted({r["frames"] for r in video if r["row"] == row})
+        if frames:
+            report["video"][row] = {
+                str(f): summary([r["accuracy"] for r in video if r["row"] == row and r["frames"] == f]) for f in frames
+            }
+    report["config"] = {
+        "toy": asdict(toy),
+        "rows": ROWS,
+        "command": "python -m pvc.experiments.toy_ablation " + " ".join(argv),
+        "torch": torch.__version__,
+        "seconds_per_run": {f"{r['task']}/{r['row']}": r["seconds"] for r in results},
+    }
+    return report
+
+
+def table(report: dict) -> str:
+    lines = ["| row | image accuracy (mean +- std over seeds) |", "|---|---|"]
+    for row, values in report["rows"].items():
+        lines.append(f"| {row} | {values['mean']:.3f} +- {values['std']:.3f} |")
+    for name, section in (("repeats", "repeats"), ("video frames", "video")):
+        for row, values in report[section].items():
+            cells = ", ".join(f"{k}: {v['mean']:.3f}" for k, v in values.items())
+            lines.append(f"| {row}, {name} | {cells} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="the JSON report to write")
+    parser.add_argument("--seed", type=int, default=0, help="first seed")
+    parser.add_argument("--seeds", type=int, default=3, help="how many seeds (seed, seed + 1, ...)")
+    parser.add_argument("--rows", default="a,b,c,pvc", help="ablation rows to train (a, b, c, pvc)")
+    parser.add_argument("--repeats", default="1,2,3,4", help="image repeats scored for b, c and PVC")
+    parser.add_argument("--frames", default=None, help="video frame counts (default 2,3,4; quick 2,4)")
+    parser.add_argument("--task", choices=["image", "video", "all"], default="all")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per run (default 1500)")
+    parser.add_argument("--gate-init", type=float, default=0.0, help="initial value of the temporal gates")
+    parser.add_argument(
+        "--new-module-lr-multiplier", type=float, default=1.0, help="learning-rate factor of PVC's modules (paper: 10)"
+    )
+    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="processes, 1 thread each")
+    parser.add_argument("--quick", action="store_true", help="a few minutes: few steps, 1 seed, few samples")
+    parser.add_argument("--plot", action="store_true", help="also write Figure-3-style PNGs beside --out")
+    args = parser.parse_args(argv)
+
+    rows = [row.strip() for row in args.rows.split(",") if row.strip()]
+    unknown = sorted(set(rows) - set(ROWS))
+    if unknown or not rows:
+        parser.error(f"--rows takes a comma-separated list of {', '.join(ROWS)}; got {args.rows!r}.")
+    toy = ToyConfig(
+        repeats=tuple(int(r) for r in args.repeats.split(",")),
+        gate_init=args.gate_init,
+        new_module_lr_multiplier=args.new_module_lr_multiplier,
+    )
+    if args.quick:
+        toy = replace(toy, **QUICK)
+    if args.frames:
+        toy = replace(toy, video_frames=tuple(int(f) for f in args.frames.split(",")))
+    if args.steps:
+        toy = replace(toy, steps=args.steps)
+    if min(toy.repeats) < 1 or min(toy.video_frames) < 1:
+        parser.error("repeats and video frame counts must be at least 1.")
+    seeds = [args.seed] if args.quick else list(range(args.seed, args.seed + args.seeds))
+    tasks = ["image", "video"] if args.task == "all" else [args.task]
+    jobs = jobs_for(toy, rows, seeds, tasks)
+
+    # Each finished run is appended to a log beside the report; a rerun with the same settings reuses it, so an
+    # interrupted run resumes and the image and video parts can run one after the other.
+    log = args.out.with_name(args.out.name + ".runs.jsonl")
+    done = {}
+    if log.exists():
+        for line in log.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                done[_job_key(record["job"])] = record["result"]
+    todo = [job for job in jobs if _job_key(job) not in done]
+    print(f"{len(jobs)} runs ({len(jobs) - len(todo)} done before) on {args.workers} worker(s), {toy.steps} steps each")
+    started = time.perf_counter()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as stream:
+        for job, result in _run_all(todo, args.workers):
+            stream.write(json.dumps({"job": job, "result": result}) + "\n")
+            stream.flush()
+            done[_job_key(job)] = result
+    results = [done[_job_key(job)] for job in jobs]
+    report = collect(results, toy, argv)
+    report["config"]["seconds"] = round(time.perf_counter() - started, 1)
+    partial = args.out.with_name(args.out.name + ".partial")
+    partial.write_text(json.dumps(report, indent=1))
+    partial.replace(args.out)  # never a half-written report
+    print(table(report))
+    if args.plot:
+        from .plots import plot_report
+
+        for path in plot_report(report, args.out.parent):
+            print(f"wrote {path}")
+    print(f"wrote {args.out} in {report['config']['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

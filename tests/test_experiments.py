@@ -1,0 +1,80 @@
+"""The toy ablation runs end to end, and the committed demo model answers its task."""
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quick_ablation_writes_the_report(tmp_path):
+    from pvc.experiments.toy_ablation import main
+
+    out = tmp_path / "report.json"
+    main(["--quick", "--out", str(out), "--workers", "1"])
+    report = json.loads(out.read_text())
+    for row in ("a", "b", "c", "pvc"):
+        values = report["rows"][row]
+        assert len(values["runs"]) == 1 and 0 <= values["mean"] <= 1 and values["std"] >= 0
+    for row in ("b", "pvc"):
+        assert sorted(report["repeats"][row]) == ["1", "2", "3", "4"]
+        assert all(0 <= report["repeats"][row][r]["mean"] <= 1 for r in report["repeats"][row])
+        assert sorted(report["video"][row], key=int) == ["2", "4"]
+    # by construction, row (b)'s repeated frames give identical compressed tokens; PVC has gates to report
+    (b_diagnostics,) = report["diagnostics"]["b"]
+    assert b_diagnostics["frame_token_cosine_mean_off_diagonal"] == pytest.approx(1.0, abs=1e-5)
+    (pvc_diagnostics,) = report["diagnostics"]["pvc"]
+    assert len(pvc_diagnostics["gate_mean_abs"]) == 2 and len(pvc_diagnostics["attention_to_earlier_frames"]) == 2
+    assert report["config"]["toy"]["steps"] == 20
+    # a second run with the same settings reuses the finished runs (resumable), and gives the same report
+    main(["--quick", "--out", str(out), "--workers", "1", "--rows", "b"])
+    assert json.loads(out.read_text())["rows"]["b"] == report["rows"]["b"]
+
+
+def test_z_order_reads_blocks_whole():
+    """Consecutive groups of 4 cells are 2x2 blocks, groups of 16 are 4x4 blocks (what a token of each row holds)."""
+    from pvc.experiments.toy_ablation import z_order
+
+    cells = z_order(8)
+    assert sorted(cells) == [(r, c) for r in range(8) for c in range(8)]
+    for size in (2, 4):
+        for start in range(0, 64, size * size):
+            block = cells[start : start + size * size]
+            assert {(r // size, c // size) for r, c in block} == {(block[0][0] // size, block[0][1] // size)}
+
+
+@pytest.fixture(scope="module")
+def demo_model():
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    path = ROOT / "demo_model"
+    model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True, dtype=torch.float32)
+    return model.eval(), AutoProcessor.from_pretrained(path, trust_remote_code=True)
+
+
+def test_demo_model_answers_well_above_chance_and_random_weights_do_not(demo_model):
+    from pvc.demo import toy_scores
+
+    model, processor = demo_model
+    trained = toy_scores(model, processor, samples=32, seed=123)
+    assert np.mean(trained["image"]) > 0.6 and np.mean(trained["video"]) > 0.6  # chance: 0.25
+    torch.manual_seed(0)
+    random = type(model)(model.config).eval()  # the same architecture, untrained
+    untrained = toy_scores(random, processor, samples=8, seed=123)
+    assert np.mean(untrained["image"] + untrained["video"]) < 0.4
+
+
+def test_demo_command_prints_accuracy_last(demo_model, capsys):
+    from pvc.demo import main
+
+    main(["--eval", "8", "--seed", "3"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    found = re.fullmatch(r"accuracy (\d\.\d+) on 8 samples", last)
+    assert found and 0 <= float(found.group(1)) <= 1
+    main(["--seed", "4"])
+    out = capsys.readouterr().out
+    assert "question: 'Colours of the cells?'" in out and "cells right" in out

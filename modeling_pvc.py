@@ -652,6 +652,8 @@ class PVCForConditionalGeneration(PVCPreTrainedModel, GenerationMixin):
         inputs_embeds=None,
         labels=None,
         logits_to_keep=0,
+        past_key_values=None,
+        cache=None,
         **kwargs,
     ):
         r"""
@@ -663,9 +665,20 @@ class PVCForConditionalGeneration(PVCPreTrainedModel, GenerationMixin):
             visual_order (`[num_images + num_videos]`): 0 for an image, 1 for a video, in text order; needed only
                 when a batch holds both.
             labels (`[B, L]`): next-token targets, -100 where no loss is wanted.
-            Other keyword arguments (cache, position_ids, use_cache, ...) go to the language model.
+            past_key_values / cache: a `Cache` for the language model (`generate` fills it; one may be passed in to
+                reuse it across turns), under the name of the installed transformers (5.0: `past_key_values`).
+            Other keyword arguments (position_ids, use_cache, ...) go to the language model.
         """
         return_dict = kwargs.pop("return_dict", None)
+        # Named here so that `generate` lets a cache through; transformers 5.0 calls it `past_key_values`, later
+        # releases `cache`. Whichever was given goes on under its own name.
+        kwargs.update(
+            {
+                name: value
+                for name, value in (("past_key_values", past_key_values), ("cache", cache))
+                if value is not None
+            }
+        )
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,

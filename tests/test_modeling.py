@@ -436,3 +436,21 @@ def test_temporal_gate_init_option():
     model = tiny_model(randomize=False, vision={"temporal_gate_init": 0.05})
     gates = [p for n, p in model.named_parameters() if "temporal_gate" in n]
     assert len(gates) == 2 and all(torch.equal(g, torch.full_like(g, 0.05)) for g in gates)
+
+
+def test_generate_with_a_cache_passed_in(pixels):
+    """A cache given to `generate` (reused across turns, offloaded, quantized) is used, under the name the installed
+    transformers gives it (`past_key_values` in 5.0, `cache` later)."""
+    import inspect
+
+    from transformers import DynamicCache
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2Model
+
+    name = "cache" if "cache" in inspect.signature(Qwen2Model.forward).parameters else "past_key_values"
+    model = tiny_model("pvc")
+    inputs = dict(input_ids=prompt(4 * 4), pixel_values=pixels(1), image_num_tiles=torch.tensor([1]))
+    plain = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    cache = DynamicCache(config=model.config.text_config)
+    with_cache = model.generate(**inputs, **{name: cache}, max_new_tokens=4, do_sample=False)
+    assert torch.equal(plain, with_cache)
+    assert cache.get_seq_length() == plain.shape[1] - 1  # the cache passed in is the one that was filled

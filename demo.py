@@ -21,7 +21,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-
 DEMO_MODEL = Path(__file__).resolve().parent / "demo_model"
 DEMO_FRAMES = 4  # frames of the toy demo's videos, as the model was trained
 
@@ -213,7 +212,7 @@ def toy_demo(args):
             (answer,) = toy_answers(model, processor, [(kind, media)])
             right = sum(a == t for a, t in zip(answer, truth))
             print(f"[{kind}] {what}; question: {question!r}")
-            print(f"model's answer and the true one, as the grid (r g b y = red green blue yellow):")
+            print("model's answer and the true one, as the grid (r g b y = red green blue yellow):")
             for model_row, true_row in zip(as_grid(answer, toy.grid), as_grid(truth, toy.grid)):
                 print(f"    {model_row}    {true_row}")
             print(f"{right} of {len(truth)} cells right\n")

@@ -20,7 +20,12 @@ setup(
     license="MIT",
     python_requires=">=3.10",
     packages=["pvc", "pvc.conversion", "pvc.training", "pvc.experiments"],
-    package_dir={"pvc": ".", "pvc.conversion": "conversion", "pvc.training": "training", "pvc.experiments": "experiments"},
+    package_dir={
+        "pvc": ".",
+        "pvc.conversion": "conversion",
+        "pvc.training": "training",
+        "pvc.experiments": "experiments",
+    },
     entry_points={
         "console_scripts": [
             "pvc-convert=pvc.conversion.cli:main",

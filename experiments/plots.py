@@ -1,6 +1,6 @@
 """Figure-3-style plots of a toy_ablation report (matplotlib, the `plots` extra).
 
-    python -m pvc.experiments.plots experiments/results/toy_ablation.json
+python -m pvc.experiments.plots experiments/results/toy_ablation.json
 """
 
 import json

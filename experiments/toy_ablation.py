@@ -26,7 +26,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -422,7 +422,10 @@ def jobs_for(toy: ToyConfig, rows, seeds, tasks) -> list[dict]:
 
 
 # Settings that do not change a run of the other task (so changing them does not redo it).
-IRRELEVANT = {"image": ("video_frames", "video_batch_size", "repaint"), "video": ("repeats", "batch_size", "video_frames")}
+IRRELEVANT = {
+    "image": ("video_frames", "video_batch_size", "repaint"),
+    "video": ("repeats", "batch_size", "video_frames"),
+}
 
 
 def _job_key(job: dict) -> str:

@@ -426,7 +426,14 @@ def test_destination_overlapping_the_source_is_refused(tmp_path, capsys):
     (tmp_path / "models" / "unrelated.txt").write_text("a file beside the source")
     before = tree(tmp_path)
     (tmp_path / "link").symlink_to(source)
-    for destination in (source, source / "pvc", tmp_path / "models", tmp_path, tmp_path / "link", tmp_path / "link" / "x"):
+    for destination in (
+        source,
+        source / "pvc",
+        tmp_path / "models",
+        tmp_path,
+        tmp_path / "link",
+        tmp_path / "link" / "x",
+    ):
         assert convert(["--src", str(source), "--dst", str(destination), "--overwrite"]) == 1, destination
         assert "elsewhere" in capsys.readouterr().err
         assert tree(tmp_path) == before, destination  # nothing touched

@@ -7,9 +7,9 @@ import hashlib
 import os
 import sys
 
-from pvc.training.finetune import main
+from pvc.training.finetune import parse_args, train
 
-model = main(sys.argv[2:])
+model = train(parse_args(sys.argv[2:]))
 digest = hashlib.sha256()
 for name, tensor in sorted(model.state_dict().items()):
     digest.update(name.encode() + tensor.detach().cpu().float().numpy().tobytes())

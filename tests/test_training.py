@@ -369,3 +369,30 @@ def test_examples_run_on_a_tiny_model(tmp_path):
         command = [sys.executable, str(REPO / "examples" / script), "--model", str(model_dir), *arguments]
         result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_finetune_command_exits_zero_resumes_and_trains_bf16_on_cpu(media, tmp_path):
+    folder, _ = media
+    model_dir = tmp_path / "model"
+    tiny_model("pvc").save_pretrained(model_dir)
+    tiny_processor().save_pretrained(model_dir)
+    output = tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def finetune(*extra):
+        command = [sys.executable, "-m", "pvc.training.finetune", "--model", str(model_dir), "--data"]
+        command += [str(folder / "train.jsonl"), "--media-root", str(folder), "--output-dir", str(output)]
+        command += ["--save-steps", "1", "--max-tiles", "2", "--bf16", *extra]
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+    first = finetune("--max-steps", "2")
+    assert first.returncode == 0, first.stderr[-3000:]  # was 1, with the whole model printed to stderr
+    assert "PVCForConditionalGeneration(" not in first.stderr
+    assert (output / "checkpoint-2").is_dir() and (output / "model.safetensors").exists()
+    again = finetune("--max-steps", "3")  # would start at step 0 and overwrite the checkpoints
+    assert again.returncode != 0 and "--resume" in again.stderr and not (output / "checkpoint-3").exists()
+    resumed = finetune("--max-steps", "3", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    state = json.loads((output / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["global_step"] == 3
+    assert f"Resuming from {output / 'checkpoint-2'}" in resumed.stderr

@@ -11,6 +11,8 @@ Multi-GPU: `accelerate launch -m pvc.training.finetune ...` (DDP; FSDP and DeepS
 
 import argparse
 import logging
+import os
+import sys
 
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, TrainingArguments
@@ -152,13 +154,49 @@ def parse_args(argv=None):
     parser.add_argument("--max-tiles", type=int, default=None, help="tiles per image (default: processor's)")
     parser.add_argument("--max-length", type=int, default=None, help="token cap per sample")
     parser.add_argument("--report-to", default="none")
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="last",
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue an interrupted run: from the last checkpoint in --output-dir, or from the one named",
+    )
     return parser.parse_args(argv)
 
 
-def main(argv=None):
-    """Train as the arguments say; returns the trained (and, with LoRA, merged) model."""
-    args = parse_args(argv)
+def main(argv=None) -> int:
+    """`pvc-finetune`: train as the arguments say; 0 on success."""
+    train(parse_args(argv))
+    return 0
+
+
+def resume_checkpoint(args) -> str | None:
+    """The checkpoint to resume from: `--resume PATH`, or with a bare `--resume` the last one in `--output-dir`.
+    Without `--resume`, an output folder that already holds checkpoints is an error rather than overwritten."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+    if args.resume is None:
+        if last is not None:
+            raise SystemExit(
+                f"pvc-finetune: error: {args.output_dir} already holds checkpoints ({os.path.basename(last)}): pass "
+                "--resume to continue from the last one, or choose another --output-dir."
+            )
+        return None
+    if args.resume == "last":
+        if last is None:
+            raise SystemExit(f"pvc-finetune: error: --resume: {args.output_dir} holds no checkpoint-* folder.")
+        return last
+    if not os.path.isdir(args.resume):
+        raise SystemExit(f"pvc-finetune: error: --resume: no checkpoint folder at {args.resume}.")
+    return args.resume
+
+
+def train(args):
+    """Train as the arguments (of `parse_args`) say; returns the trained (and, with LoRA, merged) model."""
     logging.basicConfig(level=logging.INFO)
+    resume = resume_checkpoint(args)
     dataset = ConversationDataset(args.data)  # read first: a bad data file fails before minutes of model loading
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     model = AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True, dtype=dtype)
@@ -186,6 +224,7 @@ def main(argv=None):
         save_steps=args.save_steps,
         seed=args.seed,
         bf16=args.bf16,
+        use_cpu=not torch.cuda.is_available(),  # bf16 then trains on the CPU too (transformers asks for this flag)
         **checkpointing_arguments(args.gradient_checkpointing),
         remove_unused_columns=False,  # records hold media paths and conversations, not model inputs
         report_to=args.report_to,
@@ -199,7 +238,9 @@ def main(argv=None):
         data_collator=collator,
         new_module_lr_multiplier=args.new_module_lr_multiplier,
     )
-    trainer.train()
+    if resume:
+        logger.info("Resuming from %s", resume)
+    trainer.train(resume_from_checkpoint=resume)
     if args.lora:
         model = trainer.model.merge_and_unload()
     else:
@@ -212,4 +253,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

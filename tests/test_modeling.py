@@ -454,3 +454,76 @@ def test_generate_with_a_cache_passed_in(pixels):
     with_cache = model.generate(**inputs, **{name: cache}, max_new_tokens=4, do_sample=False)
     assert torch.equal(plain, with_cache)
     assert cache.get_seq_length() == plain.shape[1] - 1  # the cache passed in is the one that was filled
+
+
+def sinusoid_by_hand(num_frames, scale=1000.0, size=256):
+    """What the README documents, computed independently: t_k = k / (T - 1) (t = 0 for one frame), times 1000,
+    then [cos(t f_i), sin(t f_i)] with f_i = 10000^(-i / 128), i = 0..127."""
+    import math
+
+    times = [k / (num_frames - 1) if num_frames > 1 else 0.0 for k in range(num_frames)]
+    half = size // 2
+    rows = []
+    for t in times:
+        angles = [t * scale * math.exp(-math.log(10000.0) * i / half) for i in range(half)]
+        rows.append([math.cos(a) for a in angles] + [math.sin(a) for a in angles])
+    return torch.tensor(rows)
+
+
+@pytest.mark.parametrize("num_frames", [1, 3, 5])
+def test_temporal_embeddings_see_the_documented_timestamps(pixels, num_frames):
+    """Both temporal embedders (the tower's and the projector's) get the sinusoid of t_k = k / (T - 1) x 1000, in
+    frame order, for a video and for an image's static clip."""
+    model = tiny_model("pvc")
+    seen = {}
+    embedders = {
+        "tower": model.model.vision_tower.temporal_embedding,
+        "projector": model.model.multi_modal_projector.temporal_embedding,
+    }
+    hooks = [
+        module.linear_1.register_forward_hook(
+            lambda m, inputs, out, name=name: seen.setdefault(name, []).append(inputs[0])
+        )
+        for name, module in embedders.items()
+    ]
+    with torch.no_grad():
+        model.model.get_video_features(pixels(num_frames), torch.tensor([num_frames]))
+    expected = sinusoid_by_hand(num_frames)
+    for name in embedders:
+        torch.testing.assert_close(seen[name][-1].float(), expected, rtol=1e-4, atol=1e-4, msg=name)
+    seen.clear()
+    with torch.no_grad():
+        model.model.get_image_features(pixels(1))
+    for hook in hooks:
+        hook.remove()
+    for name in embedders:  # an image: a static clip of image_repeat = 4 frames
+        torch.testing.assert_close(seen[name][-1].float(), sinusoid_by_hand(4), rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_fresh_adaln_is_the_plain_layer_norm(pixels):
+    """The paper's initialisation: a new AdaLN computes LayerNorm(x) without affine, whatever the condition."""
+    model = tiny_model("pvc", randomize=False)  # as built (and as conversion initialises the new modules)
+    generator = torch.Generator().manual_seed(5)
+    norms = [layer.temporal_norm for layer in model.model.vision_tower.encoder.layer if hasattr(layer, "temporal_norm")]
+    norms.append(model.model.multi_modal_projector.adaln)
+    for norm in norms:
+        width = norm.norm.normalized_shape[0]
+        x, condition = torch.randn(2, 3, width, generator=generator), torch.randn(2, 3, width, generator=generator)
+        by_hand = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + norm.norm.eps)
+        with torch.no_grad():
+            torch.testing.assert_close(norm(x, condition), by_hand, rtol=1e-5, atol=1e-5)
+
+
+def test_position_embeddings_at_another_resolution_as_transformers_internvl():
+    """Tiles of another size interpolate the learned positions as InternViT does (bicubic): transformers' InternVL
+    embeddings are the reference."""
+    model = tiny_model("a", attn_implementation="eager")
+    reference = internvl_reference(model)
+    generator = torch.Generator().manual_seed(7)
+    for size in (42, 70, 98):  # 6x6, 10x10, 14x14 patch grids against the trained 8x8
+        pixel_values = torch.randn(2, 3, size, size, generator=generator)
+        with torch.no_grad():
+            ours = model.model.vision_tower.embeddings(pixel_values)
+            theirs = reference.model.vision_tower.embeddings(pixel_values)
+        theirs = theirs[0] if isinstance(theirs, tuple) else theirs  # (embeddings, grid) in some versions
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5, msg=f"{size}px")

@@ -524,3 +524,86 @@ def test_openai_style_image_and_video_urls(video_files):
     torch.testing.assert_close(out["pixel_values_videos"], from_file["pixel_values_videos"])
     with pytest.raises(ValueError, match="'audio' are not supported"):
         processor.apply_chat_template(image_message({"type": "audio", "audio": "x.wav"}), **common)
+
+
+MEAN, STD = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
+
+
+def internvl2_model_card_pixels(image, max_num, image_size):
+    """InternVL2's preprocessing as its model card publishes it (`dynamic_preprocess` + `build_transform`), written
+    out here: the closest aspect-ratio grid, the whole image resized to it (PIL's default bicubic), crops taken row
+    by row, a thumbnail resized from the original image, then Resize + ToTensor + ImageNet Normalize."""
+    width, height = image.size
+    aspect = width / height
+    ratios = sorted(
+        {(i, j) for n in range(1, max_num + 1) for i in range(1, n + 1) for j in range(1, n + 1) if i * j <= max_num},
+        key=lambda ratio: ratio[0] * ratio[1],
+    )
+    best_difference, best = float("inf"), (1, 1)
+    for ratio in ratios:
+        difference = abs(aspect - ratio[0] / ratio[1])
+        if difference < best_difference:
+            best_difference, best = difference, ratio
+        elif difference == best_difference and width * height > 0.5 * image_size * image_size * ratio[0] * ratio[1]:
+            best = ratio
+    target_width, target_height = image_size * best[0], image_size * best[1]
+    resized = image.resize((target_width, target_height))
+    columns = target_width // image_size
+    tiles = []
+    for i in range(best[0] * best[1]):
+        box = ((i % columns) * image_size, (i // columns) * image_size)
+        tiles.append(resized.crop((box[0], box[1], box[0] + image_size, box[1] + image_size)))
+    if len(tiles) != 1:
+        tiles.append(image.resize((image_size, image_size)))
+    return torch.stack([model_card_transform(tile, image_size) for tile in tiles])
+
+
+def model_card_transform(image, image_size):
+    """T.Resize((s, s), BICUBIC), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)."""
+    array = np.asarray(image.convert("RGB").resize((image_size, image_size), Image.BICUBIC), np.float32) / 255.0
+    return torch.from_numpy(((array - MEAN) / STD).transpose(2, 0, 1).copy())
+
+
+@pytest.mark.parametrize("size", [(168, 112), (112, 168), (250, 70), (60, 60)])
+def test_pixels_equal_internvl2_model_card_preprocessing(size):
+    """Grids whose row-major and column-major orders differ (3 x 2, 2 x 3, 6 x 1), and a single tile."""
+    rng = np.random.default_rng(sum(size))
+    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    ours = PVCImageProcessor(image_size=56, max_tiles=6)(images=[image])["pixel_values"]
+    torch.testing.assert_close(ours, internvl2_model_card_pixels(image, 6, 56), rtol=0, atol=1e-5)
+
+
+def test_video_frames_and_tiled_video_layout_as_the_model_card():
+    """A video frame is `build_transform` of the frame (one tile); with tiles per frame, the rows are frame-major:
+    frame 1's tiles (dynamic_preprocess of that frame), then frame 2's."""
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (3, 40, 90, 3), dtype=np.uint8)
+    processor = PVCImageProcessor(image_size=28, num_frames=3)
+    single = processor(videos=[frames])["pixel_values_videos"]
+    expected = torch.stack([model_card_transform(Image.fromarray(frame), 28) for frame in frames])
+    torch.testing.assert_close(single, expected, rtol=0, atol=1e-5)
+    tiled = processor(videos=[frames], video_max_tiles=4)
+    per_frame = [internvl2_model_card_pixels(Image.fromarray(frame), 4, 28) for frame in frames]
+    assert tiled["video_num_tiles"].tolist() == [per_frame[0].shape[0]] and per_frame[0].shape[0] > 1
+    torch.testing.assert_close(tiled["pixel_values_videos"], torch.cat(per_frame), rtol=0, atol=1e-5)
+
+
+def test_tiled_video_through_processor_and_model():
+    """Tokens per frame count every tile, and the model writes them frame-major: frame 1 (tile 1..P), frame 2, ...
+    Each tile position is its own stream over the frames, encoded here alone as the reference."""
+    processor = tiny_processor()
+    model = tiny_model("pvc")
+    frames = np.random.default_rng(1).integers(0, 256, (3, 56, 112, 3), dtype=np.uint8)  # 2 tiles + thumbnail
+    inputs = processor(text="<video> what?", videos=[frames], num_frames=3, video_max_tiles=2)
+    tiles = int(inputs["video_num_tiles"][0])
+    assert tiles == 3 and int((inputs["input_ids"] == IMAGE_TOKEN).sum()) == 3 * tiles * 4
+    pixels = inputs["pixel_values_videos"].view(3, tiles, 3, 56, 56)  # frame-major rows
+    with torch.no_grad():
+        features = model.model.get_video_features(
+            inputs["pixel_values_videos"], inputs["video_num_frames"], inputs["video_num_tiles"]
+        )
+        streams = [model.model.encode_clips(pixels[:, p], num_frames=3)[0] for p in range(tiles)]  # [T, M, D] each
+    expected = torch.cat([streams[p][t] for t in range(3) for p in range(tiles)])
+    torch.testing.assert_close(features, expected, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        assert torch.isfinite(model(**inputs).logits).all()

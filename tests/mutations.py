@@ -1,0 +1,182 @@
+"""Plant known bugs one at a time in a temporary copy of the repository and report which ones the tests miss.
+
+    .venv/bin/python tests/mutations.py                 # every planted bug (several minutes)
+    .venv/bin/python tests/mutations.py timestamps      # those whose name contains "timestamps"
+
+Not part of CI (it runs the relevant tests once per bug). A bug that "SURVIVED" is a way for the model to be
+wrong while CI stays green: give it a test against an independent reference. Each entry: a name, the file, the text
+to replace (which must occur exactly once), its replacement, and the tests to run.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+MUTATIONS = [
+    # timestamps and the temporal embedding
+    (
+        "timestamps reversed",
+        "modeling_pvc.py",
+        "torch.linspace(0, 1, num_frames, device=device)",
+        "torch.linspace(1, 0, num_frames, device=device)",
+        "tests/test_modeling.py",
+    ),
+    (
+        "timestamp_scale ignored",
+        "modeling_pvc.py",
+        "(timestamps.float() * self.timestamp_scale)[:, None]",
+        "timestamps.float()[:, None]",
+        "tests/test_modeling.py",
+    ),
+    (
+        "frame indices instead of k/(T-1)",
+        "modeling_pvc.py",
+        "torch.linspace(0, 1, num_frames, device=device) if num_frames > 1",
+        "torch.arange(num_frames, device=device, dtype=torch.float32) if num_frames > 1",
+        "tests/test_modeling.py",
+    ),
+    (
+        "constant timestamp in the projector",
+        "modeling_pvc.py",
+        "            timestamps = relative_timestamps(num_frames, hidden_states.device)\n",
+        "            timestamps = torch.zeros(num_frames, device=hidden_states.device)\n",
+        "tests/test_modeling.py",
+    ),
+    (
+        "sinusoid halves swapped",
+        "modeling_pvc.py",
+        "torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)",
+        "torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)",
+        "tests/test_modeling.py",
+    ),
+    # the mechanism
+    (
+        "AdaLN last layers random",
+        "modeling_pvc.py",
+        "        if isinstance(module, PVCZeroInitLinear):\n            init.zeros_(module.weight)",
+        "        if isinstance(module, PVCZeroInitLinear):\n            init.normal_(module.weight, std=0.02)",
+        "tests/test_modeling.py",
+    ),
+    (
+        "AdaLN condition ignored (x instead of x + TE)",
+        "modeling_pvc.py",
+        "condition = hidden_states + temporal_embeds[:, None]",
+        "condition = hidden_states",
+        "tests/test_modeling.py",
+    ),
+    (
+        "temporal attention not causal",
+        "modeling_pvc.py",
+        "self.temporal_attention = PVCVisionAttention(config, is_causal=True)",
+        "self.temporal_attention = PVCVisionAttention(config, is_causal=False)",
+        "tests/test_modeling.py",
+    ),
+    (
+        "video tokens tile-major",
+        "modeling_pvc.py",
+        '                features[index] = rearrange(clip_features, "p t m d -> (t p m) d")',
+        '                features[index] = rearrange(clip_features, "p t m d -> (p t m) d")',
+        "tests/test_modeling.py tests/test_processing.py",
+    ),
+    # position embeddings
+    (
+        "bilinear position interpolation",
+        "modeling_pvc.py",
+        'size=(grid_h, grid_w), mode="bicubic"',
+        'size=(grid_h, grid_w), mode="bilinear"',
+        "tests/test_modeling.py",
+    ),
+    # pixels
+    (
+        "tiles column-major",
+        "image_processing_pvc.py",
+        "            for r in range(rows)\n            for c in range(columns)\n",
+        "            for c in range(columns)\n            for r in range(rows)\n",
+        "tests/test_processing.py",
+    ),
+    (
+        "thumbnail from the resized grid",
+        "image_processing_pvc.py",
+        "tiles.append(image.resize((size, size), Image.BICUBIC))",
+        "tiles.append(resized.resize((size, size), Image.BICUBIC))",
+        "tests/test_processing.py",
+    ),
+    (
+        "normalisation x / std - mean",
+        "image_processing_pvc.py",
+        "array = (array - np.asarray(self.image_mean, dtype=np.float32)) / np.asarray(self.image_std, dtype=np.float32)",
+        "array = array / np.asarray(self.image_std, dtype=np.float32) - np.asarray(self.image_mean, dtype=np.float32)",
+        "tests/test_processing.py",
+    ),
+    (
+        "video prompt ignores tiles per frame",
+        "processing_pvc.py",
+        "frame = IMAGE_START + IMAGE_CONTEXT * (self.tokens_per_frame * num_tiles) + IMAGE_END",
+        "frame = IMAGE_START + IMAGE_CONTEXT * self.tokens_per_frame + IMAGE_END",
+        "tests/test_processing.py tests/test_modeling.py",
+    ),
+    # conversion
+    (
+        "--projector-init random does the warm start",
+        "conversion/common.py",
+        "init: str) -> dict[str, torch.Tensor]:\n",
+        'init: str) -> dict[str, torch.Tensor]:\n    init = "warm"\n',
+        "tests/test_conversion.py",
+    ),
+]
+
+
+def copy_repository(folder: Path) -> Path:
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.split()
+    copy = folder / "pvc"
+    for name in files:
+        source = ROOT / name
+        if source.is_file() or source.is_symlink():
+            target = copy / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target, follow_symlinks=False)
+    return copy
+
+
+def run(name_filter: str = "") -> int:
+    chosen = [m for m in MUTATIONS if name_filter in m[0]]
+    survived = []
+    with tempfile.TemporaryDirectory(prefix="pvc-mutations-") as folder:
+        copy = copy_repository(Path(folder))
+        # `import pvc` must find the copy, not the installed checkout: the copy's folder is named pvc
+        env = dict(os.environ, PYTHONPATH=folder, OMP_NUM_THREADS="1")
+        for name, path, old, new, tests in chosen:
+            original = (copy / path).read_text()
+            if original.count(old) != 1:
+                print(f"{name:50s} STALE (the text to replace occurs {original.count(old)} times in {path})")
+                survived.append(name)
+                continue
+            (copy / path).write_text(original.replace(old, new))
+            try:
+                result = subprocess.run(
+                    [sys.executable, "-m", "pytest", *tests.split(), "-x", "-q", "-p", "no:cacheprovider"],
+                    cwd=copy,
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                )
+            finally:
+                (copy / path).write_text(original)
+            caught = result.returncode == 1
+            verdict = "caught" if caught else ("SURVIVED" if result.returncode == 0 else f"error {result.returncode}")
+            print(f"{name:50s} {verdict}", flush=True)
+            if not caught:
+                survived.append(name)
+    print(f"\n{len(chosen) - len(survived)} of {len(chosen)} planted bugs caught")
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(sys.argv[1] if len(sys.argv) > 1 else ""))

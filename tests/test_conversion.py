@@ -16,13 +16,20 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
 from pvc.conversion.cli import main as convert
-from pvc.conversion.common import ABLATIONS, convert_projector
+from pvc.conversion.common import convert_projector
 
 # Tiny checkpoints in the original InternVL2 layout with the original code's outputs, beside this checkout.
 DEFAULT_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "internvl2"
 FIXTURES = Path(os.environ.get("PVC_FIXTURES", DEFAULT_FIXTURES))
 VARIANTS = ["internlm2", "qwen2", "phi3"]
-pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"the InternVL2 fixtures are not at {FIXTURES}")
+
+
+def fixture(variant: str) -> Path:
+    """A fixture checkpoint's folder; the test that asks for it is skipped where the fixtures are missing (the tests
+    that need none still run)."""
+    if not FIXTURES.is_dir():
+        pytest.skip(f"the InternVL2 fixtures are not at {FIXTURES}")
+    return FIXTURES / variant
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +45,7 @@ def converted(tmp_path_factory):
                 convert(
                     [
                         "--src",
-                        str(FIXTURES / variant),
+                        str(fixture(variant)),
                         "--dst",
                         str(destination),
                         "--ablation",
@@ -70,7 +77,7 @@ def assert_relative(actual, expected, tolerance=1e-4):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_row_a_reproduces_the_original_implementation(converted, variant):
-    reference = load_file(FIXTURES / variant / "reference.safetensors")
+    reference = load_file(fixture(variant) / "reference.safetensors")
     folder = converted(variant, "a")
     model = load(folder)
     assert type(model).__module__ != "pvc.modeling_pvc"  # the code files written beside the weights
@@ -97,7 +104,7 @@ def test_row_a_reproduces_the_original_implementation(converted, variant):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_processor_rebuilds_the_original_prompt(converted, variant):
     """The converted chat template, tokenizer and placeholder expansion give chat()'s exact input ids."""
-    reference = load_file(FIXTURES / variant / "reference.safetensors")
+    reference = load_file(fixture(variant) / "reference.safetensors")
     processor = AutoProcessor.from_pretrained(converted(variant, "a"), trust_remote_code=True)
     assert processor.tokens_per_frame == 256 and processor.image_repeat == 1
     messages = [
@@ -111,7 +118,7 @@ def test_processor_rebuilds_the_original_prompt(converted, variant):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_pvc_conversion_keeps_the_vit(converted, variant):
-    reference = load_file(FIXTURES / variant / "reference.safetensors")
+    reference = load_file(fixture(variant) / "reference.safetensors")
     model = load(converted(variant, "pvc"))
     config = model.config
     assert config.downsample_ratio == 0.25 and config.image_repeat == 4 and config.projector_adaln
@@ -128,7 +135,7 @@ def test_pvc_conversion_keeps_the_vit(converted, variant):
 def test_internlm2_tokenizer_matches_sentencepiece(converted):
     import sentencepiece
 
-    model = sentencepiece.SentencePieceProcessor(model_file=str(FIXTURES / "internlm2" / "tokenizer.model"))
+    model = sentencepiece.SentencePieceProcessor(model_file=str(fixture("internlm2") / "tokenizer.model"))
     # trust_remote_code=False: the tokenizer needs none (the config's auto_map would otherwise prompt)
     tokenizer = AutoTokenizer.from_pretrained(converted("internlm2", "a"), trust_remote_code=False)
     assert type(tokenizer).__module__.startswith("transformers.")
@@ -240,12 +247,42 @@ def test_warm_projector_on_uniform_groups_equals_internvl2(ablation):
     torch.testing.assert_close(actual.view(3, width), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_random_projector_init_and_ablation_rows(converted):
+def test_random_projector_init_starts_afresh(converted):
+    """--projector-init random: the first projector layer is the model's own initialisation (normal, std
+    initializer_range, zero bias), not the warm start from InternVL2's layer."""
     folder = converted("qwen2", "c", "--projector-init", "random", "--dtype", "bf16")
     model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)
     assert model.dtype == torch.bfloat16
     assert model.config.vision_config.num_temporal_layers == 1 and not model.config.projector_adaln
-    assert set(ABLATIONS) == {"a", "b", "c", "pvc"}
+    random = model.model.multi_modal_projector
+    warm = load(converted("qwen2", "c")).model.multi_modal_projector
+    assert not torch.allclose(random.linear_1.weight.float(), warm.linear_1.weight, atol=1e-3)
+    std, weight = model.config.initializer_range, random.linear_1.weight.float()
+    assert abs(weight.std().item() - std) < 0.2 * std and abs(weight.mean().item()) < 0.1 * std
+    assert not random.linear_1.bias.any()
+    # the second layer is InternVL2's either way
+    torch.testing.assert_close(random.linear_2.weight.float(), warm.linear_2.weight, rtol=0, atol=1e-2)
+
+
+def test_converted_pvc_starts_as_the_paper_says(converted):
+    """A fresh conversion's new modules compute what the paper's initialisation says, on their outputs: every gate
+    is zero and every AdaLN is the affine-free LayerNorm, whatever its condition."""
+    model = load(converted("qwen2", "pvc"))
+    generator = torch.Generator().manual_seed(0)
+    norms = [layer.temporal_norm for layer in model.model.vision_tower.encoder.layer if hasattr(layer, "temporal_norm")]
+    norms.append(model.model.multi_modal_projector.adaln)
+    for norm in norms:
+        width = norm.norm.normalized_shape[0]
+        x, condition = torch.randn(3, width, generator=generator), 5 * torch.randn(3, width, generator=generator)
+        by_hand = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + norm.norm.eps)
+        with torch.no_grad():
+            torch.testing.assert_close(norm(x, condition), by_hand, rtol=1e-5, atol=1e-5)
+    gates = [
+        layer.temporal_gate.weight
+        for layer in model.model.vision_tower.encoder.layer
+        if hasattr(layer, "temporal_gate")
+    ]
+    assert gates and all(not gate.any() for gate in gates)
 
 
 def test_sizes_of_the_new_modules_are_chosen_on_the_command_line(converted, tmp_path, capsys):
@@ -260,7 +297,7 @@ def test_sizes_of_the_new_modules_are_chosen_on_the_command_line(converted, tmp_
     assert len(progressive) == 2 and progressive[0] is tower.encoder.layer[-2]
     assert progressive[0].temporal_norm.scale.fc1.weight.shape == (8, width)
     assert model.model.multi_modal_projector.adaln.shift.fc1.weight.shape == (24, 16 * width)
-    reference = load_file(FIXTURES / "qwen2" / "reference.safetensors")
+    reference = load_file(fixture("qwen2") / "reference.safetensors")
     with torch.no_grad():
         frames = tower(reference["pixel_values"], num_frames=4, static=True).last_hidden_state
     assert_relative(frames[3::4], reference["vit_last_hidden_state"])
@@ -268,12 +305,12 @@ def test_sizes_of_the_new_modules_are_chosen_on_the_command_line(converted, tmp_
         ("--num-temporal-layers", "99", "num_temporal_layers must lie in [0, num_hidden_layers=4]"),
         ("--projector-adaln-hidden-size", "0", "projector_adaln_hidden_size must be a positive width"),
     ):
-        assert_fails_cleanly(FIXTURES / "qwen2", tmp_path, capsys, message, option, value)
+        assert_fails_cleanly(fixture("qwen2"), tmp_path, capsys, message, option, value)
 
 
 def copy_fixture(variant, tmp_path):
     folder = tmp_path / f"{variant}-source"
-    shutil.copytree(FIXTURES / variant, folder)
+    shutil.copytree(fixture(variant), folder)
     for path in folder.iterdir():
         path.chmod(0o644)
     return folder
@@ -366,7 +403,7 @@ def test_a_full_disk_or_an_unknown_source_fails_cleanly(tmp_path, capsys, monkey
 
     with monkeypatch.context() as patch:
         patch.setattr("pvc.conversion.common.save_file", full_disk)
-        assert_fails_cleanly(FIXTURES / "qwen2", tmp_path, capsys, "No space left on device")
+        assert_fails_cleanly(fixture("qwen2"), tmp_path, capsys, "No space left on device")
     # Not a folder here, so taken as a Hub id; the tests run offline (HF_HUB_OFFLINE), so it cannot be fetched.
     assert_fails_cleanly(tmp_path / "no-such-folder", tmp_path, capsys, "is not a local folder")
 
@@ -395,7 +432,7 @@ def test_existing_destination_is_kept_unless_overwrite(tmp_path, capsys, convert
     destination = tmp_path / "taken"
     destination.mkdir()
     (destination / "keep.txt").write_text("mine")
-    source = FIXTURES / "qwen2"
+    source = fixture("qwen2")
     assert convert(["--src", str(source), "--dst", str(destination), "--ablation", "a"]) == 1
     assert "--overwrite" in capsys.readouterr().err and (destination / "keep.txt").exists()
     # --overwrite replaces an earlier conversion only, never a folder of other things
@@ -446,7 +483,7 @@ def test_destination_that_is_a_file_or_a_hub_without_network_fails_in_one_line(t
     import huggingface_hub
 
     (tmp_path / "a-file").write_text("x")
-    assert convert(["--src", str(FIXTURES / "qwen2"), "--dst", str(tmp_path / "a-file")]) == 1
+    assert convert(["--src", str(fixture("qwen2")), "--dst", str(tmp_path / "a-file")]) == 1
     error = capsys.readouterr().err
     assert "is a file" in error and len(error.strip().splitlines()) == 1
 
@@ -466,13 +503,13 @@ def test_output_permissions_follow_the_umask(tmp_path):
     old = os.umask(0o022)
     try:
         fresh = tmp_path / "fresh"
-        assert convert(["--src", str(FIXTURES / "qwen2"), "--dst", str(fresh), "--ablation", "a"]) == 0
+        assert convert(["--src", str(fixture("qwen2")), "--dst", str(fresh), "--ablation", "a"]) == 0
         assert fresh.stat().st_mode & 0o777 == 0o755
         assert {p.name: p.stat().st_mode & 0o777 for p in fresh.iterdir()} == {p.name: 0o644 for p in fresh.iterdir()}
         kept = tmp_path / "kept"
         kept.mkdir(mode=0o750)
         kept.chmod(0o750)
-        assert convert(["--src", str(FIXTURES / "qwen2"), "--dst", str(kept), "--ablation", "a"]) == 0
+        assert convert(["--src", str(fixture("qwen2")), "--dst", str(kept), "--ablation", "a"]) == 0
         assert kept.stat().st_mode & 0o777 == 0o750
     finally:
         os.umask(old)
@@ -487,7 +524,7 @@ def test_sigterm_during_conversion_leaves_nothing(tmp_path):
         "def slow(self, *args):\n    time.sleep(0.05); add(self, *args)\n"
         "common.ShardWriter.add = slow\n"
         "from pvc.conversion.cli import main\n"
-        f"sys.exit(main(['--src', {str(FIXTURES / 'qwen2')!r}, '--dst', {str(destination)!r}]))\n"
+        f"sys.exit(main(['--src', {str(fixture('qwen2'))!r}, '--dst', {str(destination)!r}]))\n"
     )
     process = subprocess.Popen([sys.executable, "-c", slow_conversion], stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
@@ -506,7 +543,7 @@ def test_transformers_layout_source(tmp_path):
     from conftest import TINY_TEXT
     from transformers import InternVLConfig, InternVLForConditionalGeneration
 
-    tokenizer = AutoTokenizer.from_pretrained(FIXTURES / "qwen2")
+    tokenizer = AutoTokenizer.from_pretrained(fixture("qwen2"))
     text = dict(TINY_TEXT, vocab_size=len(tokenizer))
     config = InternVLConfig(
         vision_config=dict(
@@ -546,7 +583,7 @@ def test_qwen2_tokenizer_without_tokenizer_json(tmp_path):
     (source / "tokenizer.json").unlink()
     destination = tmp_path / "out"
     assert convert(["--src", str(source), "--dst", str(destination), "--ablation", "a"]) == 0
-    reference = load_file(FIXTURES / "qwen2" / "reference.safetensors")
+    reference = load_file(fixture("qwen2") / "reference.safetensors")
     tokenizer = AutoTokenizer.from_pretrained(destination, trust_remote_code=False)
     text = "The quick brown fox jumps over the lazy dog. Hello world, this is a tiny test."
     assert tokenizer(text)["input_ids"] == reference["input_ids_text"][0].tolist()

@@ -199,6 +199,9 @@ class PVCProcessor(ProcessorMixin):
         return_dict=False,
         return_tensors=None,
         processor_kwargs=None,
+        continue_final_message=False,
+        tools=None,
+        documents=None,
         **kwargs,
     ):
         r"""
@@ -224,7 +227,13 @@ class PVCProcessor(ProcessorMixin):
         template = chat_template if chat_template is not None else self.chat_template
         texts = [
             self.tokenizer.apply_chat_template(
-                messages, chat_template=template, add_generation_prompt=add_generation_prompt, tokenize=False
+                messages,
+                chat_template=template,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+                tools=tools,
+                documents=documents,
+                tokenize=False,
             )
             for messages in conversations
         ]

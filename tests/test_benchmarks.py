@@ -61,7 +61,10 @@ def test_gpu_script_runs_on_a_small_shape():
     results = gpu_bench.main(["--device", "cpu", "--shape", "tiny", "--attn", "sdpa", "--repeats", "1"])
     for case in ("image_prefill", "video16_prefill", "generate_64"):
         for model in ("pvc", "internvl2"):
-            assert all(value is None or value > 0 for value in results["sdpa"][case][model].values())
+            measured = results["sdpa"][case][model]
+            speeds = [value for key, value in measured.items() if key != "activation_peak_gib"]
+            assert speeds and all(value is not None and value > 0 for value in speeds), (case, model, measured)
+            assert measured.get("activation_peak_gib") is None  # measured on CUDA only
 
 
 def test_gpu_check_script_runs_on_the_cpu(tmp_path):

@@ -504,6 +504,9 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="processes, 1 thread each")
     parser.add_argument("--quick", action="store_true", help="a few minutes: few steps, 1 seed, few samples")
     parser.add_argument("--plot", action="store_true", help="also write Figure-3-style PNGs beside --out")
+    parser.add_argument(
+        "--collect-only", action="store_true", help="write the report from the finished runs only (it lists the rest)"
+    )
     args = parser.parse_args(argv)
 
     rows = [row.strip() for row in args.rows.split(",") if row.strip()]
@@ -536,8 +539,9 @@ def main(argv=None):
             if line.strip():
                 record = json.loads(line)
                 done[_job_key(record["job"])] = record["result"]
-    todo = [job for job in jobs if _job_key(job) not in done]
-    print(f"{len(jobs)} runs ({len(jobs) - len(todo)} done before) on {args.workers} worker(s), {toy.steps} steps each")
+    todo = [] if args.collect_only else [job for job in jobs if _job_key(job) not in done]
+    finished = sum(_job_key(job) in done for job in jobs)
+    print(f"{len(jobs)} runs ({finished} done before) on {args.workers} worker(s), {toy.steps} steps each")
     started = time.perf_counter()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with log.open("a") as stream:
@@ -545,8 +549,13 @@ def main(argv=None):
             stream.write(json.dumps({"job": job, "result": result}) + "\n")
             stream.flush()
             done[_job_key(job)] = result
-    results = [done[_job_key(job)] for job in jobs]
+    results = [done[_job_key(job)] for job in jobs if _job_key(job) in done]
+    if not results:
+        parser.error(f"no finished run matches these settings in {log}.")
     report = collect(results, toy, argv)
+    missing = [{k: v for k, v in job.items() if k != "toy"} for job in jobs if _job_key(job) not in done]
+    if missing:  # only with --collect-only: said in the report, not hidden
+        report["config"]["missing_runs"] = missing
     report["config"]["seconds"] = round(time.perf_counter() - started, 1)
     partial = args.out.with_name(args.out.name + ".partial")
     partial.write_text(json.dumps(report, indent=1))

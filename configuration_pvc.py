@@ -56,6 +56,9 @@ class PVCVisionConfig(PreTrainedConfig):
             Relative frame timestamps in [0, 1] are multiplied by this before the sinusoidal embedding.
         timestamp_embedding_size (`int`, defaults to 256):
             Width of the sinusoidal timestamp embedding.
+        drop_path_rate (`float`, defaults to 0.0):
+            Stochastic depth, rising linearly over the layers from 0 to this rate (InternViT's; InternVL2's
+            fine-tuning uses it). Training only; 0 leaves the model as it is.
         temporal_gate_init (`float`, defaults to 0.0):
             Initial value of every channel of the temporal gates g. Zero (the paper) makes a fresh progressive
             layer the InternViT layer it extends; a small non-zero value is an option for training from scratch.
@@ -92,6 +95,7 @@ class PVCVisionConfig(PreTrainedConfig):
         timestamp_scale=1000.0,
         timestamp_embedding_size=256,
         temporal_gate_init=0.0,
+        drop_path_rate=0.0,
         frame_chunk_size=16,
         **kwargs,
     ):
@@ -107,6 +111,8 @@ class PVCVisionConfig(PreTrainedConfig):
             raise ValueError(f"norm_type must be 'layer_norm' or 'rms_norm', got {norm_type!r}.")
         if frame_chunk_size is not None and frame_chunk_size < 1:
             raise ValueError(f"frame_chunk_size must be a positive integer or None, got {frame_chunk_size}.")
+        if not 0 <= drop_path_rate < 1:
+            raise ValueError(f"drop_path_rate must lie in [0, 1), got {drop_path_rate}.")
         if adaln_hidden_size is not None and adaln_hidden_size < 1:
             raise ValueError(f"adaln_hidden_size must be a positive width, got {adaln_hidden_size}.")
         self.hidden_size = hidden_size
@@ -131,6 +137,7 @@ class PVCVisionConfig(PreTrainedConfig):
         self.timestamp_scale = timestamp_scale
         self.timestamp_embedding_size = timestamp_embedding_size
         self.temporal_gate_init = temporal_gate_init
+        self.drop_path_rate = drop_path_rate
         self.frame_chunk_size = frame_chunk_size
         super().__init__(**kwargs)
 

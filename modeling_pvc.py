@@ -256,10 +256,26 @@ class PVCVisionEmbeddings(nn.Module):
         return torch.cat([cls, patches], dim=1) + self.position_embeddings_for(grid_h, grid_w)  # [F, N, C]
 
 
+class PVCDropPath(nn.Module):
+    """Stochastic depth: in training, the whole residual branch of a sample (first axis) is dropped with probability
+    `rate` and kept ones are scaled by 1 / (1 - rate); the identity in evaluation."""
+
+    def __init__(self, rate: float = 0.0):
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, branch):
+        if not self.training or self.rate == 0.0:
+            return branch
+        keep = 1.0 - self.rate
+        mask = branch.new_empty((branch.shape[0],) + (1,) * (branch.ndim - 1)).bernoulli_(keep)
+        return branch * mask / keep
+
+
 class PVCVisionLayer(GradientCheckpointingLayer):
     """An InternViT layer, applied to each frame on its own: x + ls1 * S-MHA(LN1(x)), then x + ls2 * FFN(LN2(x))."""
 
-    def __init__(self, config: PVCVisionConfig):
+    def __init__(self, config: PVCVisionConfig, drop_path_rate: float = 0.0):
         super().__init__()
         self.attention = PVCVisionAttention(config)
         self.mlp = PVCVisionMLP(config)
@@ -268,12 +284,14 @@ class PVCVisionLayer(GradientCheckpointingLayer):
         self.lambda_1 = nn.Parameter(torch.full((config.hidden_size,), config.layer_scale_init_value))
         self.lambda_2 = nn.Parameter(torch.full((config.hidden_size,), config.layer_scale_init_value))
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.drop_path = PVCDropPath(drop_path_rate)
 
     def spatial_block(self, hidden_states):  # [F, N, C]
-        return hidden_states + self.lambda_1 * self.attention(self.layernorm_before(hidden_states))
+        return hidden_states + self.drop_path(self.lambda_1 * self.attention(self.layernorm_before(hidden_states)))
 
     def mlp_block(self, hidden_states):  # [F, N, C]
-        return hidden_states + self.lambda_2 * self.dropout(self.mlp(self.layernorm_after(hidden_states)))
+        branch = self.lambda_2 * self.dropout(self.mlp(self.layernorm_after(hidden_states)))
+        return hidden_states + self.drop_path(branch)
 
     def forward(self, hidden_states):  # [F, N, C]
         return self.mlp_block(self.spatial_block(hidden_states))
@@ -289,8 +307,8 @@ class PVCVisionProgressiveLayer(PVCVisionLayer):
     The gate g starts at zero, so a fresh layer is the InternViT layer it extends.
     """
 
-    def __init__(self, config: PVCVisionConfig):
-        super().__init__(config)
+    def __init__(self, config: PVCVisionConfig, drop_path_rate: float = 0.0):
+        super().__init__(config, drop_path_rate)
         self.temporal_norm = PVCAdaLayerNorm(config.hidden_size, config.adaln_hidden_size, config.layer_norm_eps)
         self.temporal_attention = PVCVisionAttention(config, is_causal=True)
         self.temporal_gate = PVCGate(config.hidden_size)
@@ -318,7 +336,9 @@ class PVCVisionProgressiveLayer(PVCVisionLayer):
         # Design decision (paper silent): the CLS position takes part in temporal attention like any other token.
         normed = rearrange(self.temporal_norm(hidden_states, condition), "s t n c -> (s n) t c")
         temporal = rearrange(self.temporal_attention(normed), "(s n) t c -> s t n c", s=streams)
-        return self.temporal_gate(temporal)  # [S, T, n, C]
+        # Design decision (paper silent): stochastic depth drops the temporal branch of a whole stream, at the layer's
+        # rate, as it drops the spatial and MLP branches of a frame.
+        return self.drop_path(self.temporal_gate(temporal))  # [S, T, n, C]
 
 
 def expand_frames(hidden_states, num_streams: int, num_frames: int):
@@ -372,9 +392,11 @@ class PVCVisionEncoder(nn.Module):
     def __init__(self, config: PVCVisionConfig):
         super().__init__()
         self.num_frame_layers = config.num_hidden_layers - config.num_temporal_layers
+        # stochastic depth rising linearly from 0 at the first layer to drop_path_rate at the last, as InternViT's
+        rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
         self.layer = nn.ModuleList(
-            [PVCVisionLayer(config) for _ in range(self.num_frame_layers)]
-            + [PVCVisionProgressiveLayer(config) for _ in range(config.num_temporal_layers)]
+            [PVCVisionLayer(config, rates[index]) for index in range(self.num_frame_layers)]
+            + [PVCVisionProgressiveLayer(config, rates[index]) for index in range(self.num_frame_layers, len(rates))]
         )
 
     def forward(self, hidden_states, temporal_embeds, num_streams: int, chunk_size: int | None):

@@ -527,3 +527,29 @@ def test_position_embeddings_at_another_resolution_as_transformers_internvl():
             theirs = reference.model.vision_tower.embeddings(pixel_values)
         theirs = theirs[0] if isinstance(theirs, tuple) else theirs  # (embeddings, grid) in some versions
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5, msg=f"{size}px")
+
+
+def test_stochastic_depth(pixels):
+    """drop_path_rate: rates rise linearly over the layers (InternViT's rule, by hand); evaluation is unchanged; in
+    training whole branches of a sample are dropped, and the expectation is kept."""
+    model = tiny_model("pvc", vision={"drop_path_rate": 0.3})
+    layers = model.model.vision_tower.encoder.layer
+    assert [layer.drop_path.rate for layer in layers] == pytest.approx([0.0, 0.15, 0.3])
+    plain = tiny_model("pvc")
+    frames = pixels(3)
+    with torch.no_grad():
+        evaluated = model.model.vision_tower(frames, num_frames=3).last_hidden_state
+        torch.testing.assert_close(evaluated, plain.model.vision_tower(frames, num_frames=3).last_hidden_state)
+    drop = layers[2].drop_path.train()
+    branch = torch.ones(4000, 2, 3)
+    torch.manual_seed(0)
+    out = drop(branch)
+    kept = out[:, 0, 0] != 0
+    assert torch.equal(out[kept], torch.full_like(out[kept], 1 / 0.7))  # whole samples, rescaled
+    assert abs(kept.float().mean().item() - 0.7) < 0.03 and abs(out.mean().item() - 1) < 0.05
+    model.train()
+    torch.manual_seed(1)
+    trained = model.model.vision_tower(frames, num_frames=3).last_hidden_state
+    assert not torch.allclose(trained, evaluated)
+    with pytest.raises(ValueError, match="drop_path_rate"):
+        tiny_model("pvc", vision={"drop_path_rate": 1.0})

@@ -419,3 +419,21 @@ def test_finetune_command_exits_zero_resumes_and_trains_bf16_on_cpu(media, tmp_p
     state = json.loads((output / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["global_step"] == 3
     assert f"Resuming from {output / 'checkpoint-2'}" in resumed.stderr
+
+
+def test_frame_count_range_as_the_paper(media):
+    """--num-frames 16-96: each record's video gets a count drawn from the range (all of it, nothing outside)."""
+    from pvc.training.finetune import frame_count, parse_args
+
+    assert frame_count("16") == 16 and frame_count("16-96") == (16, 96)
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "m", "--data", "d", "--output-dir", "o", "--num-frames", "9-3"])
+    assert parse_args(["--model", "m", "--data", "d", "--output-dir", "o", "--num-frames", "2-5"]).max_num_frames == (
+        2,
+        5,
+    )
+    folder, records = media
+    torch.manual_seed(0)
+    data = PVCDataCollator(tiny_processor(), media_root=folder, max_num_frames=(2, 5))
+    counts = [int(data.encode(records[2])["video_num_frames"][0]) for _ in range(40)]
+    assert set(counts) == {2, 3, 4, 5}

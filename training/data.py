@@ -72,7 +72,8 @@ class PVCDataCollator:
     Args:
         processor (`PVCProcessor`).
         media_root (`str`, *optional*): folder that relative media paths start from.
-        max_num_frames (`int`, *optional*): frames sampled per video (default: the processor's).
+        max_num_frames (`int` or `(low, high)`, *optional*): frames sampled per video (default: the processor's);
+            a range draws each record's count uniformly from low..high (the paper trains on 16..96).
         max_tiles (`int`, *optional*): tile bound per image (default: the processor's).
         max_length (`int`, *optional*): a longer sample is cut at the end when its visual tokens all lie before
             the cut (with a warning), and is an error otherwise.
@@ -123,7 +124,10 @@ class PVCDataCollator:
             )
         visual = {}
         if images or videos:
-            options = {"max_tiles": self.max_tiles, "num_frames": self.max_num_frames}
+            frames = self.max_num_frames
+            if isinstance(frames, (tuple, list)):  # a range: torch's generator, which Trainer seeds
+                frames = int(torch.randint(frames[0], frames[1] + 1, ()).item())
+            options = {"max_tiles": self.max_tiles, "num_frames": frames}
             visual = dict(
                 self.processor.image_processor(
                     images=[self._path(image) for image in images] or None,

@@ -12,6 +12,7 @@ Multi-GPU: `accelerate launch -m pvc.training.finetune ...` (DDP; FSDP and DeepS
 import argparse
 import logging
 import os
+import re
 import sys
 
 import torch
@@ -117,6 +118,15 @@ def checkpointing_arguments(enabled: bool) -> dict:
     return {name: enabled, f"{name}_kwargs": {"use_reentrant": False} if enabled else None}
 
 
+def frame_count(text: str):
+    """`16` -> 16; `16-96` -> (16, 96)."""
+    found = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", text)
+    low, high = (int(found.group(1)), int(found.group(2) or found.group(1))) if found else (0, 0)
+    if low < 1 or high < low:
+        raise argparse.ArgumentTypeError(f"expected a frame count such as 16 or a range such as 16-96, got {text!r}")
+    return low if low == high else (low, high)
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         prog="pvc-finetune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -150,7 +160,13 @@ def parse_args(argv=None):
     parser.add_argument("--lora-vision", action="store_true", help="also LoRA on the ViT's linear layers")
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--lora-alpha", type=int, default=32)
-    parser.add_argument("--max-num-frames", type=int, default=None, help="frames per video (default: processor's)")
+    parser.add_argument(
+        "--max-num-frames",
+        "--num-frames",
+        type=frame_count,
+        default=None,
+        help="frames per video, or a range drawn from per record, e.g. 16-96 as the paper (default: processor's)",
+    )
     parser.add_argument("--max-tiles", type=int, default=None, help="tiles per image (default: processor's)")
     parser.add_argument("--max-length", type=int, default=None, help="token cap per sample")
     parser.add_argument("--report-to", default="none")

@@ -393,7 +393,9 @@ class PVCVisionEncoder(nn.Module):
         super().__init__()
         self.num_frame_layers = config.num_hidden_layers - config.num_temporal_layers
         # stochastic depth rising linearly from 0 at the first layer to drop_path_rate at the last, as InternViT's
-        rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
+        # (plain Python: model skeletons are built on the meta device)
+        layers = config.num_hidden_layers
+        rates = [config.drop_path_rate * index / max(1, layers - 1) for index in range(layers)]
         self.layer = nn.ModuleList(
             [PVCVisionLayer(config, rates[index]) for index in range(self.num_frame_layers)]
             + [PVCVisionProgressiveLayer(config, rates[index]) for index in range(self.num_frame_layers, len(rates))]

@@ -443,6 +443,8 @@ def write_repo(
             emit(name, value)
         writer.close()
 
+        # What was initialised here rather than copied: fine-tuning gives these the paper's larger learning rate.
+        config.new_parameters = sorted(new_names)
         _write_side_files(conversion, staging, config)
         _set_modes(staging, destination)
         summary = {

@@ -587,3 +587,25 @@ def test_qwen2_tokenizer_without_tokenizer_json(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(destination, trust_remote_code=False)
     text = "The quick brown fox jumps over the lazy dog. Hello world, this is a tiny test."
     assert tokenizer(text)["input_ids"] == reference["input_ids_text"][0].tolist()
+
+
+def test_new_parameters_are_recorded_and_get_the_larger_learning_rate(converted):
+    """The paper's 10x is for randomly initialised parameters: conversion records which those are, so the
+    projector's first layer counts with --projector-init random and not with the warm start."""
+    from pvc.training.finetune import parameter_groups
+
+    def rates(folder):
+        model = load(folder)
+        groups = parameter_groups(model, 1.0, 10.0, 0.0)
+        by_id = {id(param): group["lr"] for group in groups for param in group["params"]}
+        return {name: by_id[id(param)] for name, param in model.named_parameters()}, model.config.new_parameters
+
+    random_rates, recorded = rates(converted("qwen2", "c", "--projector-init", "random", "--dtype", "bf16"))
+    warm_rates, warm_recorded = rates(converted("qwen2", "c"))
+    first_layer = "model.multi_modal_projector.linear_1.weight"
+    assert first_layer in recorded and first_layer not in warm_recorded
+    assert random_rates[first_layer] == 10.0 and warm_rates[first_layer] == 1.0
+    gate = "model.vision_tower.encoder.layer.3.temporal_gate.weight"  # the fixture's last of 4 layers
+    assert random_rates[gate] == warm_rates[gate] == 10.0
+    assert random_rates["model.multi_modal_projector.linear_2.weight"] == 1.0  # copied from InternVL2
+    assert all(rate == 1.0 for name, rate in warm_rates.items() if ".language_model." in name)

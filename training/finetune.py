@@ -28,14 +28,28 @@ LORA_TARGETS = {
 }
 
 
+def new_parameter_rule(model):
+    """Which parameters count as new (randomly initialised, so trained at the larger rate, as the paper's section
+    3.3): those `pvc-convert` recorded in the config as initialised rather than copied (with `--projector-init
+    random`, the projector's first layer too); for checkpoints written before that record, PVC's modules by name."""
+    recorded = getattr(getattr(model, "config", None), "new_parameters", None)
+    if recorded is None:
+        return is_pvc_parameter
+    recorded = set(recorded)
+    # names as PEFT wraps them: base_model.model.<name>, <module>.modules_to_save.default.<param>
+    wrappers = re.compile(r"^base_model\.model\.|\.(modules_to_save\.default|original_module|base_layer)(?=\.)")
+    return lambda name: wrappers.sub("", name) in recorded
+
+
 def parameter_groups(model, learning_rate: float, new_module_multiplier: float, weight_decay: float) -> list[dict]:
-    """Optimizer groups: PVC's new modules at `learning_rate * new_module_multiplier`, the rest at
-    `learning_rate`; no weight decay on biases, norms, gates, layer scales and embeddings' 1-D parameters."""
+    """Optimizer groups: new parameters (see `new_parameter_rule`) at `learning_rate * new_module_multiplier`, the
+    rest at `learning_rate`; no weight decay on biases, norms, gates, layer scales and embeddings' 1-D parameters."""
+    is_new = new_parameter_rule(model)
     groups = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        new = is_pvc_parameter(name)
+        new = is_new(name)
         decay = param.ndim >= 2
         key = (new, decay)
         if key not in groups:

@@ -437,3 +437,47 @@ def test_frame_count_range_as_the_paper(media):
     data = PVCDataCollator(tiny_processor(), media_root=folder, max_num_frames=(2, 5))
     counts = [int(data.encode(records[2])["video_num_frames"][0]) for _ in range(40)]
     assert set(counts) == {2, 3, 4, 5}
+
+
+def test_bad_records_are_named_up_front_or_skipped(media, tmp_path):
+    """Records that would fail mid-training are found as the file is read, named by file and number; with
+    skip_bad they are left out and counted. Failures found only when the media are read (a cut through the visual
+    tokens) name the record too, or drop it from its batch."""
+    folder, _ = media
+    good = {
+        "image": "image0.png",
+        "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "x"}],
+    }
+    bad = [
+        (
+            {"image": "image0.png", "conversations": [{"from": "gpt", "value": "hi"}]},
+            "the conversation does not start with a human turn",
+        ),
+        (
+            {"conversations": [{"from": "human", "value": None}, {"from": "gpt", "value": "x"}]},
+            "turn 1 has no text (its value is None)",
+        ),
+        (
+            {"image": "nowhere.png", "conversations": good["conversations"]},
+            f"its media file {folder / 'nowhere.png'} does not exist",
+        ),
+        ({"image": None, "conversations": good["conversations"]}, "its 'image' is null"),
+        ({"conversations": [{"from": "human", "value": "hi"}]}, "the conversation has no assistant (gpt) turn"),
+    ]
+    for index, (record, message) in enumerate(bad):
+        path = tmp_path / f"bad{index}.jsonl"
+        path.write_text(json.dumps(good) + "\n" + json.dumps(record) + "\n")
+        with pytest.raises(ValueError, match=re.escape(f"{path}: record 2: {message}")):
+            ConversationDataset(path, media_root=folder)
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [good] + [record for record, _ in bad] + [good]) + "\n")
+    dataset = ConversationDataset(path, media_root=folder, skip_bad=True)
+    assert len(dataset) == 2 and len(dataset.skipped) == len(bad)
+    # found as the media are read: max_length too short for the image's 16 visual tokens
+    strict = PVCDataCollator(tiny_processor(), media_root=folder, max_length=10)
+    with pytest.raises(ValueError, match=re.escape(f"{path}: record 1:")):
+        strict([dataset[0]])
+    lenient = PVCDataCollator(tiny_processor(), media_root=folder, max_length=10, skip_bad=True)
+    with pytest.raises(ValueError, match="Every record of a batch was bad"):
+        lenient([dataset[0], dataset[1]])
+    assert len(lenient.skipped) == 2

@@ -39,7 +39,39 @@ def load_records(path) -> list[dict]:
     for number, record in enumerate(records, 1):
         if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
             raise ValueError(f"{path}: record {number} has no 'conversations' list: {str(record)[:200]}")
+        record["_where"] = f"{path}: record {number}"
     return records
+
+
+def record_problem(record: dict, media_root=None) -> str | None:
+    """What is wrong with a record before any media is read, or None: turns without text, unknown roles, a
+    conversation that does not start with a human turn or has no answer, local media files that are missing."""
+    turns = record["conversations"]
+    roles = []
+    for number, turn in enumerate(turns, 1):
+        role = ROLES.get(turn.get("from", turn.get("role"))) if isinstance(turn, dict) else None
+        if role is None:
+            return f"turn {number} has an unknown role ({str(turn)[:80]}); use human/gpt (or user/assistant/system)"
+        text = turn.get("value", turn.get("content"))
+        if not isinstance(text, str):
+            return f"turn {number} has no text (its value is {text!r})"
+        roles.append(role)
+    spoken = [role for role in roles if role != "system"]
+    if not spoken or spoken[0] != "user":
+        return "the conversation does not start with a human turn"
+    if "assistant" not in spoken:
+        return "the conversation has no assistant (gpt) turn to train on"
+    for key in ("image", "images", "video", "videos"):
+        if key in record and record[key] is None:
+            return f"its {key!r} is null"
+        for item in _as_list(record.get(key)):
+            if item is None:
+                return f"its {key!r} is null"
+            if isinstance(item, str) and not item.startswith(("http://", "https://", "data:")):
+                path = Path(media_root) / item if media_root and not os.path.isabs(item) else Path(item)
+                if not path.exists():
+                    return f"its media file {path} does not exist"
+    return None
 
 
 def _json(text: str, path: Path, line: int | None = None):
@@ -52,10 +84,24 @@ def _json(text: str, path: Path, line: int | None = None):
 
 
 class ConversationDataset(torch.utils.data.Dataset):
-    """Records as they are; media are loaded by the collator (in the data-loader workers)."""
+    """Records as they are, checked up front (see `record_problem`); media are loaded by the collator (in the
+    data-loader workers). A bad record is an error naming its file and number, or with `skip_bad=True` is left out
+    (counted in `skipped`, and logged)."""
 
-    def __init__(self, records):
-        self.records = load_records(records) if isinstance(records, (str, os.PathLike)) else list(records)
+    def __init__(self, records, media_root=None, skip_bad: bool = False):
+        records = load_records(records) if isinstance(records, (str, os.PathLike)) else list(records)
+        self.records, self.skipped = [], []
+        for number, record in enumerate(records, 1):
+            problem = record_problem(record, media_root)
+            if problem is None:
+                self.records.append(record)
+                continue
+            where = record.get("_where", f"record {number}")
+            if not skip_bad:
+                raise ValueError(f"{where}: {problem}. Fix it, or pass --skip-bad-records to leave such records out.")
+            self.skipped.append(f"{where}: {problem}")
+        if self.skipped:
+            logger.warning("Left out %d bad records, the first: %s", len(self.skipped), self.skipped[0])
 
     def __len__(self):
         return len(self.records)
@@ -77,10 +123,16 @@ class PVCDataCollator:
         max_tiles (`int`, *optional*): tile bound per image (default: the processor's).
         max_length (`int`, *optional*): a longer sample is cut at the end when its visual tokens all lie before
             the cut (with a warning), and is an error otherwise.
+        skip_bad (`bool`): a record that fails as its media are read (an unreadable file, a cut through its visual
+            tokens) is left out of its batch and counted in `skipped`, instead of ending the run with an error
+            that names it.
     """
 
-    def __init__(self, processor, media_root=None, max_num_frames=None, max_tiles=None, max_length=None):
+    def __init__(
+        self, processor, media_root=None, max_num_frames=None, max_tiles=None, max_length=None, skip_bad=False
+    ):
         self.processor = processor
+        self.skip_bad, self.skipped = skip_bad, []
         self.media_root = Path(media_root) if media_root else None
         self.max_num_frames = max_num_frames
         self.max_tiles = max_tiles
@@ -90,7 +142,18 @@ class PVCDataCollator:
         self.image_token_id = processor.token_id("<IMG_CONTEXT>")
 
     def __call__(self, records: list[dict]) -> dict:
-        samples = [self.encode(record) for record in records]
+        samples = []
+        for record in records:
+            try:
+                samples.append(self.encode(record))
+            except (ValueError, OSError) as error:  # found only once its media are read: named, or left out
+                where = record.get("_where", "a record") if isinstance(record, dict) else "a record"
+                if not self.skip_bad:
+                    raise ValueError(f"{where}: {error}") from error
+                self.skipped.append(f"{where}: {error}")
+                logger.warning("Left out %s: %s", where, error)
+        if not samples:
+            raise ValueError(f"Every record of a batch was bad; the last: {self.skipped[-1]}")
         length = max(len(sample["input_ids"]) for sample in samples)
         batch = {
             "input_ids": torch.tensor(

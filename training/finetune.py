@@ -185,6 +185,11 @@ def parse_args(argv=None):
     parser.add_argument("--max-length", type=int, default=None, help="token cap per sample")
     parser.add_argument("--report-to", default="none")
     parser.add_argument(
+        "--skip-bad-records",
+        action="store_true",
+        help="leave out records that cannot be used (they are counted at the end) instead of stopping at the first",
+    )
+    parser.add_argument(
         "--resume",
         nargs="?",
         const="last",
@@ -227,7 +232,8 @@ def train(args):
     """Train as the arguments (of `parse_args`) say; returns the trained (and, with LoRA, merged) model."""
     logging.basicConfig(level=logging.INFO)
     resume = resume_checkpoint(args)
-    dataset = ConversationDataset(args.data)  # read first: a bad data file fails before minutes of model loading
+    # read and checked first: a bad data file fails before minutes of model loading
+    dataset = ConversationDataset(args.data, args.media_root, skip_bad=args.skip_bad_records)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     model = AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True, dtype=dtype)
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
@@ -260,7 +266,9 @@ def train(args):
         report_to=args.report_to,
         ddp_find_unused_parameters=False,
     )
-    collator = PVCDataCollator(processor, args.media_root, args.max_num_frames, args.max_tiles, args.max_length)
+    collator = PVCDataCollator(
+        processor, args.media_root, args.max_num_frames, args.max_tiles, args.max_length, skip_bad=args.skip_bad_records
+    )
     trainer = PVCTrainer(
         model=model,
         args=training_args,
@@ -275,6 +283,9 @@ def train(args):
         model = trainer.model.merge_and_unload()
     else:
         model = trainer.model
+    skipped = dataset.skipped + collator.skipped
+    if skipped:
+        logger.warning("Left out %d bad records (--skip-bad-records): %s", len(skipped), "; ".join(skipped[:5]))
     if trainer.is_world_process_zero():
         model.save_pretrained(args.output_dir)
         processor.save_pretrained(args.output_dir)

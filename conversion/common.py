@@ -446,7 +446,7 @@ def write_repo(
         # What was initialised here rather than copied: fine-tuning gives these the paper's larger learning rate.
         config.new_parameters = sorted(new_names)
         _write_side_files(conversion, staging, config)
-        _set_modes(staging, destination)
+        set_output_modes(staging, destination)
         summary = {
             "copied": (len(copied), sum(math.prod(shape) for shape in copied.values())),
             "new": (len(new_names), sum(math.prod(expected[n]) for n in new_names)),
@@ -505,13 +505,14 @@ def check_destination(source: Path, destination: Path, overwrite: bool):
         )
 
 
-def _set_modes(folder: Path, destination: Path):
+def set_output_modes(folder: Path, destination: Path):
     """The permissions a plain write would give (the umask), not the temporary folder's private ones; a destination
     that exists keeps its own mode."""
     umask = os.umask(0)
     os.umask(umask)
     for path in folder.iterdir():
-        path.chmod(0o666 & ~umask)
+        if not path.is_symlink():  # a link's mode is its target's business
+            path.chmod(0o666 & ~umask)
     folder.chmod(destination.stat().st_mode & 0o7777 if destination.is_dir() else 0o777 & ~umask)
 
 

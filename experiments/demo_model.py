@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..conversion.common import CODE_FILES
+from ..conversion.common import CODE_FILES, set_output_modes
 from ..demo import tiny_tokenizer
 from .toy_ablation import Task, ToyConfig, build_model, build_processor, evaluate, train
 
@@ -57,6 +57,7 @@ def main(argv=None):
         for name in CODE_FILES:  # links to the repository's code instead of copies
             (staging / name).unlink(missing_ok=True)
             (staging / name).symlink_to(Path(os.path.relpath(Path(__file__).parents[1] / name, args.out.resolve())))
+        set_output_modes(staging, args.out)  # the umask's permissions, not the temporary folder's private ones
         (staging / "TRAINING.md").write_text(
             "# How this model was made\n\n"
             f"    python -m pvc.experiments.demo_model {' '.join(argv)}\n\n"

@@ -1,0 +1,1 @@
+../configuration_pvc.py

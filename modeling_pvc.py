@@ -624,8 +624,19 @@ class PVCModel(PVCPreTrainedModel):
                 )
             features = features.to(inputs_embeds.device, inputs_embeds.dtype)
             inputs_embeds = inputs_embeds.masked_scatter(mask[..., None].to(inputs_embeds.device), features)
+        elif self.training and torch.is_grad_enabled():
+            inputs_embeds = inputs_embeds + self.visual_path_at_zero().to(inputs_embeds.device, inputs_embeds.dtype)
 
         return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+
+    def visual_path_at_zero(self):
+        """0 x the features of one blank frame: a training batch without media still runs the vision tower and the
+        token compressor, so every trainable parameter gets a gradient (zero) on every step, as DDP (with
+        find_unused_parameters=False), FSDP and DeepSpeed expect. Costs one frame's forward and backward."""
+        height, width = _as_pair(self.config.vision_config.image_size)
+        projection = self.vision_tower.get_input_embeddings()
+        blank = projection.weight.new_zeros(1, self.config.vision_config.num_channels, height, width)
+        return 0.0 * self.encode_clips(blank, num_frames=1).sum()
 
     def placeholder_mask(self, input_ids, inputs_embeds):
         if input_ids is not None:

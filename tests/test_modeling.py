@@ -553,3 +553,19 @@ def test_stochastic_depth(pixels):
     assert not torch.allclose(trained, evaluated)
     with pytest.raises(ValueError, match="drop_path_rate"):
         tiny_model("pvc", vision={"drop_path_rate": 1.0})
+
+
+def test_text_only_training_batches_touch_every_parameter():
+    """DDP with find_unused_parameters=False (pvc-finetune's setting), FSDP and DeepSpeed need a gradient for every
+    trainable parameter on every step, also when a batch holds no image or video; the loss is unchanged."""
+    model = tiny_model("pvc").train()
+    input_ids = prompt(0)
+    loss = model(input_ids=input_ids, labels=input_ids).loss
+    loss.backward()
+    missing = [name for name, param in model.named_parameters() if param.grad is None]
+    assert not missing, missing
+    visual = [p.grad for n, p in model.named_parameters() if "vision_tower" in n or "multi_modal_projector" in n]
+    assert all(not grad.any() for grad in visual)  # zero: the text-only loss does not depend on them
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=input_ids, labels=input_ids).loss, loss.detach())
+        assert torch.equal(model.eval()(input_ids=input_ids).logits, model.train()(input_ids=input_ids).logits)

@@ -33,6 +33,7 @@ setup(
             "pvc-demo=pvc.demo:main",
         ]
     },
+    package_data={"pvc": ["demo_model/*"]},  # the demo's trained toy model (its code files are links, copied as files)
     cmdclass={"build_py": BuildPy},
     install_requires=[
         "torch>=2.6",

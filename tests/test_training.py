@@ -71,6 +71,14 @@ def media(tmp_path_factory):
     return folder, records
 
 
+def saved_tiny_model(tmp_path):
+    """A tiny PVC and its processor saved in tmp_path/model, as the commands and from_pretrained load them."""
+    model_dir = tmp_path / "model"
+    tiny_model("pvc").save_pretrained(model_dir)
+    tiny_processor().save_pretrained(model_dir)
+    return model_dir
+
+
 def collator(folder, **options):
     return PVCDataCollator(tiny_processor(), media_root=folder, max_num_frames=3, **options)
 
@@ -274,9 +282,7 @@ def test_finetune_cli_under_accelerate_ddp(media, tmp_path):
     falls back to CPU and gloo on a machine without GPUs."""
     pytest.importorskip("accelerate")
     folder, _ = media
-    model_dir = tmp_path / "model"
-    tiny_model("pvc").save_pretrained(model_dir)
-    tiny_processor().save_pretrained(model_dir)
+    model_dir = saved_tiny_model(tmp_path)
     output = tmp_path / "out"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     command = [
@@ -369,9 +375,7 @@ def test_examples_run_on_a_tiny_model(tmp_path):
     """The streaming and chat examples, end to end on a tiny saved model."""
     import av
 
-    model_dir = tmp_path / "model"
-    tiny_model("pvc").save_pretrained(model_dir)
-    tiny_processor().save_pretrained(model_dir)
+    model_dir = saved_tiny_model(tmp_path)
     image = tmp_path / "image.png"
     Image.new("RGB", (80, 50), "green").save(image)
     video = tmp_path / "clip.mp4"
@@ -396,9 +400,7 @@ def test_examples_run_on_a_tiny_model(tmp_path):
 
 def test_finetune_command_exits_zero_resumes_and_trains_bf16_on_cpu(media, tmp_path):
     folder, _ = media
-    model_dir = tmp_path / "model"
-    tiny_model("pvc").save_pretrained(model_dir)
-    tiny_processor().save_pretrained(model_dir)
+    model_dir = saved_tiny_model(tmp_path)
     output = tmp_path / "out"
     env = dict(os.environ, OMP_NUM_THREADS="1")
 

@@ -398,8 +398,10 @@ def _frame_count(container, stream, rate) -> int | None:
         return None
     # A duration may be a guess (MPEG-PS estimates it from the bitrate): the packets from shortly before the end it
     # gives to the true end carry the last frame's timestamp (read without decoding).
-    import av
-
+    try:  # (inside try: transformers' remote-code check then does not demand PyAV of users without videos)
+        import av
+    except ImportError:
+        return estimate
     try:
         container.seek(_timestamp_of(stream, rate, max(0, estimate - SEEK_DISTANCE)), stream=stream, backward=True)
         stamps = [packet.pts for packet in container.demux(stream) if packet.pts is not None]

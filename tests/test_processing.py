@@ -1,5 +1,8 @@
 """The processor: tiling, frame sampling with PyAV, placeholder expansion, chat template, batches."""
 
+import sys
+from pathlib import Path
+
 import av
 import numpy as np
 import pytest
@@ -607,3 +610,17 @@ def test_tiled_video_through_processor_and_model():
     torch.testing.assert_close(features, expected, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         assert torch.isfinite(model(**inputs).logits).all()
+
+
+def test_remote_code_files_need_only_the_core_requirements():
+    """transformers refuses to load remote code whose unguarded imports are missing: PyAV (videos) must stay
+    optional, so that a user with images only can load the processor."""
+    from transformers.dynamic_module_utils import get_imports
+
+    from pvc.conversion.common import CODE_FILES
+
+    root = Path(__file__).resolve().parents[1]
+    core = {"torch", "transformers", "numpy", "PIL", "einops"}
+    for name in CODE_FILES:
+        third_party = {module for module in get_imports(root / name) if module not in sys.stdlib_module_names}
+        assert third_party <= core, (name, third_party - core)

@@ -475,15 +475,55 @@ def collect(results: list[dict], toy: ToyConfig, argv) -> dict:
     return report
 
 
+PAPER_DIRECTION = {
+    "a": "the reference: most tokens per frame",
+    "b": "below (a) on detail",
+    "c": "recovers most of the gap to (a)",
+    "pvc": "at least (c)",
+}
+
+
 def table(report: dict) -> str:
-    lines = ["| row | image accuracy (mean +- std over seeds) |", "|---|---|"]
+    """The report as Markdown: Table 4's rows, Figure 3's two curves, and the diagnostics (means over seeds)."""
+    lines = [
+        "| row | image: share of cells right (mean +- std) | per seed | the paper's direction |",
+        "|---|---|---|---|",
+    ]
     for row, values in report["rows"].items():
-        lines.append(f"| {row} | {values['mean']:.3f} +- {values['std']:.3f} |")
-    for name, section in (("repeats", "repeats"), ("video frames", "video")):
+        runs = ", ".join(f"{run:.3f}" for run in values["runs"])
+        lines.append(f"| {row} | {values['mean']:.3f} +- {values['std']:.3f} | {runs} | {PAPER_DIRECTION[row]} |")
+    for title, section in (("image repeats at test time", "repeats"), ("video frames", "video")):
+        if not report[section]:
+            continue
+        keys = sorted({key for values in report[section].values() for key in values}, key=int)
+        lines += ["", f"| row \\ {title} | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
         for row, values in report[section].items():
-            cells = ", ".join(f"{k}: {v['mean']:.3f}" for k, v in values.items())
-            lines.append(f"| {row}, {name} | {cells} |")
+            cells = [f"{values[k]['mean']:.3f} +- {values[k]['std']:.3f}" if k in values else "-" for k in keys]
+            lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    if report["diagnostics"]:
+        lines += [
+            "",
+            "| row | frame-token cosine (off-diagonal) | gate mean abs per layer | attention to earlier frames per layer "
+            "| projector AdaLN (1 + scale): spread across frames / size |",
+            "|---|---|---|---|---|",
+        ]
+        for row, runs in report["diagnostics"].items():
+            cosine = np.mean([run["frame_token_cosine_mean_off_diagonal"] for run in runs])
+            gates = _layer_means(runs, "gate_mean_abs")
+            attention = _layer_means(runs, "attention_to_earlier_frames")
+            spread = "-"
+            if all("projector_adaln_spread" in run for run in runs):
+                spread = " / ".join(
+                    f"{np.mean([run['projector_adaln_spread'][key] for run in runs]):.3g}"
+                    for key in ("scale_std_across_frames", "scale_mean_abs")
+                )
+            lines.append(f"| {row} | {cosine:.3f} | {gates} | {attention} | {spread} |")
     return "\n".join(lines)
+
+
+def _layer_means(runs: list[dict], key: str) -> str:
+    values = [run[key] for run in runs if run[key]]
+    return ", ".join(f"{value:.3f}" for value in np.mean(values, axis=0)) if values else "-"
 
 
 def main(argv=None):

@@ -31,7 +31,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="folder to write the model to (replaced)")
-    parser.add_argument("--steps", type=int, default=3000, help="training steps, alternating image and video")
+    parser.add_argument("--steps", type=int, default=6000, help="training steps, alternating image and video")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-samples", type=int, default=512)
     args = parser.parse_args(argv)

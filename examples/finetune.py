@@ -38,7 +38,7 @@ trainer = PVCTrainer(
         remove_unused_columns=False,  # the dataset yields raw records; the collator builds the inputs
         report_to="none",
     ),
-    train_dataset=ConversationDataset(args.data),
+    train_dataset=ConversationDataset(args.data, media_root=args.media_root),  # records checked up front
     data_collator=PVCDataCollator(processor, media_root=args.media_root, max_num_frames=16, max_tiles=6),
     new_module_lr_multiplier=10.0,
 )

@@ -68,7 +68,9 @@ def record_problem(record: dict, media_root=None) -> str | None:
             if item is None:
                 return f"its {key!r} is null"
             if isinstance(item, str) and not item.startswith(("http://", "https://", "data:")):
-                path = Path(media_root) / item if media_root and not os.path.isabs(item) else Path(item)
+                if not os.path.isabs(item) and media_root is None:
+                    continue  # relative to a media root the dataset was not told: the collator finds out
+                path = Path(media_root) / item if not os.path.isabs(item) else Path(item)
                 if not path.exists():
                     return f"its media file {path} does not exist"
     return None

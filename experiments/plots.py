@@ -9,6 +9,7 @@ from pathlib import Path
 
 LABELS = {"a": "(a) InternVL2, 16 tokens", "b": "(b) 4 tokens x repeats", "c": "(c) + progressive", "pvc": "PVC"}
 STYLES = {"a": "k:", "b": "s--", "c": "^-.", "pvc": "o-"}
+COLOURS = {"a": "black", "b": "tab:blue", "c": "tab:orange", "pvc": "tab:green"}  # the same row, the same colour
 
 
 def plot_report(report: dict, folder: Path) -> list[Path]:
@@ -31,6 +32,7 @@ def plot_report(report: dict, folder: Path) -> list[Path]:
                 [values[x]["mean"] for x in xs],
                 yerr=[values[x]["std"] for x in xs],
                 fmt=STYLES[row],
+                color=COLOURS[row],
                 capsize=3,
                 label=LABELS[row],
             )
@@ -52,11 +54,11 @@ def plot_report(report: dict, folder: Path) -> list[Path]:
     figure, axis = plt.subplots(figsize=(5, 3.5))
     rows = list(report["rows"])
     axis.bar(
-        [LABELS[row] for row in rows],
+        [LABELS[row].replace(", ", "\n").replace(" x ", "\nx ").replace(" + ", "\n+ ") for row in rows],
         [report["rows"][row]["mean"] for row in rows],
         yerr=[report["rows"][row]["std"] for row in rows],
         capsize=4,
-        color=["0.3", "0.6", "tab:blue", "tab:orange"][: len(rows)],
+        color=[COLOURS[row] for row in rows],
     )
     axis.axhline(0.25, color="grey", linewidth=0.8)
     axis.set_ylabel("image task: share of cells right")

@@ -119,7 +119,8 @@ class PVCProcessor(ProcessorMixin):
             videos: paths or http(s) URLs, lists of frames or arrays [T, H, W, 3] (a list of these).
             padding, padding_side: batches are padded on the left by default, ready for `generate`.
             Other keyword arguments: `max_tiles` for images; `num_frames`, `fps`, `max_frames`, `start`, `end`,
-            `video_max_tiles` for videos (see `PVCImageProcessor`); the rest go to the tokenizer.
+            `video_max_tiles` for videos (see `PVCImageProcessor`); the tokenizer's own (`truncation`,
+            `max_length`, ...). Any other keyword is an error, and truncation may not cut into visual tokens.
 
         Returns:
             `BatchFeature` with `input_ids`, `attention_mask`, `pixel_values` + `image_num_tiles`,

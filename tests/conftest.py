@@ -87,6 +87,21 @@ def tiny_model(row="pvc", seed=0, randomize=True, attn_implementation=None, **ov
     return model.eval()
 
 
+def assert_adalns_are_plain_layer_norms(model, seed=0):
+    """Every AdaLN of `model` (progressive layers and projector) computes LayerNorm(x) without affine, written out by
+    hand, whatever its condition: what the paper's initialisation says of a new model."""
+    generator = torch.Generator().manual_seed(seed)
+    layers = model.model.vision_tower.encoder.layer
+    norms = [layer.temporal_norm for layer in layers if hasattr(layer, "temporal_norm")]
+    norms.append(model.model.multi_modal_projector.adaln)
+    for norm in norms:
+        width = norm.norm.normalized_shape[0]
+        x, condition = torch.randn(2, 3, width, generator=generator), 5 * torch.randn(2, 3, width, generator=generator)
+        by_hand = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + norm.norm.eps)
+        with torch.no_grad():
+            torch.testing.assert_close(norm(x, condition), by_hand, rtol=1e-5, atol=1e-5)
+
+
 def prompt(num_visual_tokens, before=(1, 2, 3), after=(4, 5)):
     """input_ids [1, L]: some text, the visual tokens, more text."""
     ids = list(before) + [IMAGE_TOKEN] * num_visual_tokens + list(after)

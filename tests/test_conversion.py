@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_adalns_are_plain_layer_norms
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
@@ -268,15 +269,7 @@ def test_converted_pvc_starts_as_the_paper_says(converted):
     """A fresh conversion's new modules compute what the paper's initialisation says, on their outputs: every gate
     is zero and every AdaLN is the affine-free LayerNorm, whatever its condition."""
     model = load(converted("qwen2", "pvc"))
-    generator = torch.Generator().manual_seed(0)
-    norms = [layer.temporal_norm for layer in model.model.vision_tower.encoder.layer if hasattr(layer, "temporal_norm")]
-    norms.append(model.model.multi_modal_projector.adaln)
-    for norm in norms:
-        width = norm.norm.normalized_shape[0]
-        x, condition = torch.randn(3, width, generator=generator), 5 * torch.randn(3, width, generator=generator)
-        by_hand = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + norm.norm.eps)
-        with torch.no_grad():
-            torch.testing.assert_close(norm(x, condition), by_hand, rtol=1e-5, atol=1e-5)
+    assert_adalns_are_plain_layer_norms(model)
     gates = [
         layer.temporal_gate.weight
         for layer in model.model.vision_tower.encoder.layer

@@ -4,7 +4,17 @@ import importlib.util
 
 import pytest
 import torch
-from conftest import ABLATIONS, IMAGE_TOKEN, TINY_TEXT, TINY_VISION, prompt, randomize_, tiny_config, tiny_model
+from conftest import (
+    ABLATIONS,
+    IMAGE_TOKEN,
+    TINY_TEXT,
+    TINY_VISION,
+    assert_adalns_are_plain_layer_norms,
+    prompt,
+    randomize_,
+    tiny_config,
+    tiny_model,
+)
 from transformers import (
     AutoModelForImageTextToText,
     InternVLConfig,
@@ -502,16 +512,8 @@ def test_temporal_embeddings_see_the_documented_timestamps(pixels, num_frames):
 
 def test_fresh_adaln_is_the_plain_layer_norm(pixels):
     """The paper's initialisation: a new AdaLN computes LayerNorm(x) without affine, whatever the condition."""
-    model = tiny_model("pvc", randomize=False)  # as built (and as conversion initialises the new modules)
-    generator = torch.Generator().manual_seed(5)
-    norms = [layer.temporal_norm for layer in model.model.vision_tower.encoder.layer if hasattr(layer, "temporal_norm")]
-    norms.append(model.model.multi_modal_projector.adaln)
-    for norm in norms:
-        width = norm.norm.normalized_shape[0]
-        x, condition = torch.randn(2, 3, width, generator=generator), torch.randn(2, 3, width, generator=generator)
-        by_hand = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + norm.norm.eps)
-        with torch.no_grad():
-            torch.testing.assert_close(norm(x, condition), by_hand, rtol=1e-5, atol=1e-5)
+    # as built (and as conversion initialises the new modules)
+    assert_adalns_are_plain_layer_norms(tiny_model("pvc", randomize=False), seed=5)
 
 
 def test_position_embeddings_at_another_resolution_as_transformers_internvl():

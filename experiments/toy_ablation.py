@@ -302,8 +302,8 @@ def diagnostics(model, task: Task, samples: int = 64) -> dict:
     model.eval()
     batch = task.batch(np.random.default_rng(123), samples)
     repeat = model.config.image_repeat
-    captured = {"norm": [], "attention": []}
-    hooks = []
+    captured = {"norm": [], "attention": [], "projector": []}
+    hooks = [model.model.multi_modal_projector.register_forward_hook(_capture(captured["projector"]))]
     for layer in model.model.vision_tower.encoder.layer:
         if hasattr(layer, "temporal_norm"):
             hooks.append(layer.temporal_norm.register_forward_hook(_capture(captured["norm"])))
@@ -333,7 +333,7 @@ def diagnostics(model, task: Task, samples: int = 64) -> dict:
         result["attention_to_earlier_frames"].append(_earlier_frame_mass(layer.temporal_attention, attention_inputs[0]))
     projector = model.model.multi_modal_projector
     if projector.adaptive:
-        vision = model.model.vision_tower(batch["pixel_values"], num_frames=repeat, static=True).last_hidden_state
+        (vision, _), _ = captured["projector"][0]  # the tower's output, as encode_clips passed it on
         shuffled = projector.pixel_shuffle(vision, repeat)  # [S, T, M, k*k*C]
         embeds = projector.temporal_embedding(relative_timestamps(repeat))[None, :, None]
         result["projector_adaln_spread"] = _modulation_spread(projector.adaln, shuffled + embeds, frame_dim=1)

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The GPU checks in one command: bf16 against float32 for every attention implementation (eager, sdpa, and
-# flash-attn when installed) on CUDA, then the bf16 benchmark against transformers' InternVL.
+# flash-attn when installed) on CUDA, the demo model's accuracy through `generate` on CUDA in float32 and bf16,
+# then the bf16 benchmark against transformers' InternVL.
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR] [gpu_bench.py options]
 #
-# Writes OUT_DIR/gpu_numerics.txt, OUT_DIR/gpu_bench.txt and OUT_DIR/gpu.json (OUT_DIR defaults to gpu-results).
+# Writes OUT_DIR/gpu_numerics.txt, OUT_DIR/gpu_demo.txt, OUT_DIR/gpu_bench.txt and OUT_DIR/gpu.json (OUT_DIR defaults to gpu-results).
+# DEMO_DEVICE and DEMO_SAMPLES (default cuda and 64) choose where and on how many samples the demo is scored.
 # Uses the Python environment it finds (${PYTHON:-python3}); installs this repo into it without dependencies when
 # `import pvc` fails there (torch, transformers and einops must be present).
 set -euo pipefail
@@ -17,5 +19,9 @@ mkdir -p "$out"
 status=0  # the benchmark runs even when a numerics check fails; the exit status reports either
 "$python" -m pytest -q -p no:cacheprovider tests/test_modeling.py -k bfloat16 -rs 2>&1 | tee "$out/gpu_numerics.txt" ||
     status=$?
+for dtype in float32 bfloat16; do
+    echo "demo model, $dtype on ${DEMO_DEVICE:-cuda}:"
+    "$python" -m pvc.demo --eval "${DEMO_SAMPLES:-64}" --seed 1 --dtype $dtype --device "${DEMO_DEVICE:-cuda}" 2>&1 | grep -v "^Loading"
+done | tee "$out/gpu_demo.txt" || status=$?
 "$python" benchmarks/gpu_bench.py --out "$out/gpu.json" "$@" 2>&1 | tee "$out/gpu_bench.txt" || status=$?
 exit $status

@@ -76,10 +76,11 @@ def test_gpu_check_script_runs_on_the_cpu(tmp_path):
     options = ["--device", "cpu", "--shape", "tiny", "--attn", "sdpa", "--repeats", "1"]
     subprocess.run(
         ["bash", str(REPO / "benchmarks" / "gpu_check.sh"), str(tmp_path), *options],
-        env=dict(os.environ, PYTHON=sys.executable),
+        env=dict(os.environ, PYTHON=sys.executable, DEMO_DEVICE="cpu", DEMO_SAMPLES="2"),
         check=True,
         capture_output=True,
     )
     numerics = (tmp_path / "gpu_numerics.txt").read_text()
     assert "passed" in numerics and "failed" not in numerics
     assert "image_prefill" in (tmp_path / "gpu_bench.txt").read_text() and (tmp_path / "gpu.json").exists()
+    assert (tmp_path / "gpu_demo.txt").read_text().count("accuracy") == 2  # float32 and bf16

@@ -119,3 +119,24 @@ def tiny_processor(**overrides):
 
     image_processor = PVCImageProcessor(image_size=56, max_tiles=overrides.pop("max_tiles", 4), num_frames=4)
     return PVCProcessor(image_processor, tiny_tokenizer(), tokens_per_frame=4, image_repeat=4, **overrides)
+
+
+def write_video(path, num_frames, fps=10, gop=8, codec="mpeg4"):
+    """A video whose frame i shows a white bar at x = 4 i + 2, readable back from pixels."""
+    import av  # a test extra; imported here so that the other tests run without it
+    import numpy as np
+
+    width = 4 * num_frames + 8
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, 32, "yuv420p"
+        stream.codec_context.gop_size = gop
+        stream.codec_context.bit_rate = 4_000_000
+        for index in range(num_frames):
+            array = np.zeros((32, width, 3), np.uint8)
+            array[:, 4 * index : 4 * index + 4] = 255
+            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)

@@ -7,7 +7,7 @@ import av
 import numpy as np
 import pytest
 import torch
-from conftest import IMAGE_TOKEN, tiny_model, tiny_processor
+from conftest import IMAGE_TOKEN, tiny_model, tiny_processor, write_video
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -111,24 +111,6 @@ def test_bad_images_are_clear_errors(tmp_path):
     (tmp_path / "broken.png").write_bytes(b"not an image")
     with pytest.raises(ValueError, match="Could not read"):
         processor(images=str(tmp_path / "broken.png"))
-
-
-def write_video(path, num_frames, fps=10, gop=8, codec="mpeg4"):
-    """A video whose frame i shows a white bar at x = 4 i + 2, readable back from pixels."""
-    width = 4 * num_frames + 8
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, 32, "yuv420p"
-        stream.codec_context.gop_size = gop
-        stream.codec_context.bit_rate = 4_000_000
-        for index in range(num_frames):
-            array = np.zeros((32, width, 3), np.uint8)
-            array[:, 4 * index : 4 * index + 4] = 255
-            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
 
 
 def frame_indices(frames):

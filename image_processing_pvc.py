@@ -8,12 +8,12 @@ equal segments), decoded with PyAV by seeking, one tile per frame by default.
 
 import base64
 import binascii
+import bisect
 import io
 import itertools
 import logging
 import math
 import os
-from fractions import Fraction
 from typing import TypedDict
 
 import numpy as np
@@ -249,8 +249,9 @@ class PVCImageProcessor(ImageProcessingMixin):
         of length s = (b - a) / num_frames, and frame a + int(s / 2 + round(s * k)) is kept, k = 0 .. num_frames - 1.
         With `fps`, frames every 1/fps seconds instead (each frame at most once: an fps above the video's own gives
         every frame), at most `max_frames` (beyond that, `max_frames` by the default rule). Frames come upright (the
-        container's rotation applied). `start`/`end` (seconds) restrict a video file to the frames round(start * rate) ..
-        round(end * rate). Asked for as many frames as the video (or window) has, each frame comes once; asked for
+        container's display matrix applied: rotations and mirrors). `start`/`end` (seconds) restrict a video file to
+        the frames nearest those times (at a constant rate, round(start * rate) .. round(end * rate), as `load_video`).
+        A variable-frame-rate file is sampled evenly in time (see `read_video`). Asked for as many frames as the video (or window) has, each frame comes once; asked for
         more, frames repeat evenly, in order. Frames given in memory are
         sampled by the same rule as a file; pass `num_frames=len(frames)` to keep them all.
         """
@@ -331,7 +332,13 @@ def sample_indices(total: int, num_frames: int | None, fps: float | None, native
 
 def read_video(path: str, num_frames, fps=None, max_frames=None, start=None, end=None) -> list[Image.Image]:
     """Decode only the sampled frames of a video file (or http(s) URL, read by ranges) with PyAV, seeking to
-    far-apart frames."""
+    far-apart frames.
+
+    The packets' timestamps are read first (without decoding, as decord does when it opens a file): they give the
+    exact frame count, and each sampling rule's instants are mapped to the frame nearest in time. For a constant
+    frame rate that is frame index i for instant i / rate, so the picks are the authors'; for a variable frame rate
+    the picks are spread evenly in time, not in frame count (a slow-motion or screen-recorded stretch holds many
+    more frames per second than the rest)."""
     try:
         import av
     except ImportError:
@@ -347,27 +354,25 @@ def read_video(path: str, num_frames, fps=None, max_frames=None, start=None, end
             if not container.streams.video:
                 raise ValueError(f"{path} holds no video stream.")
             stream = container.streams.video[0]
-            rate = Fraction(stream.average_rate or stream.guessed_rate or 0)
-            total = _frame_count(container, stream, rate)
-            # No length in any header: a raw elementary stream (.h264, .hevc), which cannot seek either. Count its
-            # frames by decoding, then decode again from the start without seeking.
-            seekable = total is not None
-            if not seekable:
-                total = sum(1 for _ in container.decode(stream))
-            first = 0 if start is None else max(0, round(start * rate))
-            last = total - 1 if end is None else min(total - 1, round(end * rate))  # inclusive, as `load_video`
-            if last < first:
-                raise ValueError(f"The window [{start}, {end}] s holds no frame of {path} ({total} frames).")
-            indices = [
-                first + index for index in sample_indices(last - first + 1, num_frames, fps, float(rate), max_frames)
-            ]
-            if seekable:
-                frames = _decode_at(container, stream, rate, indices)
-        if not seekable:
+            times = _presentation_times(container, stream)
+            if times:
+                positions = _sample_by_time(times, stream.time_base, num_frames, fps, max_frames, start, end, path)
+                frames = _decode_at(container, stream, times, positions)
+        if not times:
+            # No timestamps: a raw elementary stream (.h264, .hevc), which cannot seek either. Count its frames by
+            # decoding, then decode again from the start, taking frames by position at the nominal rate.
             if isinstance(source, io.BytesIO):
                 source.seek(0)
             with av.open(source) as container:
-                frames = _decode_at(container, container.streams.video[0], rate, indices, seek=False)
+                stream = container.streams.video[0]
+                rate = float(stream.average_rate or stream.guessed_rate or 0)
+                total = sum(1 for _ in container.decode(stream))
+            first, last = _window(total, start, end, rate, path)
+            indices = sample_indices(last - first + 1, num_frames, fps, rate, max_frames)
+            if isinstance(source, io.BytesIO):
+                source.seek(0)
+            with av.open(source) as container:
+                frames = _decode_in_order(container.decode(container.streams.video[0]), [first + i for i in indices])
     except av.error.FFmpegError as error:
         hint = "Is the URL reachable?" if is_url else "Is it a valid video file?"
         raise ValueError(f"Could not read the video {path}: {error}. {hint}") from None
@@ -386,92 +391,138 @@ def _data_url_bytes(url: str) -> bytes:
         raise ValueError(f"The data URL's base64 payload cannot be decoded: {error}") from None
 
 
-def _frame_count(container, stream, rate) -> int | None:
-    """The number of frames: as the muxer counted them, else up to the last packet's timestamp, else None."""
-    if stream.frames:
-        return stream.frames
-    if stream.duration and stream.time_base and rate:
-        estimate = math.floor(stream.duration * stream.time_base * rate)
-    elif container.duration and rate:
-        estimate = math.floor(container.duration / 1_000_000 * rate)
-    else:
-        return None
-    # A duration may be a guess (MPEG-PS estimates it from the bitrate): the packets from shortly before the end it
-    # gives to the true end carry the last frame's timestamp (read without decoding).
-    try:  # (inside try: transformers' remote-code check then does not demand PyAV of users without videos)
-        import av
-    except ImportError:
-        return estimate
-    try:
-        container.seek(_timestamp_of(stream, rate, max(0, estimate - SEEK_DISTANCE)), stream=stream, backward=True)
-        stamps = [packet.pts for packet in container.demux(stream) if packet.pts is not None]
-    except av.error.FFmpegError:
-        return estimate
-    return _index_at(stream, rate, max(stamps)) + 1 if stamps else estimate
+def _presentation_times(container, stream) -> list[int]:
+    """Every frame's presentation timestamp (in the stream's time base), in display order, read from the packets
+    without decoding; empty when the packets carry none. Leaves the container at its start."""
+    stamps = {
+        packet.pts
+        for packet in container.demux(stream)
+        if packet.pts is not None and packet.size and not getattr(packet, "is_discard", False)
+    }
+    if stamps:
+        container.seek(min(0, min(stamps)), stream=stream, backward=True)
+    return sorted(stamps)
 
 
-def _timestamp_of(stream, rate, index: int) -> int:
-    """The presentation timestamp of frame `index` (in the stream's time base)."""
-    return (stream.start_time or 0) + int(index / rate / stream.time_base)
+def _window(total: int, start, end, rate: float, path) -> tuple[int, int]:
+    """First and last frame (inclusive, as `load_video`) of the start/end window at a constant rate."""
+    first = 0 if start is None else max(0, round(start * rate))
+    last = total - 1 if end is None else min(total - 1, round(end * rate))
+    if last < first:
+        raise ValueError(f"The window [{start}, {end}] s holds no frame of {path} ({total} frames).")
+    return first, last
 
 
-def _index_at(stream, rate, pts: int) -> int:
-    """The frame index of a presentation timestamp."""
-    return round((pts - (stream.start_time or 0)) * stream.time_base * rate)
+def _sample_by_time(times, time_base, num_frames, fps, max_frames, start, end, path) -> list[int]:
+    """Positions (in `times`) of the frames to decode: the sampling rule's instants, each the nearest frame."""
+    seconds = [float((stamp - times[0]) * time_base) for stamp in times]
+
+    def nearest(instant: float) -> int:  # ties go to the earlier frame
+        after = bisect.bisect_left(seconds, instant)
+        if after == len(seconds) or (after > 0 and instant - seconds[after - 1] <= seconds[after] - instant):
+            return after - 1
+        return after
+
+    first = 0 if start is None else nearest(start)
+    last = len(times) - 1 if end is None else nearest(end)
+    if last < first or (start is not None and start > seconds[-1]):
+        raise ValueError(f"The window [{start}, {end}] s holds no frame of {path} ({len(times)} frames).")
+    # The rules pick among `count` evenly spaced instants from the first to the last frame of the window; at a
+    # constant rate these instants are the frames' own.
+    count, span = last - first + 1, seconds[last] - seconds[first]
+    indices = sample_indices(count, num_frames, fps, (count - 1) / span if span else 1.0, max_frames)
+    if len(indices) >= count:
+        return [first + index for index in indices]  # every frame once (or evenly repeated), by position
+    positions = [nearest(seconds[first] + span * index / (count - 1)) for index in indices]
+    # With fps, each frame at most once (a variable rate may put two instants nearest to one frame)
+    return list(dict.fromkeys(positions)) if fps is not None else positions
 
 
-def _decode_at(container, stream, rate, indices, seek: bool = True) -> list[Image.Image]:
-    """Frames at the given (sorted, possibly repeated) indices; a frame past the real end becomes the last one.
-    Far-apart frames are reached by seeking, unless `seek` is False (the decoder then runs from the start)."""
-
-    def index_of(frame, previous):
-        return previous + 1 if frame.pts is None else _index_at(stream, rate, frame.pts)
-
-    wanted = sorted(set(indices))
+def _decode_at(container, stream, times: list[int], positions: list[int]) -> list[Image.Image]:
+    """Frames at the given (sorted, possibly repeated) positions in `times`. Far-apart frames are reached by
+    seeking; a frame past the real end becomes the last one."""
+    wanted = sorted(set(positions))
     found: dict[int, Image.Image] = {}
     decoder, position, last = None, -1, None
     for target in wanted:
-        if decoder is None and not seek:
-            decoder = container.decode(stream)
-        elif decoder is None or (seek and target - position >= SEEK_DISTANCE):
-            decoder, position = _seek_before(container, stream, rate, target, index_of)
+        if decoder is None or target - position >= SEEK_DISTANCE:
+            decoder, position = _seek_before(container, stream, times, target)
         for frame in decoder:
-            position = index_of(frame, position)
+            position = position + 1 if frame.pts is None else bisect.bisect_left(times, frame.pts)
             last = frame
             if position >= target:
                 found[target] = _upright(frame)
                 break
-        else:  # the stream ended before the target: the header overstated the length
+        else:  # the stream ended before the target
             if last is None:
                 break
             found[target] = _upright(last)
-    return [found[index] for index in indices if index in found]
+    return [found[index] for index in positions if index in found]
+
+
+def _decode_in_order(decoder, indices: list[int]) -> list[Image.Image]:
+    """Frames at the given (sorted, possibly repeated) indices, counting frames from the start."""
+    wanted, found, last = set(indices), {}, None
+    for index, frame in enumerate(decoder):
+        last = frame
+        if index in wanted:
+            found[index] = _upright(frame)
+            if len(found) == len(wanted):
+                break
+    if last is None:
+        return []
+    return [found[index] if index in found else _upright(last) for index in indices]
 
 
 def _upright(frame) -> Image.Image:
-    """A decoded frame as a viewer shows it: turned by its display matrix (a phone held upright records its frames
-    sideways and says so there), as images are by their EXIF orientation."""
+    """A decoded frame as a viewer shows it: turned and mirrored by its display matrix (a phone held upright
+    records its frames sideways and says so there; a front camera may mirror them), as ffmpeg's player does and as
+    images are by their EXIF orientation."""
     image = frame.to_image()
-    rotation = getattr(frame, "rotation", 0) or 0  # degrees counter-clockwise, as PIL's `rotate` takes them
-    return image.rotate(rotation, expand=True) if rotation % 360 else image
+    matrix = _display_matrix(frame)
+    if matrix is None:  # PyAV without side data access: the rotation alone
+        rotation = getattr(frame, "rotation", 0) or 0
+        return image.rotate(rotation, expand=True) if rotation % 360 else image
+    # The matrix's 2x2 part is a rotation R(theta) = [[cos, -sin], [sin, cos]], its first column negated when the
+    # picture is mirrored (a negative determinant); a mirror of both axes is the rotation by 180 degrees.
+    a, b, c, d = matrix
+    mirrored = a * d - b * c < 0
+    degrees = math.degrees(math.atan2(-b, d) if mirrored else math.atan2(c, a))  # counter-clockwise, as PIL's
+    if round(degrees) % 360:
+        image = image.rotate(degrees, expand=True)
+    return ImageOps.mirror(image) if mirrored else image
 
 
-def _seek_before(container, stream, rate, target, index_of):
-    """A decoder whose first frame is at or before frame `target`, and the index before that frame. Some containers
-    (MPEG-TS) land after the time asked for; then it seeks further back, down to the start if need be."""
+def _display_matrix(frame) -> tuple[float, float, float, float] | None:
+    """The a, b, c, d entries of a frame's display matrix (FFmpeg's 16.16 fixed-point layout), or None."""
+    try:
+        side_data = list(frame.side_data)
+    except (AttributeError, TypeError):
+        return None
+    for data in side_data:
+        kind = getattr(data, "type", None)
+        if str(getattr(kind, "name", kind)).upper().endswith("DISPLAYMATRIX"):
+            values = np.frombuffer(bytes(data), dtype="<i4")
+            if values.size == 9:
+                return tuple(float(value) / 65536 for value in values[[0, 1, 3, 4]])
+    return (1.0, 0.0, 0.0, 1.0)  # no matrix: shown as stored
+
+
+def _seek_before(container, stream, times, target):
+    """A decoder whose first frame is at or before position `target`, and the position before that frame. Some
+    containers (MPEG-TS) land after the time asked for; then it seeks further back, down to the start if need be."""
     back = 0
     while True:
         goal = max(0, target - back)
         # The very start is asked for as time 0 or earlier: MPEG-TS lands a keyframe late when asked for its start.
-        timestamp = _timestamp_of(stream, rate, goal) if goal else min(0, stream.start_time or 0)
-        container.seek(timestamp, stream=stream, backward=True)
+        container.seek(times[goal] if goal else min(0, times[0]), stream=stream, backward=True)
         decoder = container.decode(stream)
         first = next(decoder, None)
         if first is None:
             return iter(()), -1
-        first_index = index_of(first, goal - 1)
-        if first_index <= target or goal == 0:
-            return itertools.chain([first], decoder), first_index - 1
+        first_position = goal if first.pts is None else bisect.bisect_left(times, first.pts)
+        if first_position <= target or goal == 0:
+            return itertools.chain([first], decoder), first_position - 1
         back = max(SEEK_DISTANCE, 2 * back)
 
 

@@ -389,6 +389,86 @@ def test_rotated_videos_come_out_upright(tmp_path, degrees):
 
 
 @pytest.mark.parametrize(
+    "degrees, hflip, vflip", [(0, True, False), (0, False, True), (90, True, False), (-90, False, True)]
+)
+def test_mirrored_videos_come_out_as_shown(tmp_path, degrees, hflip, vflip):
+    """A display matrix may mirror as well as turn (a front camera); a rotation alone read from it would show a
+    horizontal mirror as a 180-degree turn and ignore a vertical one. The mirror applies after the turn, as
+    PyAV's `set_display_rotation` documents and ffmpeg's player shows it."""
+    stored = np.zeros((32, 64, 3), np.uint8)
+    stored[:8, :16] = 255  # a white block in the stored frame's top-left corner
+    path = tmp_path / "mirrored.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 32, "yuv420p"
+        stream.set_display_rotation(degrees, hflip=hflip, vflip=vflip)
+        for _ in range(3):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(stored, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    expected = np.rot90(stored, k=degrees // 90)
+    expected = np.fliplr(expected) if hflip else np.flipud(expected) if vflip else expected
+    for frame in PVCImageProcessor(image_size=28).sample_frames(path, 2):
+        shown = np.asarray(frame.convert("L"), np.float32)
+        assert shown.shape == expected.shape[:2]
+        assert np.abs(shown - expected[..., 0]).mean() < 8  # codec noise only
+
+
+# A variable-frame-rate file: 2 s at 10 fps, then 1 s at 40 fps (frame i at VFR_MS[i] milliseconds).
+VFR_MS = [100 * k for k in range(20)] + [2000 + 25 * k for k in range(40)]
+
+
+def write_vfr_video(path):
+    from fractions import Fraction
+
+    width = 4 * len(VFR_MS) + 8
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=40)
+        stream.width, stream.height, stream.pix_fmt = width, 32, "yuv420p"
+        stream.time_base = stream.codec_context.time_base = Fraction(1, 1000)
+        for index, milliseconds in enumerate(VFR_MS):
+            array = np.zeros((32, width, 3), np.uint8)
+            array[:, 4 * index : 4 * index + 4] = 255  # read back by frame_indices
+            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
+            frame.pts, frame.time_base = milliseconds, Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def nearest_frames(instants_ms):
+    return [min(range(len(VFR_MS)), key=lambda i: (abs(VFR_MS[i] - t), i)) for t in instants_ms]
+
+
+def test_variable_frame_rate_videos_are_sampled_by_timestamps(tmp_path):
+    """Each rule's instants are spread evenly in time from the first to the last frame (at a constant rate they are
+    the frames the authors' rules pick), and each instant takes the frame nearest to it in time. Sampling by the
+    average rate (an index per 1/rate seconds) took a later frame in the 10 fps stretch."""
+    path = tmp_path / "vfr.mp4"
+    write_vfr_video(path)
+    processor = PVCImageProcessor(image_size=28)
+    total, span = len(VFR_MS), VFR_MS[-1] - VFR_MS[0]
+
+    def at(grid, first=0, last=total - 1):  # instants of a rule's picks on `count` evenly spaced points
+        return [VFR_MS[first] + (VFR_MS[last] - VFR_MS[first]) * k / (last - first) for k in grid]
+
+    picked = frame_indices(processor.sample_frames(path, 6))
+    assert picked == nearest_frames(at(load_video_indices(total, 6)))
+    assert picked[:4] == [2, 7, 12, 17]  # by hand: 0.2, 0.7, 1.2, 1.7 s, one frame in ten in the first 2 s
+    # fps: an instant every 1/fps seconds (every `step` points of the grid), each frame at most once
+    step = (total - 1) / span * 1000 / 2
+    picked = frame_indices(processor.sample_frames(path, fps=2))
+    assert picked == nearest_frames(at(every(step, int(total / step))))
+    # a time window: 2 s to 3 s is the 40 fps stretch
+    picked = frame_indices(processor.sample_frames(path, 4, start=2.0, end=3.0))
+    assert picked == nearest_frames(at(load_video_indices(40, 4), 20, 59)) and picked[0] >= 20
+    # as many frames as the video has: each once, by position
+    assert frame_indices(processor.sample_frames(path, total)) == list(range(total))
+
+
+@pytest.mark.parametrize(
     "mode, values, expected",
     [
         ("I;16", [0, 32768, 65535], [0, 128, 255]),  # 16 bits: by the type's range

@@ -9,6 +9,7 @@ equal segments), decoded with PyAV by seeking, one tile per frame by default.
 import base64
 import binascii
 import bisect
+import functools
 import io
 import itertools
 import logging
@@ -355,9 +356,10 @@ def read_video(path: str, num_frames, fps=None, max_frames=None, start=None, end
                 raise ValueError(f"{path} holds no video stream.")
             stream = container.streams.video[0]
             times = _presentation_times(container, stream)
+            show = functools.partial(_upright, rotate_tag=_rotate_tag(stream))
             if times:
                 positions = _sample_by_time(times, stream.time_base, num_frames, fps, max_frames, start, end, path)
-                frames = _decode_at(container, stream, times, positions)
+                frames = _decode_at(container, stream, times, positions, show)
         if not times:
             # No timestamps: a raw elementary stream (.h264, .hevc), which cannot seek either. Count its frames by
             # decoding, then decode again from the start, taking frames by position at the nominal rate.
@@ -372,7 +374,9 @@ def read_video(path: str, num_frames, fps=None, max_frames=None, start=None, end
             if isinstance(source, io.BytesIO):
                 source.seek(0)
             with av.open(source) as container:
-                frames = _decode_in_order(container.decode(container.streams.video[0]), [first + i for i in indices])
+                frames = _decode_in_order(
+                    container.decode(container.streams.video[0]), [first + i for i in indices], show
+                )
     except av.error.FFmpegError as error:
         hint = "Is the URL reachable?" if is_url else "Is it a valid video file?"
         raise ValueError(f"Could not read the video {path}: {error}. {hint}") from None
@@ -438,9 +442,9 @@ def _sample_by_time(times, time_base, num_frames, fps, max_frames, start, end, p
     return list(dict.fromkeys(positions)) if fps is not None else positions
 
 
-def _decode_at(container, stream, times: list[int], positions: list[int]) -> list[Image.Image]:
-    """Frames at the given (sorted, possibly repeated) positions in `times`. Far-apart frames are reached by
-    seeking; a frame past the real end becomes the last one."""
+def _decode_at(container, stream, times: list[int], positions: list[int], show) -> list[Image.Image]:
+    """Frames at the given (sorted, possibly repeated) positions in `times`, as `show` turns them into images.
+    Far-apart frames are reached by seeking; a frame past the real end becomes the last one."""
     wanted = sorted(set(positions))
     found: dict[int, Image.Image] = {}
     decoder, position, last = None, -1, None
@@ -451,38 +455,37 @@ def _decode_at(container, stream, times: list[int], positions: list[int]) -> lis
             position = position + 1 if frame.pts is None else bisect.bisect_left(times, frame.pts)
             last = frame
             if position >= target:
-                found[target] = _upright(frame)
+                found[target] = show(frame)
                 break
         else:  # the stream ended before the target
             if last is None:
                 break
-            found[target] = _upright(last)
+            found[target] = show(last)
     return [found[index] for index in positions if index in found]
 
 
-def _decode_in_order(decoder, indices: list[int]) -> list[Image.Image]:
+def _decode_in_order(decoder, indices: list[int], show) -> list[Image.Image]:
     """Frames at the given (sorted, possibly repeated) indices, counting frames from the start."""
     wanted, found, last = set(indices), {}, None
     for index, frame in enumerate(decoder):
         last = frame
         if index in wanted:
-            found[index] = _upright(frame)
+            found[index] = show(frame)
             if len(found) == len(wanted):
                 break
     if last is None:
         return []
-    return [found[index] if index in found else _upright(last) for index in indices]
+    return [found[index] if index in found else show(last) for index in indices]
 
 
-def _upright(frame) -> Image.Image:
+def _upright(frame, rotate_tag: float = 0) -> Image.Image:
     """A decoded frame as a viewer shows it: turned and mirrored by its display matrix (a phone held upright
     records its frames sideways and says so there; a front camera may mirror them), as ffmpeg's player does and as
-    images are by their EXIF orientation."""
+    images are by their EXIF orientation. Without a matrix, turned by the legacy `rotate` tag (clockwise degrees)."""
     image = frame.to_image()
     matrix = _display_matrix(frame)
-    if matrix is None:  # PyAV without side data access: the rotation alone
-        rotation = getattr(frame, "rotation", 0) or 0
-        return image.rotate(rotation, expand=True) if rotation % 360 else image
+    if matrix is None:
+        return image.rotate(-rotate_tag, expand=True) if round(rotate_tag) % 360 else image
     # The matrix's 2x2 part is a rotation R(theta) = [[cos, -sin], [sin, cos]], its first column negated when the
     # picture is mirrored (a negative determinant); a mirror of both axes is the rotation by 180 degrees.
     a, b, c, d = matrix
@@ -505,7 +508,16 @@ def _display_matrix(frame) -> tuple[float, float, float, float] | None:
             values = np.frombuffer(bytes(data), dtype="<i4")
             if values.size == 9:
                 return tuple(float(value) / 65536 for value in values[[0, 1, 3, 4]])
-    return (1.0, 0.0, 0.0, 1.0)  # no matrix: shown as stored
+    return None
+
+
+def _rotate_tag(stream) -> float:
+    """The legacy `rotate` metadata tag (clockwise degrees; Matroska files keep it as ROTATE), or 0."""
+    tags = {key.lower(): value for key, value in (stream.metadata or {}).items()}
+    try:
+        return float(tags.get("rotate", 0))
+    except ValueError:
+        return 0.0
 
 
 def _seek_before(container, stream, times, target):

@@ -415,6 +415,27 @@ def test_mirrored_videos_come_out_as_shown(tmp_path, degrees, hflip, vflip):
         assert np.abs(shown - expected[..., 0]).mean() < 8  # codec noise only
 
 
+@pytest.mark.parametrize("degrees", [90, 270])
+def test_legacy_rotate_tag_turns_frames(tmp_path, degrees):
+    """Files without a display matrix may carry the older `rotate` tag (clockwise degrees; Matroska keeps it)."""
+    stored = np.zeros((32, 64, 3), np.uint8)
+    stored[:8, :16] = 255
+    path = tmp_path / "tagged.mkv"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 32, "yuv420p"
+        stream.metadata["rotate"] = str(degrees)
+        for _ in range(3):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(stored, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    expected = np.rot90(stored, k=-degrees // 90)  # clockwise
+    for frame in PVCImageProcessor(image_size=28).sample_frames(path, 2):
+        shown = np.asarray(frame.convert("L"), np.float32)
+        assert shown.shape == expected.shape[:2] and np.abs(shown - expected[..., 0]).mean() < 8
+
+
 # A variable-frame-rate file: 2 s at 10 fps, then 1 s at 40 fps (frame i at VFR_MS[i] milliseconds).
 VFR_MS = [100 * k for k in range(20)] + [2000 + 25 * k for k in range(40)]
 

@@ -144,13 +144,8 @@ class PVCImageProcessor(ImageProcessingMixin):
         video_max_tiles (`int`, defaults to 1): tile grid bound for each video frame (1: one resized tile).
     """
 
-    model_input_names = [
-        "pixel_values",
-        "image_num_tiles",
-        "pixel_values_videos",
-        "video_num_frames",
-        "video_num_tiles",
-    ]
+    # The image inputs; videos (which it also reads, for `PVCVideoProcessor`) give `PVCVideoProcessor`'s.
+    model_input_names = ["pixel_values", "image_num_tiles"]
     valid_kwargs = PVCImageProcessorKwargs
 
     def __init__(
@@ -285,6 +280,58 @@ class PVCImageProcessor(ImageProcessingMixin):
         return BatchFeature(data=data, tensor_type=return_tensors)
 
     preprocess = __call__
+
+
+class PVCVideoProcessor:
+    r"""
+    The video half of a `PVCImageProcessor`, as its own sub-processor: `PVCProcessor.video_processor`, where
+    transformers' processor conventions and vLLM look for one. Its settings (`num_frames`, `video_max_tiles`,
+    `image_size`, the normalisation) are the image processor's, read and written through, so they are saved and
+    loaded with it. (Not a transformers `BaseVideoProcessor`: that needs torchvision, which PVC does not.)
+    """
+
+    model_input_names = ["pixel_values_videos", "video_num_frames", "video_num_tiles"]
+
+    def __init__(self, image_processor: PVCImageProcessor | None = None):
+        self.__dict__["image_processor"] = image_processor if image_processor is not None else PVCImageProcessor()
+
+    def __getattr__(self, name):
+        if name in VIDEO_SETTINGS:
+            return getattr(self.image_processor, name)
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def __setattr__(self, name, value):
+        if name not in VIDEO_SETTINGS:
+            raise AttributeError(f"{type(self).__name__} settings are {', '.join(VIDEO_SETTINGS)}; not {name!r}.")
+        setattr(self.image_processor, name, value)
+
+    def __repr__(self):
+        settings = ", ".join(f"{key}={getattr(self, key)!r}" for key in VIDEO_SETTINGS)
+        return f"{type(self).__name__}({settings})"
+
+    def sample_frames(self, video, num_frames=None, fps=None, max_frames=None, start=None, end=None):
+        """RGB frames of one video; see `PVCImageProcessor.sample_frames`."""
+        return self.image_processor.sample_frames(video, num_frames, fps, max_frames, start, end)
+
+    def __call__(self, videos=None, return_tensors="pt", **kwargs) -> BatchFeature:
+        r"""
+        Videos (paths, http(s) or data URLs, lists of frames, arrays [T, H, W, 3]) -> `pixel_values_videos`
+        [total_frames * tiles, 3, S, S] (frame-major), `video_num_frames` and `video_num_tiles` [num_videos].
+        Options: `num_frames`, `fps`, `max_frames`, `start`, `end`, `video_max_tiles` (see `PVCImageProcessor`).
+        """
+        options = {key: kwargs.pop(key) for key in VIDEO_OPTIONS if key in kwargs}
+        if kwargs:
+            raise TypeError(f"Unexpected arguments: {sorted(kwargs)}; a video takes {', '.join(VIDEO_OPTIONS)}.")
+        max_tiles = options.pop("video_max_tiles", None)
+        data = self.image_processor.preprocess_videos(videos, max_tiles=max_tiles, **options)
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    preprocess = __call__
+
+
+# The image processor's settings that a PVCVideoProcessor uses, and the options of one call.
+VIDEO_SETTINGS = ("image_size", "num_frames", "video_max_tiles", "image_mean", "image_std")
+VIDEO_OPTIONS = ("num_frames", "fps", "max_frames", "start", "end", "video_max_tiles")
 
 
 def check_sampling(num_frames, fps, max_frames, start, end):

@@ -22,7 +22,7 @@ from torch import nn
 from transformers import AutoModel, GenerationMixin, GradientCheckpointingLayer, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.modeling_outputs import BaseModelOutput, CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_pvc import PVCConfig, PVCVisionConfig, _as_pair
@@ -566,13 +566,33 @@ class PVCModel(PVCPreTrainedModel):
                 features[index] = rearrange(clip_features, "p t m d -> (t p m) d")
         return features
 
-    def get_image_features(self, pixel_values, image_num_tiles=None):
-        """Projected image features in LLM order, [num_image_tokens, D]."""
-        return torch.cat(self.image_features_per_image(pixel_values, image_num_tiles))
+    def get_image_features(self, pixel_values, image_num_tiles=None, image_grid_thw=None, return_dict=False, **kwargs):
+        """Projected image features in LLM order, [num_image_tokens, D]; with `return_dict=True` as the
+        `pooler_output` of a `BaseModelOutputWithPooling` (transformers' convention). The tiles of each image are
+        `image_num_tiles`, or the last column of `image_grid_thw` (the processor's `grid_layout`)."""
+        image_num_tiles = counts_from_grids(image_grid_thw=image_grid_thw).get("image_num_tiles", image_num_tiles)
+        features = torch.cat(self.image_features_per_image(pixel_values, image_num_tiles))
+        return BaseModelOutputWithPooling(pooler_output=features) if return_dict else features
 
-    def get_video_features(self, pixel_values_videos, video_num_frames, video_num_tiles=None):
-        """Projected video features in LLM order, [num_video_tokens, D]."""
-        return torch.cat(self.video_features_per_video(pixel_values_videos, video_num_frames, video_num_tiles))
+    def get_video_features(
+        self,
+        pixel_values_videos,
+        video_num_frames=None,
+        video_num_tiles=None,
+        video_grid_thw=None,
+        return_dict=False,
+        **kwargs,
+    ):
+        """Projected video features in LLM order, [num_video_tokens, D]; with `return_dict=True` as the
+        `pooler_output` of a `BaseModelOutputWithPooling`. Each video's frames and tiles per frame are
+        `video_num_frames` and `video_num_tiles`, or the first and last columns of `video_grid_thw`."""
+        if video_grid_thw is not None:
+            counts = counts_from_grids(video_grid_thw=video_grid_thw)
+            video_num_frames, video_num_tiles = counts["video_num_frames"], counts["video_num_tiles"]
+        if video_num_frames is None:
+            raise ValueError("get_video_features needs video_num_frames (or video_grid_thw).")
+        features = torch.cat(self.video_features_per_video(pixel_values_videos, video_num_frames, video_num_tiles))
+        return BaseModelOutputWithPooling(pooler_output=features) if return_dict else features
 
     def get_visual_features(
         self,
@@ -603,10 +623,17 @@ class PVCModel(PVCPreTrainedModel):
         video_num_tiles=None,
         visual_order=None,
         inputs_embeds=None,
+        image_grid_thw=None,
+        video_grid_thw=None,
         **kwargs,
     ):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if image_grid_thw is not None or video_grid_thw is not None:  # the processor's grid_layout
+            counts = counts_from_grids(image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw)
+            image_num_tiles = counts.get("image_num_tiles", image_num_tiles)
+            video_num_frames = counts.get("video_num_frames", video_num_frames)
+            video_num_tiles = counts.get("video_num_tiles", video_num_tiles)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)  # [B, L, D]
 
@@ -761,6 +788,7 @@ class PVCForConditionalGeneration(PVCPreTrainedModel, GenerationMixin):
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
         """Beam search and `num_return_sequences` repeat every sample; the visuals must follow their sample as a
         whole (the default would repeat each tile, or frame, on its own)."""
+        model_kwargs.update(counts_from_grids(model_kwargs))
         visual = {key: model_kwargs.pop(key) for key in self.VISUAL_INPUTS if model_kwargs.get(key) is not None}
         input_ids_before = input_ids
         input_ids, model_kwargs = super()._expand_inputs_for_generation(
@@ -845,6 +873,22 @@ def video_layout(pixel_values_videos, video_num_frames, video_num_tiles=None):
     rows = [count * tile for count, tile in zip(frames, tiles)]
     _counts(rows, pixel_values_videos.shape[0], "video_num_frames (x video_num_tiles)", "pixel_values_videos")
     return frames, tiles, rows
+
+
+def counts_from_grids(inputs: dict | None = None, **grids) -> dict:
+    """`image_num_tiles`, `video_num_frames` and `video_num_tiles` from the grid layout's `image_grid_thw` (1, 1,
+    tiles) and `video_grid_thw` (frames, 1, tiles) rows; the grids are popped from `inputs` when given."""
+    grids = {name: (inputs.pop(name, None) if inputs is not None else grids.get(name)) for name in GRID_INPUTS}
+    counts = {}
+    if grids["image_grid_thw"] is not None:
+        counts["image_num_tiles"] = grids["image_grid_thw"].prod(-1)
+    if grids["video_grid_thw"] is not None:
+        counts["video_num_frames"] = grids["video_grid_thw"][:, 0]
+        counts["video_num_tiles"] = grids["video_grid_thw"][:, 1:].prod(-1)
+    return counts
+
+
+GRID_INPUTS = ("image_grid_thw", "video_grid_thw")
 
 
 def _counts(counts, total: int, counts_name: str, tensor_name: str) -> list[int]:

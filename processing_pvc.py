@@ -12,11 +12,14 @@ import re
 import torch
 from transformers import BatchFeature, ProcessorMixin
 
-from .image_processing_pvc import _flatten, _flatten_videos
+from .image_processing_pvc import PVCVideoProcessor, _flatten, _flatten_videos, tile_grid
 
 IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER = "<image>", "<video>"
+PLACEHOLDERS = re.compile(r"<image>|<video>")
 # Keyword options: for the pixels (see `PVCImageProcessor`), and the tokenizer's own.
 PIXEL_OPTIONS = ("max_tiles", "num_frames", "fps", "max_frames", "start", "end", "video_max_tiles")
+# Options of the output's layout (see `PVCProcessor.__call__`).
+LAYOUT_OPTIONS = ("grid_layout", "return_text_replacement_offsets")
 TOKENIZER_OPTIONS = (
     "add_special_tokens",
     "truncation",
@@ -78,20 +81,41 @@ class PVCProcessor(ProcessorMixin):
         tokens_per_frame (`int`, defaults to 64): visual tokens per frame and tile (the model config's
             `tokens_per_frame`).
         image_repeat (`int`, defaults to 4): frames of an image's static clip (the model config's `image_repeat`).
+        grid_layout (`bool`, defaults to `False`): the default of `__call__`'s `grid_layout` (vLLM sets it).
+
+    The placeholders are `image_token` (`<image>`) and `video_token` (`<video>`); `video_processor` is the video half
+    of the image processor (`PVCVideoProcessor`), configured by the image processor's settings (`num_frames`,
+    `video_max_tiles`), so it saves and loads with them.
     """
 
+    image_token, video_token = IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
+
     def __init__(
-        self, image_processor=None, tokenizer=None, chat_template=None, tokens_per_frame=64, image_repeat=4, **kwargs
+        self,
+        image_processor=None,
+        tokenizer=None,
+        chat_template=None,
+        tokens_per_frame=64,
+        image_repeat=4,
+        grid_layout=False,
+        **kwargs,
     ):
         if chat_template is None:
             chat_template = build_chat_template("chatml")
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
         self.tokens_per_frame = tokens_per_frame
         self.image_repeat = image_repeat
+        self.grid_layout = grid_layout
+
+    @property
+    def video_processor(self) -> PVCVideoProcessor:
+        # A view, not a saved attribute: transformers' own video processors need torchvision (BaseVideoProcessor).
+        return PVCVideoProcessor(self.image_processor)
 
     @property
     def model_input_names(self):
-        return ["input_ids", "attention_mask", *self.image_processor.model_input_names, "visual_order"]
+        visual = [*self.image_processor.model_input_names, *self.video_processor.model_input_names]
+        return ["input_ids", "attention_mask", *visual, "visual_order"]
 
     def token_id(self, token: str) -> int:
         token_id = self.tokenizer.convert_tokens_to_ids(token)
@@ -118,6 +142,12 @@ class PVCProcessor(ProcessorMixin):
             images: PIL images, arrays, tensors, paths or http(s) URLs (a flat or per-sample nested list).
             videos: paths or http(s) URLs, lists of frames or arrays [T, H, W, 3] (a list of these).
             padding, padding_side: batches are padded on the left by default, ready for `generate`.
+            grid_layout (`bool`, defaults to the processor's, `False`): give each image's and video's counts as
+                `image_grid_thw` (1, 1, tiles) and `video_grid_thw` (frames, 1, tiles) rows, one per item, instead
+                of `image_num_tiles`, `video_num_frames`, `video_num_tiles` and `visual_order` (the layout vLLM
+                splits per item; the model takes either).
+            return_text_replacement_offsets (`bool`): also return, per sample, where each placeholder was and what
+                replaced it (`text_replacement_offsets`, as transformers' processors give it).
             Other keyword arguments: `max_tiles` for images; `num_frames`, `fps`, `max_frames`, `start`, `end`,
             `video_max_tiles` for videos (see `PVCImageProcessor`); the tokenizer's own (`truncation`,
             `max_length`, ...). Any other keyword is an error, and truncation may not cut into visual tokens.
@@ -127,12 +157,14 @@ class PVCProcessor(ProcessorMixin):
             `pixel_values_videos` + `video_num_frames` + `video_num_tiles`, and `visual_order` (0 image, 1 video, in
             text order) when both images and videos are given.
         """
-        _check_options(kwargs, "PVCProcessor")
+        _check_options(kwargs, "PVCProcessor", extra=LAYOUT_OPTIONS)
+        grid_layout = kwargs.pop("grid_layout", self.grid_layout)
+        return_offsets = kwargs.pop("return_text_replacement_offsets", False)
         pixel_options = {key: kwargs.pop(key) for key in PIXEL_OPTIONS if key in kwargs}
         images = (_flatten(images) or None) if images is not None else None  # an empty list is no media
         videos = (_flatten_videos(videos) or None) if videos is not None else None
         texts = [] if text is None else [text] if isinstance(text, str) else list(text)
-        kinds = [match.group() for sample in texts for match in re.finditer(r"<image>|<video>", sample)]
+        kinds = [match.group() for sample in texts for match in PLACEHOLDERS.finditer(sample)]
         for placeholder, given, name in ((IMAGE_PLACEHOLDER, images, "images"), (VIDEO_PLACEHOLDER, videos, "videos")):
             expected = kinds.count(placeholder)
             if text is not None and expected != len(given or []):  # checked before any media is decoded
@@ -141,21 +173,59 @@ class PVCProcessor(ProcessorMixin):
                     f"given: put one {placeholder} in the text where each of the {name} goes."
                 )
         visual = {}
-        if images is not None or videos is not None:
-            visual = dict(self.image_processor(images=images, videos=videos, return_tensors="pt", **pixel_options))
+        if images is not None:
+            image_options = {key: pixel_options[key] for key in ("max_tiles",) if key in pixel_options}
+            visual.update(self.image_processor(images=images, return_tensors="pt", **image_options))
+        if videos is not None:
+            video_options = {key: value for key, value in pixel_options.items() if key != "max_tiles"}
+            visual.update(self.video_processor(videos=videos, return_tensors="pt", **video_options))
         if images and videos and text is not None:
             visual["visual_order"] = torch.tensor([int(kind == VIDEO_PLACEHOLDER) for kind in kinds])
         if text is not None:
             for token in (IMAGE_START, IMAGE_END, IMAGE_CONTEXT):
                 self.token_id(token)
-            expansions = self.expansions(kinds, visual)
-            expanded = [re.sub(r"<image>|<video>", lambda _: next(expansions), sample) for sample in texts]
-            encoding = self.tokenizer(expanded, padding=padding, padding_side=padding_side, **kwargs)
+            replacements = self.expansions(kinds, visual)
+            expanded, offsets = zip(*(_replaced(sample, replacements) for sample in texts)) if texts else ((), ())
+            encoding = self.tokenizer(list(expanded), padding=padding, padding_side=padding_side, **kwargs)
             self._check_visual_tokens_kept(expanded, encoding["input_ids"], kwargs.get("max_length"))
             visual = {**encoding, **visual}
+            if return_offsets:
+                visual["text_replacement_offsets"] = list(offsets)
+        if grid_layout:
+            visual = _as_grids(visual)
         if return_tensors is None:  # lists, as a tokenizer gives them (pixels: one array per tile or frame)
             visual = {key: _as_list(value) for key, value in visual.items()}
-        return BatchFeature(data=visual, tensor_type=return_tensors)
+        return BatchFeature(
+            data=visual, tensor_type=return_tensors, skip_tensor_conversion=["text_replacement_offsets"]
+        )
+
+    def _get_num_multimodal_tokens(self, image_sizes=None, video_sizes=None, **kwargs) -> dict:
+        r"""
+        What the given media become, without reading any (transformers' processor convention, which vLLM uses):
+        `num_image_tokens` and `num_image_patches` (tiles) per image size (height, width), and `num_video_tokens`
+        per video size (frames, height, width). Options as in `__call__` (`max_tiles`, `num_frames`,
+        `video_max_tiles`); a video becomes `num_frames` frames whatever its length, as `sample_frames` gives.
+        """
+        settings = self.image_processor
+        size, tokens = settings.image_size, self.tokens_per_frame
+        data = {}
+        if image_sizes is not None:
+            max_tiles = kwargs.get("max_tiles") or settings.max_tiles
+            tiles = [
+                _num_tiles(width, height, settings.min_tiles, max_tiles, size, settings.use_thumbnail)
+                for height, width in image_sizes
+            ]
+            data["num_image_tokens"] = [tokens * self.image_repeat * count for count in tiles]
+            data["num_image_patches"] = tiles
+        if video_sizes is not None:
+            max_tiles = kwargs.get("video_max_tiles") or settings.video_max_tiles
+            frames = kwargs.get("num_frames") or settings.num_frames
+            tiling = (settings.min_tiles, max_tiles, size, settings.use_thumbnail)  # as `_tile_frame`
+            data["num_video_tokens"] = [
+                tokens * frames * (1 if max_tiles == 1 else _num_tiles(width, height, *tiling))
+                for _, height, width in video_sizes
+            ]
+        return data
 
     def expansions(self, kinds, visual):
         """The text each placeholder (`kinds`, in text order) becomes, through the `replace_*_token` hooks."""
@@ -167,12 +237,12 @@ class PVCProcessor(ProcessorMixin):
             else:
                 yield self.replace_video_token(visual, index)
 
-    def replace_image_token(self, image_inputs: dict, image_idx: int) -> str:
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         """The text an image's placeholder becomes (transformers' processor hook): `<img>`, then
         tokens_per_frame x image_repeat x tiles `<IMG_CONTEXT>`, then `</img>`."""
         return self.image_prompt(int(image_inputs["image_num_tiles"][image_idx]))
 
-    def replace_video_token(self, video_inputs: dict, video_idx: int) -> str:
+    def replace_video_token(self, video_inputs: dict, video_idx: int, **kwargs) -> str:
         """The text a video's placeholder becomes (transformers' processor hook): one `Frame{i}: <img>...</img>`
         line per frame, tokens_per_frame x tiles `<IMG_CONTEXT>` each."""
         frames = int(video_inputs["video_num_frames"][video_idx])
@@ -253,6 +323,46 @@ class PVCProcessor(ProcessorMixin):
             text=texts, images=images or None, videos=videos or None, return_tensors=return_tensors, **options
         )
         return outputs if return_dict else outputs["input_ids"]
+
+
+def _replaced(text: str, replacements) -> tuple[str, list[dict]]:
+    """`text` with each placeholder replaced by the next of `replacements`, and where each one was and went (the
+    entries of transformers' `text_replacement_offsets`)."""
+    pieces, offsets, end, new_end = [], [], 0, 0
+    for match in PLACEHOLDERS.finditer(text):
+        replacement = next(replacements)
+        new_start = new_end + match.start() - end
+        pieces += [text[end : match.start()], replacement]
+        new_end = new_start + len(replacement)
+        offsets.append(
+            {
+                "type": "image" if match.group() == IMAGE_PLACEHOLDER else "video",
+                "span": (match.start(), match.end()),
+                "new_span": (new_start, new_end),
+                "text": match.group(),
+                "replacement": replacement,
+            }
+        )
+        end = match.end()
+    return "".join(pieces) + text[end:], offsets
+
+
+def _as_grids(visual: dict) -> dict:
+    """The per-item counts as one (t, h, w) row per image, (1, 1, tiles), and per video, (frames, 1, tiles)."""
+    visual = dict(visual)
+    visual.pop("visual_order", None)
+    if "pixel_values" in visual:
+        tiles = visual.pop("image_num_tiles")
+        visual["image_grid_thw"] = torch.stack([torch.ones_like(tiles), torch.ones_like(tiles), tiles], dim=1)
+    if "pixel_values_videos" in visual:
+        frames, tiles = visual.pop("video_num_frames"), visual.pop("video_num_tiles")
+        visual["video_grid_thw"] = torch.stack([frames, torch.ones_like(frames), tiles], dim=1)
+    return visual
+
+
+def _num_tiles(width, height, min_tiles, max_tiles, size, use_thumbnail) -> int:
+    columns, rows = tile_grid(width, height, min_tiles, max_tiles, size)
+    return columns * rows + int(use_thumbnail and columns * rows > 1)
 
 
 def _check_options(options: dict, where: str, extra=()):

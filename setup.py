@@ -19,12 +19,13 @@ setup(
     description="PVC: Progressive Visual Token Compression for image and video VLMs, for Hugging Face Transformers",
     license="MIT",
     python_requires=">=3.10",
-    packages=["pvc", "pvc.conversion", "pvc.training", "pvc.experiments"],
+    packages=["pvc", "pvc.conversion", "pvc.training", "pvc.experiments", "pvc.serving"],
     package_dir={
         "pvc": ".",
         "pvc.conversion": "conversion",
         "pvc.training": "training",
         "pvc.experiments": "experiments",
+        "pvc.serving": "serving",
     },
     entry_points={
         "console_scripts": [

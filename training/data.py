@@ -142,6 +142,10 @@ class PVCDataCollator:
         tokenizer = processor.tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.image_token_id = processor.token_id("<IMG_CONTEXT>")
+        self.pixel_input_names = [
+            *processor.image_processor.model_input_names,
+            *processor.video_processor.model_input_names,
+        ]
 
     def __call__(self, records: list[dict]) -> dict:
         samples = []
@@ -166,7 +170,7 @@ class PVCDataCollator:
             ),
             "labels": torch.tensor([s["labels"] + [-100] * (length - len(s["labels"])) for s in samples]),
         }
-        for key in self.processor.image_processor.model_input_names:  # the pixel inputs and their counts
+        for key in self.pixel_input_names:  # the pixel inputs and their counts
             parts = [s[key] for s in samples if key in s]
             if parts:
                 batch[key] = torch.cat(parts)

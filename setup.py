@@ -32,6 +32,7 @@ setup(
             "pvc-convert=pvc.conversion.cli:main",
             "pvc-finetune=pvc.training.finetune:main",
             "pvc-demo=pvc.demo:main",
+            "pvc-serve=pvc.serving.cli:main",
         ]
     },
     package_data={"pvc": ["demo_model/*"]},  # the demo's trained toy model (its code files are links, copied as files)

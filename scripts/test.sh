@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test suite, twice: on the lowest transformers this repo supports and on the newest 5.x release.
+# The test suite, twice: on the lowest transformers this repo supports and on the newest 5.x release; then serving
+# with vLLM in its own environment (scripts/test_vllm.sh; PVC_SKIP_VLLM=1 leaves it out).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 status=0
@@ -9,4 +10,8 @@ for pair in ".venv-floor transformers==5.0.0" ".venv transformers>=5.0,<6"; do
     bash scripts/setup_env.sh "$venv" "$spec"
     "$venv/bin/python" -m pytest tests -q -p no:cacheprovider "$@" || status=$?
 done
+if [ -z "${PVC_SKIP_VLLM:-}" ]; then
+    echo "=== vLLM (.venv-vllm)"
+    bash scripts/test_vllm.sh || status=$?
+fi
 exit $status

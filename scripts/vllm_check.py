@@ -98,16 +98,19 @@ def reference(path, processor):
 def compare(name, expected, output) -> bool:
     tokens, tops = expected
     got_tokens = list(output.outputs[0].token_ids)
-    ok = got_tokens == tokens
+    steps = output.outputs[0].logprobs or []
+    ok = got_tokens == tokens and len(steps) == len(tops)
     worst = 0.0
-    for step, (top, logprobs) in enumerate(zip(tops, output.outputs[0].logprobs or [])):
+    for top, logprobs in zip(tops, steps):
         for token, value in top.items():
             if token not in logprobs:
                 ok = False
                 continue
             worst = max(worst, abs(logprobs[token].logprob - value))
     ok = ok and worst < 1e-3
-    print(f"{'ok  ' if ok else 'FAIL'} {name}: tokens {got_tokens} (generate {tokens}), top-{TOP} logprob diff {worst:.1e}")
+    print(
+        f"{'ok  ' if ok else 'FAIL'} {name}: tokens {got_tokens} (generate {tokens}), top-{TOP} logprob diff {worst:.1e}"
+    )
     return ok
 
 

@@ -70,6 +70,18 @@ class PVCVisionConfig(PreTrainedConfig):
 
     model_type = "pvc_vision"
     base_config_key = "vision_config"
+    # Tensor parallelism (vLLM's `--tensor-parallel-size`, transformers' `tp_plan="auto"`): attention by heads, the
+    # MLP by its hidden units; everything else (AdaLN modulation, embeddings, norms) is replicated.
+    base_model_tp_plan = {
+        f"encoder.layer.*.{module}": style
+        for attention in ("attention", "temporal_attention")
+        for module, style in (
+            (f"{attention}.q_proj", "colwise"),
+            (f"{attention}.k_proj", "colwise"),
+            (f"{attention}.v_proj", "colwise"),
+            (f"{attention}.projection_layer", "rowwise"),
+        )
+    } | {"encoder.layer.*.mlp.fc1": "colwise", "encoder.layer.*.mlp.fc2": "rowwise"}
 
     def __init__(
         self,

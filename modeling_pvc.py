@@ -97,7 +97,9 @@ class PVCVisionAttention(nn.Module):
 
     def forward(self, hidden_states):
         batch, length, _ = hidden_states.shape
-        heads = (batch, length, self.num_heads, self.head_dim)
+        # -1: the heads this process holds (all of them, or its share under tensor parallelism, which shards q, k, v
+        # by heads and the output projection by rows; see PVCVisionConfig.base_model_tp_plan)
+        heads = (batch, length, -1, self.head_dim)
         query = self.q_norm(self.q_proj(hidden_states)).view(heads).transpose(1, 2)  # [B, H, L, d]
         key = self.k_norm(self.k_proj(hidden_states)).view(heads).transpose(1, 2)  # [B, H, L, d]
         value = self.v_proj(hidden_states).view(heads).transpose(1, 2)  # [B, H, L, d]
@@ -114,7 +116,7 @@ class PVCVisionAttention(nn.Module):
             dropout=self.config.attention_dropout if self.training else 0.0,
             is_causal=self.is_causal,
         )
-        output = output.reshape(batch, length, self.embed_dim)  # [B, L, C]
+        output = output.reshape(batch, length, -1)  # [B, L, C / tensor-parallel size]
         return self.projection_dropout(self.projection_layer(output))
 
 

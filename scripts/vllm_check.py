@@ -7,10 +7,11 @@ image has several) and saves it with its processor in WORK_DIR/model. Then, for 
 the top-3 log-probabilities of every generated token from vLLM (the repo's model code through vLLM's Transformers
 backend, as `pvc-serve` runs it) must equal those of `generate` (tokens exactly, log-probabilities to 1e-3):
 one image with several tiles, two images in one prompt, a video, an image and a video in one prompt, all of these
-submitted together as one batch, and the same batch again with `max_num_batched_tokens` small enough that prompts
-are prefilled in chunks. Prints one line per case and exits non-zero on the first difference.
+submitted together as one batch, the same batch again with `max_num_batched_tokens` small enough that prompts
+are prefilled in chunks, and again with the model split over two tensor-parallel processes. Prints one line per case and exits non-zero on the first difference.
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -132,7 +133,13 @@ def main(folder: Path):
     }
     sampling = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, logprobs=TOP)
     ok = True
-    for label, options in (("", {}), (", chunked prefill", {"max_num_batched_tokens": 64})):
+    runs = [("", {}), (", chunked prefill", {"max_num_batched_tokens": 64})]
+    if (os.cpu_count() or 1) >= 2:  # two worker processes, one core each (vLLM's CPU backend binds them)
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+        runs.append((", tensor parallel 2", {"tensor_parallel_size": 2}))
+    else:
+        print("skip tensor parallelism: it needs 2 CPU cores")
+    for label, options in runs:
         llm = LLM(
             model=str(path),
             dtype="float32",

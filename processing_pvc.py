@@ -144,8 +144,8 @@ class PVCProcessor(ProcessorMixin):
             padding, padding_side: batches are padded on the left by default, ready for `generate`.
             grid_layout (`bool`, defaults to the processor's, `False`): give each image's and video's counts as
                 `image_grid_thw` (1, 1, tiles) and `video_grid_thw` (frames, 1, tiles) rows, one per item, instead
-                of `image_num_tiles`, `video_num_frames`, `video_num_tiles` and `visual_order` (the layout vLLM
-                splits per item; the model takes either).
+                of `image_num_tiles`, `video_num_frames` and `video_num_tiles` (the layout vLLM splits per item;
+                the model takes either).
             return_text_replacement_offsets (`bool`): also return, per sample, where each placeholder was and what
                 replaced it (`text_replacement_offsets`, as transformers' processors give it).
             Other keyword arguments: `max_tiles` for images; `num_frames`, `fps`, `max_frames`, `start`, `end`,
@@ -350,7 +350,6 @@ def _replaced(text: str, replacements) -> tuple[str, list[dict]]:
 def _as_grids(visual: dict) -> dict:
     """The per-item counts as one (t, h, w) row per image, (1, 1, tiles), and per video, (frames, 1, tiles)."""
     visual = dict(visual)
-    visual.pop("visual_order", None)
     if "pixel_values" in visual:
         tiles = visual.pop("image_num_tiles")
         visual["image_grid_thw"] = torch.stack([torch.ones_like(tiles), torch.ones_like(tiles), tiles], dim=1)

@@ -29,14 +29,33 @@ def vllm_options() -> dict:
     )
 
 
-def server_arguments() -> list[str]:
-    """The same options as command-line arguments of vLLM's OpenAI-compatible server."""
-    return [
-        "--trust-remote-code",
-        "--model-impl",
-        "transformers",
-        "--hf-overrides",
-        json.dumps({"auto_map": AUTO_MAP}),
-        "--mm-processor-kwargs",
-        json.dumps(PROCESSOR_OPTIONS),
-    ]
+def server_arguments(user_arguments=()) -> list[str]:
+    """The same options as command-line arguments of vLLM's OpenAI-compatible server, followed by
+    `user_arguments`; a user's own `--hf-overrides` or `--mm-processor-kwargs` (JSON) is merged into PVC's."""
+    user_arguments = list(user_arguments)
+    merged = {"--hf-overrides": {"auto_map": dict(AUTO_MAP)}, "--mm-processor-kwargs": dict(PROCESSOR_OPTIONS)}
+    for option, ours in merged.items():
+        theirs = _pop_option(user_arguments, option)
+        if theirs is not None:
+            try:
+                theirs = json.loads(theirs)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{option} takes JSON; got {theirs!r} ({error}).") from None
+            ours.update({key: value for key, value in theirs.items() if key not in ("auto_map", "grid_layout")})
+    options = ["--trust-remote-code", "--model-impl", "transformers"]
+    for option, value in merged.items():
+        options += [option, json.dumps(value)]
+    return options + user_arguments
+
+
+def _pop_option(arguments: list[str], option: str) -> str | None:
+    """Remove `option VALUE` or `option=VALUE` from `arguments`; its value, or None."""
+    for index, argument in enumerate(arguments):
+        if argument == option and index + 1 < len(arguments):
+            value = arguments[index + 1]
+            del arguments[index : index + 2]
+            return value
+        if argument.startswith(option + "="):
+            del arguments[index]
+            return argument.split("=", 1)[1]
+    return None

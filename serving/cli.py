@@ -18,7 +18,20 @@ USAGE = "usage: pvc-serve PATH [vLLM server options]   (pvc-serve --help for vLL
 def command(argv: list[str]) -> list[str]:
     """The vLLM server command line for `pvc-serve ARGV`."""
     path, *rest = argv
-    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", path, *server_arguments(), *rest]
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", path, *server_arguments(rest)]
+
+
+def code_problem(path: str) -> str | None:
+    """A checkpoint folder whose code files predate serving (save_pretrained copies them into it) cannot be served:
+    why, or None. Hub ids and folders without code files are left to vLLM."""
+    code = os.path.join(path, "processing_pvc.py")
+    if os.path.isfile(code) and "grid_layout" not in open(code, encoding="utf-8").read():
+        files = "configuration_pvc.py modeling_pvc.py processing_pvc.py image_processing_pvc.py"
+        return (
+            f"the code files in {path} predate serving with vLLM. Copy this repo's {files} into it (the weights "
+            "and configs stay as they are), or convert the checkpoint again with pvc-convert."
+        )
+    return None
 
 
 def main(argv=None) -> int:
@@ -32,7 +45,14 @@ def main(argv=None) -> int:
     if argv[0] in ("-h", "--help"):
         print(__doc__)
         os.execv(sys.executable, [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--help"])
-    arguments = command(argv)
+    if problem := code_problem(argv[0]):
+        print(f"pvc-serve: error: {problem}", file=sys.stderr)
+        return 1
+    try:
+        arguments = command(argv)
+    except ValueError as error:
+        print(f"pvc-serve: error: {error}", file=sys.stderr)
+        return 2
     print("pvc-serve:", " ".join(arguments[1:]), file=sys.stderr, flush=True)
     os.execv(sys.executable, arguments)  # the server replaces this process: signals and exit status are vLLM's
 

@@ -128,6 +128,34 @@ MUTATIONS = [
         'init: str) -> dict[str, torch.Tensor]:\n    init = "warm"\n',
         "tests/test_conversion.py",
     ),
+    (
+        "display matrix read as a rotation only",
+        "image_processing_pvc.py",
+        "    return ImageOps.mirror(image) if mirrored else image\n",
+        "    return image\n",
+        "tests/test_processing.py",
+    ),
+    (
+        "variable frame rate: the frame after each instant",
+        "image_processing_pvc.py",
+        "        if after == len(seconds) or (after > 0 and instant - seconds[after - 1] <= seconds[after] - instant):\n",
+        "        if after == len(seconds):\n",
+        "tests/test_processing.py",
+    ),
+    (
+        "grid layout: one tile per image",
+        "processing_pvc.py",
+        "torch.stack([torch.ones_like(tiles), torch.ones_like(tiles), tiles], dim=1)",
+        "torch.stack([torch.ones_like(tiles), torch.ones_like(tiles), torch.ones_like(tiles)], dim=1)",
+        "tests/test_serving.py",
+    ),
+    (
+        "data parallel: loss not averaged over all ranks' tokens",
+        "training/finetune.py",
+        "        ddp_find_unused_parameters=False,\n",
+        "        ddp_find_unused_parameters=False,\n        average_tokens_across_devices=False,\n",
+        "tests/test_training.py -k data_parallel",
+    ),
 ]
 
 

@@ -282,4 +282,6 @@ def as_grid(answer: str, side: int) -> list[str]:
 
 
 if __name__ == "__main__":
+    if not __package__:  # run as a file: its imports are the package's
+        raise SystemExit("Run the demo as `bash scripts/demo.sh` or, with this repo installed, `python -m pvc.demo`.")
     main()

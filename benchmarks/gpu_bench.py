@@ -3,8 +3,8 @@
     python benchmarks/gpu_bench.py [--attn sdpa flash_attention_2] [--out gpu.json]
 
 For each attention implementation (flash_attention_2 only when flash-attn is installed): image prefill
-(448x448 + 2048 text tokens) samples/s, 16-frame video prefill samples/s, decode tokens/s, the activation
-peak of each prefill (GPU memory above the resident weights) and the weights' size;
+(448x448 + 2048 text tokens) samples/s, 16- and 64-frame video prefill samples/s (`--video-frames`), decode
+tokens/s, the activation peak of each prefill (GPU memory above the resident weights) and the weights' size;
 PVC and InternVL2 (transformers' InternVLForConditionalGeneration, same shapes) interleaved, median of repeats.
 Made to finish within 5 minutes on an H100.
 """
@@ -92,30 +92,34 @@ def weights_gib(model) -> float:
     return sum(param.numel() * param.element_size() for param in model.parameters()) / 2**30
 
 
-def run(attn: str, repeats: int, device: torch.device, shape: str = "8B") -> dict:
+def run(attn: str, repeats: int, device: torch.device, shape: str = "8B", video_frames=(16,)) -> dict:
     llm, vision = SHAPES[shape]
     config = make_config(llm, "pvc", vision, attn=attn)
     pvc = build(PVCForConditionalGeneration, config, device)
     reference = internvl(config, attn, device)
     token = config.image_token_id
     image = torch.randn(1, 3, 448, 448, device=device, dtype=torch.bfloat16)
-    video = torch.randn(16, 3, 448, 448, device=device, dtype=torch.bfloat16)
 
     def ids(visual, text):
         words = torch.randint(0, 90000, (1, text), device=device)
         return torch.cat([words[:, :8], torch.full((1, visual), token, device=device), words[:, 8:]], dim=1)
 
-    frames = torch.tensor([16])
-    cases = {  # Table 5's image workload; a 16-frame video with its frame prompts and 64 text tokens
+    cases = {  # Table 5's image workload
         "image_prefill": (
             dict(input_ids=ids(256, 2048), pixel_values=image, image_num_tiles=torch.tensor([1])),
             dict(input_ids=ids(256, 2048), pixel_values=image),
         ),
-        "video16_prefill": (
-            dict(input_ids=ids(64 * 16, 64 + 6 * 16), pixel_values_videos=video, video_num_frames=frames),
-            dict(input_ids=ids(256 * 16, 64 + 6 * 16), pixel_values=video),
-        ),
     }
+    for count in video_frames:  # videos with their frame prompts and 64 text tokens
+        video = torch.randn(count, 3, 448, 448, device=device, dtype=torch.bfloat16)
+        cases[f"video{count}_prefill"] = (
+            dict(
+                input_ids=ids(64 * count, 64 + 6 * count),
+                pixel_values_videos=video,
+                video_num_frames=torch.tensor([count]),
+            ),
+            dict(input_ids=ids(256 * count, 64 + 6 * count), pixel_values=video),
+        )
     results = {}
     with torch.inference_mode():
         for name, (ours, theirs) in cases.items():
@@ -155,6 +159,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="8B")
+    parser.add_argument("--video-frames", type=int, nargs="+", default=[16, 64], help="video lengths to time")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -165,7 +170,7 @@ def main(argv=None):
         if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
             print("flash-attn is not installed: skipping flash_attention_2")
             continue
-        results[attn] = run(attn, args.repeats, device, args.shape)
+        results[attn] = run(attn, args.repeats, device, args.shape, args.video_frames)
         print(f"\n| {attn}, bf16 | PVC | InternVL2 | PVC / InternVL2 |\n|---|---|---|---|")
         for case, entry in results[attn].items():
             for metric in entry["pvc"]:

@@ -58,8 +58,10 @@ def test_gpu_script_runs_on_a_small_shape():
     sys.path.insert(0, str(REPO / "benchmarks"))
     import gpu_bench
 
-    results = gpu_bench.main(["--device", "cpu", "--shape", "tiny", "--attn", "sdpa", "--repeats", "1"])
-    for case in ("image_prefill", "video16_prefill", "generate_64"):
+    results = gpu_bench.main(
+        ["--device", "cpu", "--shape", "tiny", "--attn", "sdpa", "--repeats", "1", "--video-frames", "2", "3"]
+    )
+    for case in ("image_prefill", "video2_prefill", "video3_prefill", "generate_64"):
         for model in ("pvc", "internvl2"):
             measured = results["sdpa"][case][model]
             speeds = [value for key, value in measured.items() if key != "activation_peak_gib"]
@@ -73,7 +75,7 @@ def test_gpu_check_script_runs_on_the_cpu(tmp_path):
     import subprocess
     import sys
 
-    options = ["--device", "cpu", "--shape", "tiny", "--attn", "sdpa", "--repeats", "1"]
+    options = ["--device", "cpu", "--shape", "tiny", "--attn", "sdpa", "--repeats", "1", "--video-frames", "2"]
     subprocess.run(
         ["bash", str(REPO / "benchmarks" / "gpu_check.sh"), str(tmp_path), *options],
         env=dict(os.environ, PYTHON=sys.executable, DEMO_DEVICE="cpu", DEMO_SAMPLES="2"),

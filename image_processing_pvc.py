@@ -247,9 +247,9 @@ class PVCImageProcessor(ImageProcessingMixin):
         every frame), at most `max_frames` (beyond that, `max_frames` by the default rule). Frames come upright (the
         container's display matrix applied: rotations and mirrors). `start`/`end` (seconds) restrict a video file to
         the frames nearest those times (at a constant rate, round(start * rate) .. round(end * rate), as `load_video`).
-        A variable-frame-rate file is sampled evenly in time (see `read_video`). Asked for as many frames as the video (or window) has, each frame comes once; asked for
-        more, frames repeat evenly, in order. Frames given in memory are
-        sampled by the same rule as a file; pass `num_frames=len(frames)` to keep them all.
+        A variable-frame-rate file is sampled evenly in time (see `read_video`). Asked for as many frames as the video
+        (or window) has, each frame comes once; asked for more, frames repeat evenly, in order. Frames given in memory
+        are sampled by the same rule as a file; pass `num_frames=len(frames)` to keep them all.
         """
         num_frames = self.num_frames if num_frames is None else num_frames
         check_sampling(num_frames, fps, max_frames, start, end)
@@ -444,14 +444,12 @@ def _data_url_bytes(url: str) -> bytes:
 
 def _presentation_times(container, stream) -> list[int]:
     """Every frame's presentation timestamp (in the stream's time base), in display order, read from the packets
-    without decoding; empty when the packets carry none. Leaves the container at its start."""
+    without decoding; empty when the packets carry none. (Decoding then starts with a seek, `_seek_before`.)"""
     stamps = {
         packet.pts
         for packet in container.demux(stream)
         if packet.pts is not None and packet.size and not getattr(packet, "is_discard", False)
     }
-    if stamps:
-        container.seek(min(0, min(stamps)), stream=stream, backward=True)
     return sorted(stamps)
 
 

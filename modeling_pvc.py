@@ -588,9 +588,9 @@ class PVCModel(PVCPreTrainedModel):
         """Projected video features in LLM order, [num_video_tokens, D]; with `return_dict=True` as the
         `pooler_output` of a `BaseModelOutputWithPooling`. Each video's frames and tiles per frame are
         `video_num_frames` and `video_num_tiles`, or the first and last columns of `video_grid_thw`."""
-        if video_grid_thw is not None:
-            counts = counts_from_grids(video_grid_thw=video_grid_thw)
-            video_num_frames, video_num_tiles = counts["video_num_frames"], counts["video_num_tiles"]
+        counts = counts_from_grids(video_grid_thw=video_grid_thw)
+        video_num_frames = counts.get("video_num_frames", video_num_frames)
+        video_num_tiles = counts.get("video_num_tiles", video_num_tiles)
         if video_num_frames is None:
             raise ValueError("get_video_features needs video_num_frames (or video_grid_thw).")
         features = torch.cat(self.video_features_per_video(pixel_values_videos, video_num_frames, video_num_tiles))
@@ -631,11 +631,10 @@ class PVCModel(PVCPreTrainedModel):
     ):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
-        if image_grid_thw is not None or video_grid_thw is not None:  # the processor's grid_layout
-            counts = counts_from_grids(image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw)
-            image_num_tiles = counts.get("image_num_tiles", image_num_tiles)
-            video_num_frames = counts.get("video_num_frames", video_num_frames)
-            video_num_tiles = counts.get("video_num_tiles", video_num_tiles)
+        counts = counts_from_grids(image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw)  # grid_layout
+        image_num_tiles = counts.get("image_num_tiles", image_num_tiles)
+        video_num_frames = counts.get("video_num_frames", video_num_frames)
+        video_num_tiles = counts.get("video_num_tiles", video_num_tiles)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)  # [B, L, D]
 

@@ -6,15 +6,12 @@
 
 import json
 
+from ..configuration_pvc import AUTO_MAP as CHECKPOINT_AUTO_MAP
+
 # vLLM's Transformers backend builds the base model (`AutoModel`) and adds its own LM head; the checkpoints map
 # `AutoModel` to the generation model (as InternVL2's remote code did, and as `AutoModel.from_pretrained` users
 # expect), so vLLM is told the base model instead, for its run only.
-AUTO_MAP = {
-    "AutoConfig": "configuration_pvc.PVCConfig",
-    "AutoModel": "modeling_pvc.PVCModel",
-    "AutoModelForCausalLM": "modeling_pvc.PVCForConditionalGeneration",
-    "AutoModelForImageTextToText": "modeling_pvc.PVCForConditionalGeneration",
-}
+AUTO_MAP = {**CHECKPOINT_AUTO_MAP, "AutoModel": "modeling_pvc.PVCModel"}
 # Per-item counts as one row per image and per video, which vLLM splits per item (see PVCProcessor.__call__).
 PROCESSOR_OPTIONS = {"grid_layout": True}
 

@@ -17,6 +17,9 @@ AUTO_MAP = {
     "AutoModelForImageTextToText": "modeling_pvc.PVCForConditionalGeneration",
 }
 
+# What the projector AdaLN's scale and shift are computed from: the paper's x_hat + TE', or TE' alone (Table 3).
+PROJECTOR_ADALN_CONDITIONS = ("input+timestamp", "timestamp")
+
 # InternLM2.5-7B-chat as a native Llama config: the language model of PVC-InternVL2-8B.
 DEFAULT_TEXT_CONFIG = {
     "model_type": "llama",
@@ -171,6 +174,9 @@ class PVCConfig(PreTrainedConfig):
             timestamp; `False` gives InternVL's plain LayerNorm.
         projector_adaln_hidden_size (`int`, *optional*): modulation width of that AdaLN; defaults to its input
             width (vision hidden size / downsample_ratio**2).
+        projector_adaln_condition (`str`, defaults to `"input+timestamp"`): what that AdaLN's scale and shift are
+            computed from: `"input+timestamp"` is the paper's x_hat + TE'; `"timestamp"` is TE' alone (one affine per
+            frame, the same for every token; Table 3's "TE" row).
         projector_hidden_act (`str`, defaults to `"gelu"`): activation between the projector's two linears.
 
     The paper's ablation rows (Table 4) are these switches: (a) InternVL2: `num_temporal_layers=0,
@@ -192,6 +198,7 @@ class PVCConfig(PreTrainedConfig):
         image_repeat=4,
         projector_adaln=True,
         projector_adaln_hidden_size=None,
+        projector_adaln_condition="input+timestamp",
         projector_hidden_act="gelu",
         initializer_range=0.02,
         **kwargs,
@@ -225,6 +232,11 @@ class PVCConfig(PreTrainedConfig):
             raise ValueError(
                 f"projector_adaln_hidden_size must be a positive width, got {projector_adaln_hidden_size}."
             )
+        if projector_adaln_condition not in PROJECTOR_ADALN_CONDITIONS:
+            raise ValueError(
+                f"projector_adaln_condition must be one of {', '.join(map(repr, PROJECTOR_ADALN_CONDITIONS))}, got "
+                f"{projector_adaln_condition!r}."
+            )
 
         self.image_token_id = image_token_id
         self.image_start_token_id = image_start_token_id
@@ -236,6 +248,7 @@ class PVCConfig(PreTrainedConfig):
         self.projector_adaln_hidden_size = (
             projector_adaln_hidden_size if projector_adaln_hidden_size is not None else projector_width
         )
+        self.projector_adaln_condition = projector_adaln_condition
         self.projector_hidden_act = projector_hidden_act
         self.initializer_range = initializer_range
         kwargs.setdefault("tie_word_embeddings", getattr(self.text_config, "tie_word_embeddings", False))

@@ -487,6 +487,7 @@ class PVCMultiModalProjector(nn.Module):
             )
             # Design decision: full-width (16C) modulation by default; the released 8B checkpoint's size fits it.
             self.adaln = PVCAdaLayerNorm(width, config.projector_adaln_hidden_size, eps=1e-5)
+            self.condition_on_input = config.projector_adaln_condition == "input+timestamp"
         else:
             self.layer_norm = nn.LayerNorm(width)
         self.linear_1 = nn.Linear(width, text_width)
@@ -515,7 +516,9 @@ class PVCMultiModalProjector(nn.Module):
         if self.adaptive:
             timestamps = relative_timestamps(num_frames, hidden_states.device)
             temporal_embeds = self.temporal_embedding(timestamps)[None, :, None]  # [1, T, 1, k*k*C]
-            hidden_states = self.adaln(hidden_states, hidden_states + temporal_embeds)
+            # the paper's condition x_hat + TE', or TE' alone (Table 3's "TE" row), the same for every token
+            condition = hidden_states + temporal_embeds if self.condition_on_input else temporal_embeds
+            hidden_states = self.adaln(hidden_states, condition)
         else:
             hidden_states = self.layer_norm(hidden_states)
         return self.linear_2(self.act(self.linear_1(hidden_states)))  # [S, T, M, D]

@@ -12,10 +12,14 @@ import json
 import sys
 from pathlib import Path
 
-from . import convert_internvl2, convert_internvl_hf
+from . import convert_internvl2, convert_internvl_hf, convert_pvc
 from .common import ABLATIONS, DTYPES, ConversionError, Interrupted, resolve_source, termination_unwinds, write_repo
 
-CONVERTERS = {"internvl_chat": convert_internvl2.convert, "internvl": convert_internvl_hf.convert}
+CONVERTERS = {
+    "internvl_chat": convert_internvl2.convert,
+    "internvl": convert_internvl_hf.convert,
+    "pvc": convert_pvc.convert,  # InternVL2 in PVC's layout (ablation row a), e.g. trained after `--ablation a`
+}
 
 
 def parse_args(argv=None):
@@ -61,6 +65,13 @@ def parse_args(argv=None):
         help="hidden width of the projector AdaLN's modulation (default: its input width 16C, as PVC-InternVL2-8B; "
         "with InternViT-6B that is 51200 and adds about 10B parameters, so a smaller width is worth choosing)",
     )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the new modules' initialisation (default 0); each module draws from a generator of this seed "
+        "and its name, so the same source and seed give the same weights, and ablation rows share their common modules",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --dst")
     return parser.parse_args(argv)
 
@@ -94,7 +105,7 @@ def _convert(args):
         raise ConversionError(
             f"Unknown architecture: model_type {kind!r} (architectures {meta.get('architectures')}). "
             "pvc-convert reads InternVL2 checkpoints: 'internvl_chat' (original layout) or 'internvl' "
-            "(transformers layout)."
+            "(transformers layout), or 'pvc' (an InternVL2-equivalent PVC checkpoint, ablation row a)."
         )
     choices = {
         "num_temporal_layers": args.num_temporal_layers,
@@ -104,7 +115,13 @@ def _convert(args):
     conversion = CONVERTERS[kind](source, args.src, ABLATIONS[args.ablation], choices)
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else _source_dtype(meta)
     summary = write_repo(
-        conversion, Path(args.dst), dtype, args.max_shard_size, args.projector_init, overwrite=args.overwrite
+        conversion,
+        Path(args.dst),
+        dtype,
+        args.max_shard_size,
+        args.projector_init,
+        overwrite=args.overwrite,
+        seed=args.seed,
     )
     return summary, dtype
 

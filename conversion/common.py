@@ -17,6 +17,7 @@ import shutil
 import signal
 import tempfile
 import threading
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,6 +208,7 @@ class Conversion:
     image_processor: PVCImageProcessor
     generation_config: dict
     notes: list[str] = field(default_factory=list)
+    chat_template: str | None = None  # the source's own template, kept; None: the one of `chat_style`
 
 
 def build_config(
@@ -336,9 +338,16 @@ class ShardWriter:
         (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def new_parameters(skeleton, names: set[str], dtype) -> dict[str, torch.Tensor]:
+def module_seed(seed: int, name: str) -> int:
+    """The random seed of one module's initialisation: a function of the conversion's seed and the module's name
+    alone, so a conversion is reproducible and two ablation rows give the modules they share the same values."""
+    return zlib.crc32(f"{seed}/{name}".encode())
+
+
+def new_parameters(skeleton, names: set[str], dtype, seed: int = 0) -> dict[str, torch.Tensor]:
     """Values for the PVC parameters the source does not have, from the model's own `_init_weights` (zero gates,
-    identity AdaLN, ...): only the modules that own them are materialised."""
+    identity AdaLN, ...), each module drawn from its own generator (`module_seed`): only the modules that own them
+    are materialised."""
     owners = sorted({name.rsplit(".", 1)[0] for name in names})
     values = {}
     for owner in owners:
@@ -346,7 +355,9 @@ def new_parameters(skeleton, names: set[str], dtype) -> dict[str, torch.Tensor]:
         module.to_empty(device="cpu", recurse=False)
         # the init of the (sub-)model that owns the module, as from_pretrained would call it
         init_owner = skeleton.model.vision_tower if owner.startswith("model.vision_tower.") else skeleton
-        init_owner._init_weights(module)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(module_seed(seed, owner))
+            init_owner._init_weights(module)
         for param_name, param in module.named_parameters(recurse=False):
             full = f"{owner}.{param_name}"
             if full in names:
@@ -361,6 +372,7 @@ def write_repo(
     max_shard_size: str,
     projector_init: str,
     overwrite: bool = False,
+    seed: int = 0,
 ) -> dict:
     """Convert and write the complete repo to `destination` atomically. Returns the summary counts."""
     destination = Path(destination)
@@ -439,7 +451,7 @@ def write_repo(
         for name, value in projector.items():
             emit(name, value)
         copied = dict(written)
-        for name, value in new_parameters(skeleton, new_names, dtype).items():
+        for name, value in new_parameters(skeleton, new_names, dtype, seed).items():
             emit(name, value)
         writer.close()
 
@@ -565,7 +577,7 @@ def _write_side_files(conversion: Conversion, folder: Path, config: PVCConfig):
     config.save_pretrained(folder)
     generation = dict(conversion.generation_config)
     (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    template = build_chat_template(conversion.chat_style)
+    template = conversion.chat_template or build_chat_template(conversion.chat_style)
     tokenizer = conversion.tokenizer
     tokenizer.chat_template = template  # for those who load the tokenizer alone
     processor = PVCProcessor(

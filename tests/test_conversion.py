@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_adalns_are_plain_layer_norms
+from conftest import IMAGE_TOKEN, assert_adalns_are_plain_layer_norms
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
@@ -602,3 +602,86 @@ def test_new_parameters_are_recorded_and_get_the_larger_learning_rate(converted)
     assert random_rates[gate] == warm_rates[gate] == 10.0
     assert random_rates["model.multi_modal_projector.linear_2.weight"] == 1.0  # copied from InternVL2
     assert all(rate == 1.0 for name, rate in warm_rates.items() if ".language_model." in name)
+
+
+@pytest.fixture(scope="module")
+def row_a_checkpoint(tmp_path_factory):
+    """A trained-looking row (a) PVC model (random non-trivial weights) saved with `save_pretrained`, with a
+    processor whose chat template has its own system message: what a user who fine-tuned `--ablation a` has."""
+    from conftest import randomize_, tiny_config
+
+    from pvc import PVCForConditionalGeneration, PVCImageProcessor, PVCProcessor, build_chat_template
+    from pvc.demo import tiny_tokenizer
+
+    folder = tmp_path_factory.mktemp("row-a") / "internvl2-as-pvc"
+    model = randomize_(PVCForConditionalGeneration(tiny_config("a")), seed=3).eval()
+    model.save_pretrained(folder)
+    template = build_chat_template("chatml", system_message="A model of my own.")
+    processor = PVCProcessor(
+        PVCImageProcessor(image_size=56, max_tiles=2),
+        tiny_tokenizer(),
+        chat_template=template,
+        tokens_per_frame=16,
+        image_repeat=1,
+    )
+    processor.save_pretrained(folder)
+    return folder, model
+
+
+def convert_row_a(source, destination, ablation, *extra):
+    command = ["--src", str(source), "--dst", str(destination), "--ablation", ablation, "--num-temporal-layers", "2"]
+    assert convert([*command, *extra]) == 0
+    return destination
+
+
+def test_a_row_a_pvc_checkpoint_converts_like_internvl2(row_a_checkpoint, tmp_path):
+    """pvc-convert reads PVC's own row (a) (InternVL2 in PVC's names): converted back to (a) it is the same model
+    (logits equal the saved model's); converted to PVC its tower computes the source's features, and the source's
+    chat template and image settings are kept."""
+    source, original = row_a_checkpoint
+    pixels = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(0))
+    ids = torch.tensor([[5, 6, 125] + [IMAGE_TOKEN] * 16 + [126, 7]])
+    copy = load(convert_row_a(source, tmp_path / "a", "a"))
+    with torch.no_grad():
+        expected = original(input_ids=ids, pixel_values=pixels[:1]).logits
+        torch.testing.assert_close(copy(input_ids=ids, pixel_values=pixels[:1]).logits, expected, rtol=1e-4, atol=1e-5)
+    pvc_folder = convert_row_a(source, tmp_path / "pvc", "pvc")
+    model = load(pvc_folder)
+    assert model.config.vision_config.num_temporal_layers == 2 and model.config.projector_adaln
+    with torch.no_grad():
+        features = original.model.vision_tower(pixels).last_hidden_state  # [2, N, C], the source's own tower
+        frames = model.model.vision_tower(pixels, num_frames=4, static=True).last_hidden_state  # [2 * 4, N, C]
+    for frame in range(4):
+        torch.testing.assert_close(frames[frame::4], features, rtol=1e-5, atol=1e-6)
+    processor = AutoProcessor.from_pretrained(pvc_folder, trust_remote_code=True)
+    assert "A model of my own." in processor.chat_template
+    assert processor.image_processor.max_tiles == 2 and processor.tokens_per_frame == 4
+
+
+def test_conversion_is_reproducible_and_rows_share_their_new_modules(row_a_checkpoint, tmp_path):
+    """The new modules draw from a generator of --seed and their name: the same seed gives the same weights, another
+    seed other random weights, and rows (c) and PVC start equal in every module they share."""
+    source, _ = row_a_checkpoint
+    tensors = {}
+    for name, ablation, seed in (
+        ("c", "c", "0"),
+        ("pvc", "pvc", "0"),
+        ("pvc-again", "pvc", "0"),
+        ("pvc-1", "pvc", "1"),
+    ):
+        folder = convert_row_a(source, tmp_path / name, ablation, "--seed", seed)
+        tensors[name] = load_file(folder / "model.safetensors")
+    assert tensors["pvc"].keys() == tensors["pvc-again"].keys()
+    assert all(torch.equal(tensors["pvc"][key], tensors["pvc-again"][key]) for key in tensors["pvc"])
+    random_init = [key for key in tensors["pvc"] if "temporal_attention" in key and key.endswith("weight")]
+    assert random_init and all(not torch.equal(tensors["pvc"][k], tensors["pvc-1"][k]) for k in random_init)
+    shared = [key for key in tensors["c"] if key in tensors["pvc"] and "multi_modal_projector" not in key]
+    assert any("temporal" in key for key in shared)
+    assert all(torch.equal(tensors["c"][key], tensors["pvc"][key]) for key in shared)
+
+
+def test_a_pvc_checkpoint_beyond_row_a_is_refused(row_a_checkpoint, tmp_path, capsys):
+    source, _ = row_a_checkpoint
+    already = convert_row_a(source, tmp_path / "c", "c")
+    message = "only InternVL2-equivalent PVC checkpoints (ablation row a"
+    assert_fails_cleanly(already, tmp_path, capsys, message)

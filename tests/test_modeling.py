@@ -341,6 +341,8 @@ def test_config_errors_name_the_problem():
         tiny_config(vision=dict(adaln_hidden_size=0))
     with pytest.raises(ValueError, match="projector_adaln_hidden_size must be a positive width"):
         tiny_config(projector_adaln_hidden_size=-1)
+    with pytest.raises(ValueError, match="projector_adaln_condition must be one of 'input\\+timestamp', 'timestamp'"):
+        tiny_config(projector_adaln_condition="x+te")
 
 
 def test_config_round_trip(tmp_path):
@@ -571,3 +573,24 @@ def test_text_only_training_batches_touch_every_parameter():
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=input_ids, labels=input_ids).loss, loss.detach())
         assert torch.equal(model.eval()(input_ids=input_ids).logits, model.train()(input_ids=input_ids).logits)
+
+
+@pytest.mark.parametrize("condition", ["input+timestamp", "timestamp"])
+def test_projector_adaln_condition(pixels, condition):
+    """The projector computes MLP(LayerNorm(x) * (1 + scale(z)) + shift(z)) with z = x_hat + TE' (the paper) or
+    z = TE' alone (Table 3's TE row), worked out here from its parts; with TE' alone the affine is one per frame."""
+    model = tiny_model(projector_adaln_condition=condition)
+    projector = model.model.multi_modal_projector
+    with torch.no_grad():
+        vision = model.model.vision_tower(pixels(2), num_frames=4, static=True).last_hidden_state  # [8, N, C]
+        shuffled = projector.pixel_shuffle(vision, 4)  # [2, 4, M, 16C]
+        embeds = projector.temporal_embedding(torch.linspace(0, 1, 4))[None, :, None]  # t_k = k / 3: [1, 4, 1, 16C]
+        z = shuffled + embeds if condition == "input+timestamp" else embeds.expand_as(shuffled)
+        adaln = projector.adaln
+        normed = torch.nn.functional.layer_norm(shuffled, shuffled.shape[-1:], eps=1e-5)
+        expected = normed * (1 + adaln.scale(z)) + adaln.shift(z)
+        expected = projector.linear_2(torch.nn.functional.gelu(projector.linear_1(expected)))
+        torch.testing.assert_close(projector(vision, 4), expected, rtol=1e-5, atol=1e-6)
+        scale = adaln.scale(z)  # [2, 4, M, 16C]
+        same_for_every_token = torch.allclose(scale, scale[:1, :, :1].expand_as(scale))
+        assert same_for_every_token == (condition == "timestamp")

@@ -21,23 +21,29 @@ See experiments/README.md for the reasoning behind the sizes and what came out.
 """
 
 import argparse
+import contextlib
+import io
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import PreTrainedModel
 
 from ..configuration_pvc import PVCConfig
+from ..conversion.common import module_seed
 from ..demo import tiny_tokenizer
 from ..image_processing_pvc import PVCImageProcessor
 from ..modeling_pvc import PVCForConditionalGeneration, relative_timestamps
 from ..processing_pvc import PVCProcessor, build_chat_template
-from ..training.finetune import parameter_groups
+from ..training.finetune import PVCTrainer, parameter_groups
 
 # The paper's ablation rows as config switches (num_temporal_layers is filled in from the toy size).
 ROWS = {
@@ -45,6 +51,11 @@ ROWS = {
     "b": dict(progressive=False, downsample_ratio=0.25, image_repeat=4, projector_adaln=False),
     "c": dict(progressive=True, downsample_ratio=0.25, image_repeat=4, projector_adaln=False),
     "pvc": dict(progressive=True, downsample_ratio=0.25, image_repeat=4, projector_adaln=True),
+}
+# One-change variants of a row, trained from scratch: (the row, its config overrides).
+SCRATCH_VARIANTS = {
+    "pvc-te": ("pvc", dict(projector_adaln_condition="timestamp")),  # Table 3: the AdaLN sees TE' alone
+    "pvc-wide": ("pvc", dict(projector_adaln_hidden_size=1024)),  # the design's default modulation width, 16C
 }
 PALETTE = np.array([[230, 25, 75], [60, 180, 75], [0, 130, 200], [255, 225, 25]], np.uint8)
 COLOUR_NAMES = "rgby"  # one character, hence one token, per colour
@@ -82,13 +93,39 @@ class ToyConfig:
     eval_samples: int = 512
     repeats: tuple = (1, 2, 3, 4)
     video_frames: tuple = (2, 3, 4)
+    # From scratch: every module of a row draws its initial weights from a generator of the seed and the module's
+    # name, so rows start equal in everything they share (the first report's rows did not: see experiments/README).
+    paired_init: bool = True
+    # The convert protocol (the user's path): row (a) trained on both tasks, then converted and fine-tuned.
+    pretrain_steps: int = 1500
+    finetune_steps: int = 600
+    finetune_learning_rate: float = 2e-4  # pretrained parts; what the converter initialised trains at 10x (2e-3)
+    finetune_new_module_lr_multiplier: float = 10.0  # the paper's recipe
+    finetune_warmup_steps: int = 40
 
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
 
 
-QUICK = dict(steps=20, warmup_steps=5, eval_samples=32, video_frames=(2, 4))
+QUICK = dict(
+    steps=20,
+    warmup_steps=5,
+    eval_samples=32,
+    video_frames=(2, 4),
+    pretrain_steps=20,
+    finetune_steps=10,
+    finetune_warmup_steps=2,
+)
+# Settings of one protocol that do not change a run of the other (left out of the other's run keys, so the first
+# report's from-scratch runs, made before these settings existed, still match theirs).
+CONVERT_ONLY = (
+    "pretrain_steps",
+    "finetune_steps",
+    "finetune_learning_rate",
+    "finetune_new_module_lr_multiplier",
+    "finetune_warmup_steps",
+)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -96,7 +133,8 @@ QUICK = dict(steps=20, warmup_steps=5, eval_samples=32, video_frames=(2, 4))
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def build_model(row: str, toy: ToyConfig, seed: int, tokenizer) -> PVCForConditionalGeneration:
+def build_model(row: str, toy: ToyConfig, seed: int, tokenizer, **overrides) -> PVCForConditionalGeneration:
+    """Row `row` of `ROWS` at toy size, with config `overrides` (a variant's one change)."""
     switches = dict(ROWS[row])
     progressive = switches.pop("progressive")
     config = PVCConfig(
@@ -124,11 +162,34 @@ def build_model(row: str, toy: ToyConfig, seed: int, tokenizer) -> PVCForConditi
         image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
         image_start_token_id=tokenizer.convert_tokens_to_ids("<img>"),
         image_end_token_id=tokenizer.convert_tokens_to_ids("</img>"),
-        projector_adaln_hidden_size=toy.projector_adaln_width,
-        **switches,
+        **{"projector_adaln_hidden_size": toy.projector_adaln_width, **switches, **overrides},
     )
     torch.manual_seed(seed)
-    return PVCForConditionalGeneration(config)
+    model = PVCForConditionalGeneration(config)
+    if toy.paired_init:
+        init_by_name(model, seed)
+    return model
+
+
+def init_by_name(model, seed: int):
+    """Re-initialise every module from a generator of `seed` and the module's name (the converter's rule for new
+    modules), each with the init of the (sub-)model that owns it, so that two rows built with the same seed start
+    from the same values for every module they share, whatever else each builds."""
+
+    def visit(module, prefix: str, owner):
+        owner = module if isinstance(module, PreTrainedModel) else owner
+        for name, child in module.named_children():
+            visit(child, f"{prefix}{name}.", owner)
+        if any(True for _ in module.parameters(recurse=False)):
+            for param in module.parameters(recurse=False):
+                param._is_hf_initialized = False
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(module_seed(seed, prefix.rstrip(".")))
+                owner._init_weights(module)
+
+    with torch.no_grad():
+        visit(model, "", model)
+    model.tie_weights()
 
 
 def build_processor(model: PVCForConditionalGeneration, toy: ToyConfig, tokenizer=None) -> PVCProcessor:
@@ -317,9 +378,13 @@ def diagnostics(model, task: Task, samples: int = 64) -> dict:
     flat = torch.nn.functional.normalize(tokens.flatten(2), dim=-1)  # [S, T, M*D]
     similarity = torch.einsum("sti,sui->tu", flat, flat) / flat.shape[0]  # [T, T], mean cosine over images
     off_diagonal = similarity[~torch.eye(repeat, dtype=torch.bool)]
+    embeddings = model.get_input_embeddings().weight
     result = {
         "frame_token_cosine": similarity.tolist(),
         "frame_token_cosine_mean_off_diagonal": off_diagonal.mean().item() if repeat > 1 else 1.0,
+        # how large the language model's visual inputs are beside its text inputs (it normalises each token)
+        "visual_token_rms": tokens.pow(2).mean().sqrt().item(),
+        "text_embedding_rms": embeddings.pow(2).mean().sqrt().item(),
         "gate_mean_abs": [],
         "temporal_norm_spread": [],
         "attention_to_earlier_frames": [],
@@ -336,7 +401,10 @@ def diagnostics(model, task: Task, samples: int = 64) -> dict:
         (vision, _), _ = captured["projector"][0]  # the tower's output, as encode_clips passed it on
         shuffled = projector.pixel_shuffle(vision, repeat)  # [S, T, M, k*k*C]
         embeds = projector.temporal_embedding(relative_timestamps(repeat))[None, :, None]
-        result["projector_adaln_spread"] = _modulation_spread(projector.adaln, shuffled + embeds, frame_dim=1)
+        condition = shuffled + embeds if projector.condition_on_input else embeds.expand_as(shuffled)
+        result["projector_adaln_spread"] = _modulation_spread(projector.adaln, condition, frame_dim=1)
+        result["projector_temporal_embedding_rms"] = embeds.pow(2).mean().sqrt().item()
+        result["projector_input_rms"] = shuffled.pow(2).mean().sqrt().item()
     return result
 
 
@@ -373,23 +441,205 @@ def _earlier_frame_mass(attention, normed) -> float:
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# The convert protocol: the user's path
+# ------------------------------------------------------------------------------------------------------------------
+
+# Rows of the convert protocol: the `pvc-convert --ablation` row each comes from, and what else differs (one change
+# each against the row named in `against`). `load` overrides config settings when the converted model is loaded;
+# `repeats: "drawn"` trains with the image repeat drawn per batch from 1..4 (Figure 3 without the layout confound).
+CONVERT_ROWS = {
+    "a": dict(ablation="a"),
+    "b": dict(ablation="b"),
+    "c": dict(ablation="c"),
+    "pvc": dict(ablation="pvc"),
+    "pvc-te": dict(ablation="pvc", load=dict(projector_adaln_condition="timestamp"), against="pvc"),
+    "b-drawn": dict(ablation="b", repeats="drawn", against="b"),
+    "pvc-drawn": dict(ablation="pvc", repeats="drawn", against="pvc"),
+}
+
+
+def convert_tasks(processor, toy: ToyConfig) -> list["Task"]:
+    """The convert protocol's data: image and video batches in turn, the video's frame count going round 2, 3, 4."""
+    image = Task("image", processor, toy)
+    videos = [Task("video", processor, toy, num_frames=frames) for frames in toy.video_frames]
+    return [task for video in videos for task in (image, video)]
+
+
+def pretrained_row_a(folder: Path, toy: ToyConfig, seed: int) -> Path:
+    """Row (a), InternVL2 at toy size, trained from scratch on both tasks and saved with `save_pretrained` (model,
+    tokenizer, processor): the checkpoint a user would convert. Made once per seed; parallel runs wait for it."""
+    import fcntl
+
+    checkpoint = folder / f"seed{seed}" / "a-pretrained"
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    with open(checkpoint.parent / "a-pretrained.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (checkpoint / "toy_scores.json").exists():
+            return checkpoint
+        started = time.perf_counter()
+        tokenizer = tiny_tokenizer()
+        model = build_model("a", toy, seed, tokenizer)
+        processor = build_processor(model, toy, tokenizer)
+        train(model, convert_tasks(processor, toy), replace(toy, steps=toy.pretrain_steps), seed)
+        scores = score_both(model, processor, toy, seed)
+        staging = checkpoint.with_name(checkpoint.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        scores["seconds"] = round(time.perf_counter() - started, 1)
+        (staging / "toy_scores.json").write_text(json.dumps(scores))
+        shutil.rmtree(checkpoint, ignore_errors=True)
+        staging.replace(checkpoint)
+    return checkpoint
+
+
+def score_both(model, processor, toy: ToyConfig, seed: int) -> dict:
+    """Held-out image score and video score per frame count."""
+    scores = {"image": evaluate(model, Task("image", processor, toy), toy.eval_samples, seed)}
+    scores["video"] = {
+        str(frames): evaluate(model, Task("video", processor, toy, num_frames=frames), toy.eval_samples, seed)
+        for frames in toy.video_frames
+    }
+    return scores
+
+
+class ToyStream(torch.utils.data.IterableDataset):
+    """The training batches of `convert_tasks`, one whole batch per item, from the seed's own stream (the same for
+    every row). With `drawn_repeats`, each image batch comes with an image repeat drawn from 1..4."""
+
+    def __init__(self, tasks: list["Task"], toy: ToyConfig, seed: int, drawn_repeats: dict | None = None):
+        self.tasks, self.toy, self.seed, self.drawn_repeats = tasks, toy, seed, drawn_repeats
+
+    def __iter__(self):
+        rng = np.random.default_rng(10**5 + self.seed)
+        for step in range(self.toy.finetune_steps * 4):  # more than the steps; the Trainer stops at max_steps
+            task = self.tasks[step % len(self.tasks)]
+            extra = {}
+            if task.kind == "image" and self.drawn_repeats:
+                repeat = int(rng.integers(1, 5))
+                task, extra = self.drawn_repeats[repeat], {"image_repeat": repeat}
+            size = self.toy.batch_size if task.kind == "image" else self.toy.video_batch_size
+            yield {**task.batch(rng, size), **extra}
+
+
+class ToyTrainer(PVCTrainer):
+    """The repo's trainer; a batch may carry the image repeat its prompt was written for (drawn repeats)."""
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        repeat = inputs.pop("image_repeat", None)
+        if repeat is not None:
+            model.config.image_repeat = int(repeat)
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
+
+def finetune(model, stream: ToyStream, toy: ToyConfig, seed: int, folder: Path):
+    """Fine-tune with `PVCTrainer` and the paper's recipe: all parameters, what the converter initialised (the
+    config's `new_parameters`) at 10x the rate; AdamW, warm-up then cosine decay, clipping at 1, as the from-scratch
+    loop."""
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(
+        output_dir=str(folder),
+        max_steps=toy.finetune_steps,
+        per_device_train_batch_size=1,  # one item is one whole batch
+        learning_rate=toy.finetune_learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=toy.finetune_warmup_steps,
+        weight_decay=0.01,
+        adam_beta2=0.98,
+        max_grad_norm=1.0,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=False,
+        # an iterable dataset is otherwise dispatched, and each tensor cut to the first one's batch size
+        accelerator_config={"dispatch_batches": False},
+        remove_unused_columns=False,  # keeps a batch's image_repeat
+        seed=seed,
+        disable_tqdm=True,
+        log_level="warning",
+        logging_steps=max(1, toy.finetune_steps // 8),
+    )
+    trainer = ToyTrainer(
+        model=model,
+        args=args,
+        train_dataset=stream,
+        data_collator=lambda items: items[0],
+        new_module_lr_multiplier=toy.finetune_new_module_lr_multiplier,
+    )
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return model.eval(), losses
+
+
+def run_convert_job(job: dict) -> dict:
+    """The user's path for one row and seed: convert the seed's trained row (a) with `pvc-convert` (the row's
+    --ablation, a seed of its own for the new modules, so every row starts from the same values for what it
+    shares), load it, fine-tune with `PVCTrainer`, and score both tasks on held-out samples."""
+    from ..conversion.cli import main as pvc_convert
+
+    torch.set_num_threads(1)
+    toy, row, seed = ToyConfig(**job["toy"]), job["row"], job["seed"]
+    spec = CONVERT_ROWS[row]
+    started = time.perf_counter()
+    folder = Path(job["work"])
+    source = pretrained_row_a(folder, toy, seed)
+    destination = folder / f"seed{seed}" / f"{row}-converted"
+    command = ["--src", str(source), "--dst", str(destination), "--ablation", spec["ablation"], "--seed", str(seed)]
+    command += ["--num-temporal-layers", str(toy.temporal_layers), "--overwrite"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = pvc_convert(command)
+    if code:
+        raise RuntimeError(f"pvc-convert {' '.join(command)} failed with exit code {code}")
+    model = PVCForConditionalGeneration.from_pretrained(destination, dtype=torch.float32, **spec.get("load", {}))
+    tokenizer = tiny_tokenizer()
+    processor = build_processor(model, toy, tokenizer)
+    drawn = None
+    if spec.get("repeats") == "drawn":
+        drawn = {repeat: with_repeat(model, toy, repeat) for repeat in toy.repeats}
+        model.config.image_repeat = 4
+    stream = ToyStream(convert_tasks(processor, toy), toy, seed, drawn)
+    with tempfile.TemporaryDirectory() as scratch:
+        model, losses = finetune(model, stream, toy, seed, Path(scratch))
+    model.config.image_repeat = ROWS[spec["ablation"]]["image_repeat"]
+    result = {"protocol": "convert", "row": row, "seed": seed, "losses": losses}
+    result.update(score_both(model, processor, toy, seed))
+    result["pretrained"] = json.loads((source / "toy_scores.json").read_text())
+    if spec["ablation"] != "a":
+        image_task = Task("image", processor, toy)
+        result["diagnostics"] = diagnostics(model, image_task)
+        result["repeats"] = {
+            str(r): evaluate(model, with_repeat(model, toy, r), toy.eval_samples, seed) for r in toy.repeats
+        }
+        model.config.image_repeat = ROWS[spec["ablation"]]["image_repeat"]
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    shutil.rmtree(destination, ignore_errors=True)  # the converted start; the pretrained source stays
+    print(f"  {json.dumps({k: v for k, v in result.items() if k not in ('diagnostics', 'losses')})}", flush=True)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # Runs
 # ------------------------------------------------------------------------------------------------------------------
 
 
 def run_job(job: dict) -> dict:
     """Train one model on one task with one seed and score it; a job is a dict so that it pickles to a worker."""
+    if job.get("protocol") == "convert":
+        return run_convert_job(job)
     torch.set_num_threads(1)
     toy, row, seed = ToyConfig(**job["toy"]), job["row"], job["seed"]
     started = time.perf_counter()
     tokenizer = tiny_tokenizer()
-    model = build_model(row, toy, seed, tokenizer)
+    base_row, overrides = SCRATCH_VARIANTS.get(row, (row, {}))
+    model = build_model(base_row, toy, seed, tokenizer, **overrides)
     result = {"task": job["task"], "row": row, "seed": seed}
     if job["task"] == "image":
         task = Task("image", build_processor(model, toy, tokenizer), toy)
         train(model, [task], toy, seed)
         result["accuracy"] = evaluate(model, task, toy.eval_samples, seed)
-        if row in ("b", "c", "pvc"):
+        if base_row in ("b", "c", "pvc"):
             result["diagnostics"] = diagnostics(model, task)
             trained_repeat = model.config.image_repeat
             result["repeats"] = {
@@ -406,12 +656,15 @@ def run_job(job: dict) -> dict:
     return result
 
 
-def jobs_for(toy: ToyConfig, rows, seeds, tasks) -> list[dict]:
+def jobs_for(toy: ToyConfig, rows, seeds, tasks, protocol: str = "scratch", work: Path | None = None) -> list[dict]:
+    if protocol == "convert":  # row by row, so that the seeds' row (a) checkpoints are trained side by side first
+        jobs = [dict(protocol="convert", task="both", row=row, seed=seed) for row in rows for seed in seeds]
+        return [dict(job, toy=asdict(toy), work=str(work)) for job in jobs]
     jobs = []
     if "image" in tasks:
         jobs += [dict(task="image", row=row, seed=seed) for seed in seeds for row in rows]
     if "video" in tasks:
-        video_rows = [row for row in ("b", "pvc") if row in rows]
+        video_rows = [row for row in ("b", "pvc") if row in rows]  # Figure 3 (left)
         jobs += [
             dict(task="video", row=row, seed=seed, frames=frames)
             for seed in seeds
@@ -423,14 +676,17 @@ def jobs_for(toy: ToyConfig, rows, seeds, tasks) -> list[dict]:
 
 # Settings that do not change a run of the other task (so changing them does not redo it).
 IRRELEVANT = {
-    "image": ("video_frames", "video_batch_size", "repaint"),
-    "video": ("repeats", "batch_size", "video_frames"),
+    "image": ("video_frames", "video_batch_size", "repaint", *CONVERT_ONLY),
+    "video": ("repeats", "batch_size", "video_frames", *CONVERT_ONLY),
+    "both": (),
 }
 
 
 def _job_key(job: dict) -> str:
     toy = {k: v for k, v in job["toy"].items() if k not in IRRELEVANT[job["task"]]}
-    return json.dumps(dict(job, toy=toy), sort_keys=True)
+    if not toy.get("paired_init", False):  # the first report's runs, made before paired init existed
+        toy.pop("paired_init", None)
+    return json.dumps(dict({k: v for k, v in job.items() if k != "work"}, toy=toy), sort_keys=True)
 
 
 def _run_all(jobs: list[dict], workers: int):
@@ -450,10 +706,12 @@ def summary(values) -> dict:
 
 
 def collect(results: list[dict], toy: ToyConfig, argv) -> dict:
+    if results and results[0].get("protocol") == "convert":
+        return collect_convert(results, toy, argv)
     image = [r for r in results if r["task"] == "image"]
     video = [r for r in results if r["task"] == "video"]
-    report = {"rows": {}, "repeats": {}, "video": {}, "diagnostics": {}}
-    for row in ROWS:
+    report = {"protocol": "scratch", "rows": {}, "repeats": {}, "video": {}, "diagnostics": {}}
+    for row in [*ROWS, *SCRATCH_VARIANTS]:
         runs = [r for r in image if r["row"] == row]
         if runs:
             report["rows"][row] = summary([r["accuracy"] for r in runs])
@@ -471,6 +729,44 @@ def collect(results: list[dict], toy: ToyConfig, argv) -> dict:
         "command": "python -m pvc.experiments.toy_ablation " + " ".join(argv),
         "torch": torch.__version__,
         "seconds_per_run": {f"{r['task']}/{r['row']}": r["seconds"] for r in results},
+        "process_seconds": round(sum(r["seconds"] for r in results), 1),
+    }
+    return report
+
+
+def collect_convert(results: list[dict], toy: ToyConfig, argv) -> dict:
+    """The convert protocol's report: per row, the image score and the video score per frame count (mean, std and
+    the runs in seed order), the image score at each repeat, the diagnostics, and row (a) before fine-tuning."""
+    report = {"protocol": "convert", "rows": {}, "repeats": {}, "diagnostics": {}, "pretrained": {}}
+    for row in CONVERT_ROWS:
+        runs = sorted((r for r in results if r["row"] == row), key=lambda r: r["seed"])
+        if not runs:
+            continue
+        report["rows"][row] = {
+            "seeds": [r["seed"] for r in runs],
+            "image": summary([r["image"] for r in runs]),
+            "video": {f: summary([r["video"][f] for r in runs]) for f in runs[0]["video"]},
+            "final_loss": summary([r["losses"][-1] for r in runs if r["losses"]] or [float("nan")]),
+        }
+        if "repeats" in runs[0]:
+            report["repeats"][row] = {k: summary([r["repeats"][k] for r in runs]) for k in runs[0]["repeats"]}
+            report["diagnostics"][row] = [r["diagnostics"] for r in runs]
+    pretrained = {r["seed"]: r["pretrained"] for r in results}
+    if pretrained:
+        seeds = sorted(pretrained)
+        report["pretrained"] = {
+            "seeds": seeds,
+            "image": summary([pretrained[s]["image"] for s in seeds]),
+            "video": {f: summary([pretrained[s]["video"][f] for s in seeds]) for f in pretrained[seeds[0]]["video"]},
+            "seconds": [pretrained[s]["seconds"] for s in seeds],
+        }
+    report["config"] = {
+        "toy": asdict(toy),
+        "rows": CONVERT_ROWS,
+        "command": "python -m pvc.experiments.toy_ablation " + " ".join(argv),
+        "torch": torch.__version__,
+        "seconds_per_run": {f"{r['row']}/seed{r['seed']}": r["seconds"] for r in results},
+        "process_seconds": round(sum(r["seconds"] for r in results) + sum(report["pretrained"].get("seconds", [])), 1),
     }
     return report
 
@@ -483,15 +779,22 @@ PAPER_DIRECTION = {
 }
 
 
+def _cell(values: dict) -> str:
+    return f"{values['mean']:.3f} +- {values['std']:.3f}"
+
+
 def table(report: dict) -> str:
     """The report as Markdown: Table 4's rows, Figure 3's two curves, and the diagnostics (means over seeds)."""
+    if report.get("protocol") == "convert":
+        return table_convert(report)
     lines = [
         "| row | image: share of cells right (mean +- std) | per seed | the paper's direction |",
         "|---|---|---|---|",
     ]
     for row, values in report["rows"].items():
         runs = ", ".join(f"{run:.3f}" for run in values["runs"])
-        lines.append(f"| {row} | {values['mean']:.3f} +- {values['std']:.3f} | {runs} | {PAPER_DIRECTION[row]} |")
+        direction = PAPER_DIRECTION.get(row) or f"one change against {SCRATCH_VARIANTS[row][0]}"
+        lines.append(f"| {row} | {_cell(values)} | {runs} | {direction} |")
     for title, section in (("image repeats at test time", "repeats"), ("video frames", "video")):
         if not report[section]:
             continue
@@ -500,14 +803,45 @@ def table(report: dict) -> str:
         for row, values in report[section].items():
             cells = [f"{values[k]['mean']:.3f} +- {values[k]['std']:.3f}" if k in values else "-" for k in keys]
             lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    if report["diagnostics"]:
+    return "\n".join(lines + diagnostics_table(report["diagnostics"]))
+
+
+def table_convert(report: dict) -> str:
+    """The convert protocol as Markdown: Table 4 (image and video), Table 3, Figure 3 (right) with repeats at 4
+    and drawn, and the diagnostics."""
+    rows = report["rows"]
+    frames = sorted({f for values in rows.values() for f in values["video"]}, key=int)
+    lines = [
+        "| row | image (mean +- std) | image per seed | " + " | ".join(f"video, {f} frames" for f in frames) + " |",
+        "|---|---|---|" + "---|" * len(frames),
+    ]
+    if report["pretrained"]:
+        start = report["pretrained"]
+        cells = [_cell(start["video"][f]) if f in start["video"] else "-" for f in frames]
+        runs = ", ".join(f"{run:.3f}" for run in start["image"]["runs"])
+        lines.append(f"| (a) before fine-tuning | {_cell(start['image'])} | {runs} | " + " | ".join(cells) + " |")
+    for row, values in rows.items():
+        cells = [_cell(values["video"][f]) if f in values["video"] else "-" for f in frames]
+        runs = ", ".join(f"{run:.3f}" for run in values["image"]["runs"])
+        lines.append(f"| {row} | {_cell(values['image'])} | {runs} | " + " | ".join(cells) + " |")
+    if report["repeats"]:
+        keys = sorted({key for values in report["repeats"].values() for key in values}, key=int)
+        lines += ["", "| row \\ image repeats at test time | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+        for row, values in report["repeats"].items():
+            lines.append(f"| {row} | " + " | ".join(_cell(values[k]) if k in values else "-" for k in keys) + " |")
+    return "\n".join(lines + diagnostics_table(report["diagnostics"]))
+
+
+def diagnostics_table(diagnostics: dict) -> list[str]:
+    lines = []
+    if diagnostics:
         lines += [
             "",
             "| row | frame-token cosine (off-diagonal) | gate mean abs per layer | attention to earlier frames per layer "
-            "| projector AdaLN (1 + scale): spread across frames / size |",
-            "|---|---|---|---|---|",
+            "| projector AdaLN (1 + scale): spread across frames / size | visual token RMS / text embedding RMS |",
+            "|---|---|---|---|---|---|",
         ]
-        for row, runs in report["diagnostics"].items():
+        for row, runs in diagnostics.items():
             cosine = np.mean([run["frame_token_cosine_mean_off_diagonal"] for run in runs])
             gates = _layer_means(runs, "gate_mean_abs")
             attention = _layer_means(runs, "attention_to_earlier_frames")
@@ -517,8 +851,14 @@ def table(report: dict) -> str:
                     f"{np.mean([run['projector_adaln_spread'][key] for run in runs]):.3g}"
                     for key in ("scale_std_across_frames", "scale_mean_abs")
                 )
-            lines.append(f"| {row} | {cosine:.3f} | {gates} | {attention} | {spread} |")
-    return "\n".join(lines)
+            sizes = "-"
+            if all("visual_token_rms" in run for run in runs):
+                visual, text = (
+                    np.mean([run[key] for run in runs]) for key in ("visual_token_rms", "text_embedding_rms")
+                )
+                sizes = f"{visual:.3g} / {text:.3g}"
+            lines.append(f"| {row} | {cosine:.3f} | {gates} | {attention} | {spread} | {sizes} |")
+    return lines
 
 
 def _layer_means(runs: list[dict], key: str) -> str:
@@ -532,7 +872,22 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, required=True, help="the JSON report to write")
     parser.add_argument("--seed", type=int, default=0, help="first seed")
     parser.add_argument("--seeds", type=int, default=3, help="how many seeds (seed, seed + 1, ...)")
-    parser.add_argument("--rows", default="a,b,c,pvc", help="ablation rows to train (a, b, c, pvc)")
+    parser.add_argument(
+        "--protocol",
+        choices=["scratch", "convert"],
+        default="scratch",
+        help="scratch (default): every row trained from scratch; convert: the user's path, row (a) trained, then "
+        "converted with pvc-convert and fine-tuned with PVCTrainer",
+    )
+    parser.add_argument(
+        "--rows",
+        default=None,
+        help=f"rows to train; scratch: {', '.join([*ROWS, *SCRATCH_VARIANTS])} (default a,b,c,pvc); convert: "
+        f"{', '.join(CONVERT_ROWS)} (default all)",
+    )
+    parser.add_argument(
+        "--unpaired-init", action="store_true", help="scratch: initialise as the first report did (rows not paired)"
+    )
     parser.add_argument("--repeats", default="1,2,3,4", help="image repeats scored for b, c and PVC")
     parser.add_argument("--frames", default=None, help="video frame counts (default 2,3,4; quick 2,4)")
     parser.add_argument("--task", choices=["image", "video", "all"], default="all")
@@ -549,14 +904,17 @@ def main(argv=None):
     )
     args = parser.parse_args(argv)
 
-    rows = [row.strip() for row in args.rows.split(",") if row.strip()]
-    unknown = sorted(set(rows) - set(ROWS))
+    known = list(CONVERT_ROWS) if args.protocol == "convert" else [*ROWS, *SCRATCH_VARIANTS]
+    default_rows = ",".join(CONVERT_ROWS) if args.protocol == "convert" else "a,b,c,pvc"
+    rows = [row.strip() for row in (args.rows or default_rows).split(",") if row.strip()]
+    unknown = sorted(set(rows) - set(known))
     if unknown or not rows:
-        parser.error(f"--rows takes a comma-separated list of {', '.join(ROWS)}; got {args.rows!r}.")
+        parser.error(f"--rows takes a comma-separated list of {', '.join(known)}; got {args.rows!r}.")
     toy = ToyConfig(
         repeats=tuple(int(r) for r in args.repeats.split(",")),
         gate_init=args.gate_init,
         new_module_lr_multiplier=args.new_module_lr_multiplier,
+        paired_init=not args.unpaired_init,
     )
     if args.quick:
         toy = replace(toy, **QUICK)
@@ -568,7 +926,8 @@ def main(argv=None):
         parser.error("repeats and video frame counts must be at least 1.")
     seeds = [args.seed] if args.quick else list(range(args.seed, args.seed + args.seeds))
     tasks = ["image", "video"] if args.task == "all" else [args.task]
-    jobs = jobs_for(toy, rows, seeds, tasks)
+    work = args.out.with_name(args.out.name + ".work")  # the convert protocol's checkpoints
+    jobs = jobs_for(toy, rows, seeds, tasks, args.protocol, work)
 
     # Each finished run is appended to a log beside the report; a rerun with the same settings reuses it, so an
     # interrupted run resumes and the image and video parts can run one after the other.
@@ -581,7 +940,12 @@ def main(argv=None):
                 done[_job_key(record["job"])] = record["result"]
     todo = [] if args.collect_only else [job for job in jobs if _job_key(job) not in done]
     finished = sum(_job_key(job) in done for job in jobs)
-    print(f"{len(jobs)} runs ({finished} done before) on {args.workers} worker(s), {toy.steps} steps each")
+    steps = (
+        f"row (a) trained {toy.pretrain_steps} steps, then {toy.finetune_steps} fine-tuning steps each"
+        if args.protocol == "convert"
+        else f"{toy.steps} steps each"
+    )
+    print(f"{len(jobs)} runs ({finished} done before) on {args.workers} worker(s), {steps}")
     started = time.perf_counter()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with log.open("a") as stream:
@@ -593,7 +957,7 @@ def main(argv=None):
     if not results:
         parser.error(f"no finished run matches these settings in {log}.")
     report = collect(results, toy, argv)
-    missing = [{k: v for k, v in job.items() if k != "toy"} for job in jobs if _job_key(job) not in done]
+    missing = [{k: v for k, v in job.items() if k not in ("toy", "work")} for job in jobs if _job_key(job) not in done]
     if missing:  # only with --collect-only: said in the report, not hidden
         report["config"]["missing_runs"] = missing
     report["config"]["seconds"] = round(time.perf_counter() - started, 1)
@@ -601,7 +965,7 @@ def main(argv=None):
     partial.write_text(json.dumps(report, indent=1))
     partial.replace(args.out)  # never a half-written report
     print(table(report))
-    if args.plot:
+    if args.plot and args.protocol == "scratch":
         from .plots import plot_report
 
         for path in plot_report(report, args.out.parent):

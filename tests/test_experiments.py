@@ -35,6 +35,29 @@ def test_quick_ablation_writes_the_report(tmp_path):
     assert json.loads(out.read_text())["rows"]["b"] == report["rows"]["b"]
 
 
+def test_quick_convert_protocol_writes_the_report(tmp_path):
+    """The user's path at quick size: row (a) trained and saved, converted with pvc-convert to every row, each
+    fine-tuned with PVCTrainer on one data stream. A fresh (c) and PVC compute what the converted (b) computes (zero
+    gates, identity AdaLN) and every row sees the same batches, so the first fine-tuning loss of (b), (c), PVC and
+    the Table 3 variant is the same number."""
+    from pvc.experiments.toy_ablation import CONVERT_ROWS, main
+
+    out = tmp_path / "convert.json"
+    main(["--quick", "--protocol", "convert", "--out", str(out), "--workers", "1"])
+    report = json.loads(out.read_text())
+    assert list(report["rows"]) == list(CONVERT_ROWS)
+    for values in report["rows"].values():
+        assert values["seeds"] == [0] and 0 <= values["image"]["mean"] <= 1
+        assert sorted(values["video"], key=int) == ["2", "4"]
+    assert sorted(report["repeats"]["pvc-drawn"]) == ["1", "2", "3", "4"] and "a" not in report["repeats"]
+    assert 0 <= report["pretrained"]["image"]["mean"] <= 1
+    runs = [json.loads(line)["result"] for line in out.with_name(out.name + ".runs.jsonl").read_text().splitlines()]
+    first = {run["row"]: run["losses"][0] for run in runs}
+    for row in ("c", "pvc", "pvc-te"):
+        assert first[row] == pytest.approx(first["b"], rel=1e-5), row
+    assert (tmp_path / "convert.json.work" / "seed0" / "a-pretrained" / "config.json").exists()
+
+
 def test_z_order_reads_blocks_whole():
     """Consecutive groups of 4 cells are 2x2 blocks, groups of 16 are 4x4 blocks (what a token of each row holds)."""
     from pvc.experiments.toy_ablation import z_order

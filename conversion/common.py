@@ -8,7 +8,6 @@ neither consumed nor explicitly dropped, or when a PVC parameter gets no value.
 """
 
 import contextlib
-import fnmatch
 import json
 import math
 import os
@@ -458,6 +457,7 @@ def write_repo(
         # What was initialised here rather than copied: fine-tuning gives these the paper's larger learning rate.
         config.new_parameters = sorted(new_names)
         _write_side_files(conversion, staging, config)
+        write_manifest(staging)
         set_output_modes(staging, destination)
         summary = {
             "copied": (len(copied), sum(math.prod(shape) for shape in copied.values())),
@@ -480,13 +480,47 @@ def write_repo(
         raise
 
 
-# What a conversion writes; `--overwrite` replaces a folder that holds nothing else.
-CONVERSION_FILES = ("*.json", "*.safetensors", "*.py", "*.md", "*.jinja", "*.model", "*.txt", "*.tiktoken")
+# The record of what a conversion wrote, written with it: `--overwrite` replaces a folder only when every file in it
+# is one of these, unchanged since (same size and modification time).
+MANIFEST = "pvc_conversion.json"
+
+
+def write_manifest(folder: Path):
+    """Record every file in `folder` (a conversion about to be moved into place) with its size and mtime."""
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            stat = path.stat()
+            files[path.relative_to(folder).as_posix()] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    record = {"written_by": "pvc-convert", "files": files}
+    (folder / MANIFEST).write_text(json.dumps(record, indent=1) + "\n")
+
+
+def not_from_conversion(folder: Path) -> list[str]:
+    """What in `folder` an earlier conversion did not write or what changed since: names, sorted; every name when the
+    folder has no conversion record."""
+    try:
+        recorded = json.loads((folder / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        recorded = {}
+    foreign = []
+    for path in sorted(folder.rglob("*")):
+        name = path.relative_to(folder).as_posix()
+        if name == MANIFEST and recorded:
+            continue
+        if path.is_symlink() or not path.is_file():
+            if path.is_symlink() or not any(other.startswith(name + "/") for other in recorded):
+                foreign.append(name + ("/" if path.is_dir() and not path.is_symlink() else ""))
+            continue
+        stat, entry = path.stat(), recorded.get(name)
+        if entry is None or (stat.st_size, stat.st_mtime_ns) != (entry["size"], entry["mtime_ns"]):
+            foreign.append(name)
+    return foreign
 
 
 def check_destination(source: Path, destination: Path, overwrite: bool):
     """Refuse, before anything is touched, a destination that would destroy the source or anything that is not an
-    earlier conversion."""
+    earlier conversion, exactly as it was written."""
     source_path, destination_path = source.resolve(), destination.resolve()  # through symlinks
     if source_path == destination_path or source_path in destination_path.parents:
         raise ConversionError(
@@ -500,20 +534,16 @@ def check_destination(source: Path, destination: Path, overwrite: bool):
         return
     if not overwrite:
         raise ConversionError(f"{destination} exists and is not empty; choose another --dst or pass --overwrite.")
-    others = sorted(
-        path.name
-        for path in destination.iterdir()
-        if not path.is_file() or not any(fnmatch.fnmatch(path.name, pattern) for pattern in CONVERSION_FILES)
-    )
-    try:
-        is_pvc = json.loads((destination / "config.json").read_text()).get("model_type") == "pvc"
-    except (OSError, ValueError, AttributeError):
-        is_pvc = False
-    if not is_pvc or others:
-        reason = f"it holds {others[:5]}" if others else "it has no config.json of model_type 'pvc'"
+    foreign = not_from_conversion(destination)
+    if foreign:
+        shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
+        if not (destination / MANIFEST).exists():
+            reason = f"it has no {MANIFEST}, the record pvc-convert writes with its files; it holds {shown}"
+        else:
+            reason = f"these were not written by that conversion, or changed since: {shown}"
         raise ConversionError(
-            f"--overwrite replaces only an earlier conversion, and {destination} is not one ({reason}). Empty or "
-            "remove it yourself, or choose another --dst."
+            f"--overwrite replaces only an earlier conversion left as it was written, and {destination} is not one "
+            f"({reason}). Nothing was touched: move what you want to keep, or choose another --dst."
         )
 
 

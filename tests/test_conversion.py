@@ -441,6 +441,43 @@ def test_existing_destination_is_kept_unless_overwrite(tmp_path, capsys, convert
     assert json.loads((destination / "config.json").read_text())["vision_config"]["num_temporal_layers"] == 1
 
 
+def test_overwrite_never_replaces_a_fine_tuned_model(tmp_path, capsys, converted):
+    """A conversion that a user fine-tuned in place (save_pretrained over it, their own files beside it), or any PVC
+    checkpoint that pvc-convert did not write, is refused by --overwrite, with the files named, and left untouched;
+    an earlier conversion exactly as written is replaced."""
+    source = fixture("qwen2")
+    destination = tmp_path / "model"
+    shutil.copytree(converted("qwen2", "pvc"), destination)  # an earlier conversion, as written
+    model = load(destination)
+    with torch.no_grad():
+        model.model.multi_modal_projector.linear_2.bias.add_(1.0)
+    model.save_pretrained(destination)  # fine-tuned in place
+    (destination / "eval_results.json").write_text('{"accuracy": 0.9}')
+    (destination / "train.py").write_text("print('mine')")
+    before = tree(destination)
+    assert convert(["--src", str(source), "--dst", str(destination), "--overwrite"]) == 1
+    error = capsys.readouterr().err
+    assert "eval_results.json" in error and "train.py" in error and "model.safetensors" in error
+    assert tree(destination) == before
+    # a fine-tuning output folder (no conversion record at all) is refused too
+    (destination / "pvc_conversion.json").unlink()
+    assert convert(["--src", str(source), "--dst", str(destination), "--overwrite"]) == 1
+    assert "no pvc_conversion.json" in capsys.readouterr().err
+    # a conversion left as it was written is replaced
+    fresh = tmp_path / "fresh"
+    assert convert(["--src", str(source), "--dst", str(fresh), "--ablation", "a"]) == 0
+    # ... but not once a file it wrote was changed in place (the user's notes in the model card, new weights)
+    card = (fresh / "README.md").read_text()
+    (fresh / "README.md").write_text(card + "\nMy results: ...\n")
+    assert convert(["--src", str(source), "--dst", str(fresh), "--ablation", "pvc", "--overwrite"]) == 1
+    assert "changed since: README.md" in capsys.readouterr().err
+    assert (fresh / "README.md").read_text().endswith("My results: ...\n")
+    shutil.rmtree(fresh)
+    assert convert(["--src", str(source), "--dst", str(fresh), "--ablation", "a"]) == 0
+    assert convert(["--src", str(source), "--dst", str(fresh), "--ablation", "pvc", "--overwrite"]) == 0
+    assert json.loads((fresh / "config.json").read_text())["projector_adaln"] is True
+
+
 def tree(folder):
     """Every file below `folder` (symlinks not followed) and its bytes."""
     return {

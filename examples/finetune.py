@@ -22,7 +22,8 @@ parser.add_argument("--media-root", default=None)
 parser.add_argument("--output-dir", required=True)
 args = parser.parse_args()
 
-model = AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True, dtype=torch.bfloat16)
+# float32 weights (the optimizer's master copy); bf16 comes from autocast on a GPU (TrainingArguments' bf16)
+model = AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True, dtype=torch.float32)
 processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
 
 trainer = PVCTrainer(
@@ -33,13 +34,14 @@ trainer = PVCTrainer(
         gradient_accumulation_steps=8,
         learning_rate=1e-5,
         num_train_epochs=1,
-        bf16=torch.cuda.is_available(),  # bf16 on a GPU; float32 on a CPU-only machine
+        bf16=torch.cuda.is_available(),  # bf16 mixed precision on a GPU; float32 on a CPU-only machine
         logging_steps=10,
         remove_unused_columns=False,  # the dataset yields raw records; the collator builds the inputs
         report_to="none",
     ),
     train_dataset=ConversationDataset(args.data, media_root=args.media_root),  # records checked up front
     data_collator=PVCDataCollator(processor, media_root=args.media_root, max_num_frames=16, max_tiles=6),
+    processing_class=processor,  # saved with every checkpoint
     new_module_lr_multiplier=10.0,
 )
 trainer.train()

@@ -16,7 +16,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, TrainingArguments
 
 from pvc import PVCDataCollator
-from pvc.training.data import ConversationDataset
+from pvc.training.data import ConversationDataset, DataError
 from pvc.training.finetune import PVCTrainer, add_lora, checkpointing_arguments, freeze, parameter_groups
 
 REPO = Path(__file__).resolve().parents[1]
@@ -142,7 +142,8 @@ def test_bad_data_files_and_records_are_clear_errors(media, tmp_path):
     cases = {
         "broken.jsonl": ('{"conversations": []}\n\n{"conversations": [}\n', "line 3 is not valid JSON"),
         "object.json": ('{"conversations": []}', "expected a list of records, got a dict"),
-        "no-turns.jsonl": ('{"image": "image0.png"}\n', "record 1 has no 'conversations' list"),
+        "no-turns.jsonl": ('{"image": "image0.png"}\n', "line 1 has no 'conversations' list"),
+        "no-turns.json": ('[{"image": "image0.png"}]', "record 1 has no 'conversations' list"),
     }
     for name, (text, message) in cases.items():
         (tmp_path / name).write_text(text)
@@ -502,7 +503,7 @@ def test_bad_records_are_named_up_front_or_skipped(media, tmp_path):
     for index, (record, message) in enumerate(bad):
         path = tmp_path / f"bad{index}.jsonl"
         path.write_text(json.dumps(good) + "\n" + json.dumps(record) + "\n")
-        with pytest.raises(ValueError, match=re.escape(f"{path}: record 2: {message}")):
+        with pytest.raises(ValueError, match=re.escape(f"{path}: line 2: {message}")):
             ConversationDataset(path, media_root=folder)
     path = tmp_path / "mixed.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in [good] + [record for record, _ in bad] + [good]) + "\n")
@@ -510,9 +511,112 @@ def test_bad_records_are_named_up_front_or_skipped(media, tmp_path):
     assert len(dataset) == 2 and len(dataset.skipped) == len(bad)
     # found as the media are read: max_length too short for the image's 16 visual tokens
     strict = PVCDataCollator(tiny_processor(), media_root=folder, max_length=10)
-    with pytest.raises(ValueError, match=re.escape(f"{path}: record 1:")):
+    with pytest.raises(ValueError, match=re.escape(f"{path}: line 1:")):
         strict([dataset[0]])
     lenient = PVCDataCollator(tiny_processor(), media_root=folder, max_length=10, skip_bad=True)
     with pytest.raises(ValueError, match="Every record of a batch was bad"):
         lenient([dataset[0], dataset[1]])
     assert len(lenient.skipped) == 2
+
+
+def test_records_are_checked_before_the_model_loads(media, tmp_path):
+    """What needs no decoding is found as the file is read, each record named by its line (blank lines counted):
+    more images than <image> placeholders, a placeholder in an assistant turn, a relative media file that is
+    missing where it would be read (the working folder, without a media root)."""
+    folder, _ = media
+    question = {"from": "human", "value": "<image>\nWhat?"}
+    cases = [
+        (
+            {"images": ["image0.png", "image1.png"], "conversations": [question, {"from": "gpt", "value": "x"}]},
+            "it has 1 <image> placeholders but 2 images",
+        ),
+        (
+            {"image": "image0.png", "conversations": [question, {"from": "gpt", "value": "<image> x"}]},
+            "turn 2 (assistant) holds <image>; media go in human turns",
+        ),
+    ]
+    for index, (record, message) in enumerate(cases):
+        path = tmp_path / f"case{index}.jsonl"
+        path.write_text("\n\n" + json.dumps(record) + "\n")
+        with pytest.raises(DataError, match=re.escape(f"{path}: line 3: {message}")):
+            ConversationDataset(path, media_root=folder)
+    path = tmp_path / "relative.jsonl"
+    path.write_text(json.dumps({"image": "image0.png", "conversations": [question, {"from": "gpt", "value": "x"}]}))
+    with pytest.raises(DataError, match=re.escape("image0.png does not exist (without --media-root, relative to")):
+        ConversationDataset(path)  # the test runs outside the media folder
+    assert len(ConversationDataset(path, media_root=folder)) == 1
+
+
+def test_a_batch_that_loses_every_record_takes_a_stand_in(media, tmp_path):
+    """--skip-bad-records at batch size 1: a record whose media cannot be decoded is left out and the next usable
+    record of the dataset fills the batch; it is counted once however often it comes round."""
+    folder, _ = media
+    (folder / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 not a video at all")
+    conversation = [{"from": "human", "value": "<video>\nWhat?"}, {"from": "gpt", "value": "x"}]
+    records = [{"video": "broken.mp4", "conversations": conversation, "_where": "line 1"}]
+    records.append(
+        {
+            "image": "image0.png",
+            "conversations": [{"from": "human", "value": "<image>\nA?"}, {"from": "gpt", "value": "y"}],
+            "_where": "line 2",
+        }
+    )
+    lenient = PVCDataCollator(tiny_processor(), media_root=folder, skip_bad=True, fallback=records)
+    alone = PVCDataCollator(tiny_processor(), media_root=folder, max_tiles=2).encode(records[1])
+    for _ in range(2):
+        batch = lenient([records[0]])
+        assert batch["input_ids"][0].tolist() == alone["input_ids"]
+    assert len(lenient.skipped) == 1 and lenient.skipped[0].startswith("line 1:")
+    with pytest.raises(DataError, match="no other record could stand in"):
+        PVCDataCollator(tiny_processor(), media_root=folder, skip_bad=True, fallback=records[:1])([records[0]])
+
+
+def test_finetune_data_errors_are_one_line(media, tmp_path, capsys):
+    from pvc.training.finetune import main
+
+    folder, _ = media
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"conversations": [}\n')
+    code = main(["--model", str(tmp_path / "no-model"), "--data", str(data), "--output-dir", str(tmp_path / "o")])
+    error = capsys.readouterr().err
+    assert code == 1 and error.startswith("pvc-finetune: error: ") and "line 1 is not valid JSON" in error
+    assert "Traceback" not in error
+
+
+@pytest.mark.parametrize("mode", ["fp32", "--bf16"])
+def test_small_updates_survive_and_checkpoints_hold_the_processor(media, tmp_path, mode):
+    """At a fine-tuning rate (1e-5, 3 steps) most of the language model's weights move in float32 and under --bf16
+    (mixed precision: float32 weights, bf16 autocast); the weights stay float32; every checkpoint-N loads with
+    AutoProcessor."""
+    from transformers import AutoProcessor
+
+    from pvc.training.finetune import parse_args, train
+
+    folder, _ = media
+    model_dir = saved_tiny_model(tmp_path)
+    before = AutoModelForImageTextToText.from_pretrained(model_dir, trust_remote_code=True, dtype=torch.float32)
+    output = tmp_path / "out"
+    argv = ["--model", str(model_dir), "--data", str(folder / "train.jsonl"), "--media-root", str(folder)]
+    argv += ["--output-dir", str(output), "--max-steps", "3", "--save-steps", "3", "--learning-rate", "1e-5"]
+    argv += ["--max-tiles", "2"] + ([mode] if mode != "fp32" else [])
+    trained = train(parse_args(argv))
+    weights = {name: param for name, param in trained.named_parameters() if ".language_model." in name}
+    assert all(param.dtype == torch.float32 for param in weights.values())
+    start = dict(before.named_parameters())
+    moved = sum((param != start[name]).sum().item() for name, param in weights.items())
+    total = sum(param.numel() for param in weights.values())
+    assert moved / total > 0.5, f"only {moved / total:.1%} of the weights changed"
+    processor = AutoProcessor.from_pretrained(output / "checkpoint-3", trust_remote_code=True)
+    assert processor.chat_template and processor.tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>") == IMAGE_TOKEN
+
+
+def test_bf16_weights_are_asked_for_and_warned_about(media, tmp_path, caplog):
+    from pvc.training.finetune import parse_args, train
+
+    folder, _ = media
+    model_dir = saved_tiny_model(tmp_path)
+    argv = ["--model", str(model_dir), "--data", str(folder / "train.jsonl"), "--media-root", str(folder)]
+    argv += ["--output-dir", str(tmp_path / "out"), "--max-steps", "1", "--save-steps", "5", "--bf16-weights"]
+    trained = train(parse_args([*argv, "--max-tiles", "2"]))
+    assert next(trained.parameters()).dtype == torch.bfloat16
+    assert "rounds away" in caplog.text

@@ -20,6 +20,11 @@ import torch
 
 logger = logging.getLogger(__name__)
 
+
+class DataError(ValueError):
+    """Training data that cannot be used: the message names the file and record (or line) and what is wrong."""
+
+
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 PLACEHOLDER = re.compile(r"<image>|<video>")
 
@@ -28,18 +33,21 @@ def load_records(path) -> list[dict]:
     """Records from a .json (a list) or .jsonl file."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"Training data not found: {path} (a .json list or a .jsonl file of records).")
+        raise DataError(f"Training data not found: {path} (a .json list or a .jsonl file of records).")
     text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        records = [_json(line, path, number) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if path.suffix == ".jsonl":  # each record named by its line, blank lines counted
+        lines = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+        records = [_json(line, path, number) for number, line in lines]
+        places = [f"{path}: line {number}" for number, _ in lines]
     else:
         records = _json(text, path)
-    if not isinstance(records, list):
-        raise ValueError(f"{path}: expected a list of records, got a {type(records).__name__}.")
-    for number, record in enumerate(records, 1):
+        if not isinstance(records, list):
+            raise DataError(f"{path}: expected a list of records, got a {type(records).__name__}.")
+        places = [f"{path}: record {number}" for number in range(1, len(records) + 1)]
+    for record, where in zip(records, places):
         if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
-            raise ValueError(f"{path}: record {number} has no 'conversations' list: {str(record)[:200]}")
-        record["_where"] = f"{path}: record {number}"
+            raise DataError(f"{where} has no 'conversations' list: {str(record)[:200]}")
+        record["_where"] = where
     return records
 
 
@@ -61,18 +69,27 @@ def record_problem(record: dict, media_root=None) -> str | None:
         return "the conversation does not start with a human turn"
     if "assistant" not in spoken:
         return "the conversation has no assistant (gpt) turn to train on"
+    texts = [turn.get("value", turn.get("content")) for turn in turns]
+    for number, (role, text) in enumerate(zip(roles, texts), 1):
+        if role != "user" and PLACEHOLDER.search(text):
+            return f"turn {number} ({role}) holds {PLACEHOLDER.search(text).group()}; media go in human turns"
     for key in ("image", "images", "video", "videos"):
-        if key in record and record[key] is None:
+        if (key in record and record[key] is None) or any(item is None for item in _as_list(record.get(key))):
             return f"its {key!r} is null"
+    placed = PLACEHOLDER.findall("".join(texts))
+    for kind, keys in (("<image>", ("image", "images")), ("<video>", ("video", "videos"))):
+        count = sum(len(_as_list(record.get(key))) for key in keys)
+        if placed and placed.count(kind) != count:  # without any placeholder, they are added (see messages)
+            return f"it has {placed.count(kind)} {kind} placeholders but {count} {kind[1:-1]}s"
+    for key in ("image", "images", "video", "videos"):
         for item in _as_list(record.get(key)):
-            if item is None:
-                return f"its {key!r} is null"
             if isinstance(item, str) and not item.startswith(("http://", "https://", "data:")):
-                if not os.path.isabs(item) and media_root is None:
-                    continue  # relative to a media root the dataset was not told: the collator finds out
-                path = Path(media_root) / item if not os.path.isabs(item) else Path(item)
+                # relative paths start at media_root, or without one where the collator reads them: the working folder
+                path = Path(item) if os.path.isabs(item) or media_root is None else Path(media_root) / item
                 if not path.exists():
-                    return f"its media file {path} does not exist"
+                    relative = media_root is None and not os.path.isabs(item)
+                    hint = " (without --media-root, relative to the working folder)" if relative else ""
+                    return f"its media file {path} does not exist{hint}"
     return None
 
 
@@ -82,7 +99,7 @@ def _json(text: str, path: Path, line: int | None = None):
         return json.loads(text)
     except json.JSONDecodeError as error:
         line = error.lineno if line is None else line
-        raise ValueError(f"{path}: line {line} is not valid JSON ({error.msg}, column {error.colno}).") from None
+        raise DataError(f"{path}: line {line} is not valid JSON ({error.msg}, column {error.colno}).") from None
 
 
 class ConversationDataset(torch.utils.data.Dataset):
@@ -100,7 +117,7 @@ class ConversationDataset(torch.utils.data.Dataset):
                 continue
             where = record.get("_where", f"record {number}")
             if not skip_bad:
-                raise ValueError(f"{where}: {problem}. Fix it, or pass --skip-bad-records to leave such records out.")
+                raise DataError(f"{where}: {problem}. Fix it, or pass --skip-bad-records to leave such records out.")
             self.skipped.append(f"{where}: {problem}")
         if self.skipped:
             logger.warning("Left out %d bad records, the first: %s", len(self.skipped), self.skipped[0])
@@ -128,13 +145,23 @@ class PVCDataCollator:
         skip_bad (`bool`): a record that fails as its media are read (an unreadable file, a cut through its visual
             tokens) is left out of its batch and counted in `skipped`, instead of ending the run with an error
             that names it.
+        fallback (sequence of records, *optional*): with `skip_bad`, where a batch whose every record was bad
+            (a batch of one, say) takes a stand-in, the next usable record in turn; usually the training dataset.
     """
 
     def __init__(
-        self, processor, media_root=None, max_num_frames=None, max_tiles=None, max_length=None, skip_bad=False
+        self,
+        processor,
+        media_root=None,
+        max_num_frames=None,
+        max_tiles=None,
+        max_length=None,
+        skip_bad=False,
+        fallback=None,
     ):
         self.processor = processor
         self.skip_bad, self.skipped = skip_bad, []
+        self.fallback, self._next_fallback, self._bad = fallback, 0, set()
         self.media_root = Path(media_root) if media_root else None
         self.max_num_frames = max_num_frames
         self.max_tiles = max_tiles
@@ -148,18 +175,9 @@ class PVCDataCollator:
         ]
 
     def __call__(self, records: list[dict]) -> dict:
-        samples = []
-        for record in records:
-            try:
-                samples.append(self.encode(record))
-            except (ValueError, OSError) as error:  # found only once its media are read: named, or left out
-                where = record.get("_where", "a record") if isinstance(record, dict) else "a record"
-                if not self.skip_bad:
-                    raise ValueError(f"{where}: {error}") from error
-                self.skipped.append(f"{where}: {error}")
-                logger.warning("Left out %s: %s", where, error)
-        if not samples:
-            raise ValueError(f"Every record of a batch was bad; the last: {self.skipped[-1]}")
+        samples = [sample for sample in map(self._encode_or_skip, records) if sample is not None]
+        if not samples:  # skipped means skipped: another record stands in, so the step still has data
+            samples = [self._stand_in()]
         length = max(len(sample["input_ids"]) for sample in samples)
         batch = {
             "input_ids": torch.tensor(
@@ -178,6 +196,36 @@ class PVCDataCollator:
         if "<image>" in kinds and "<video>" in kinds:
             batch["visual_order"] = torch.tensor([int(kind == "<video>") for kind in kinds])
         return batch
+
+    def _encode_or_skip(self, record: dict) -> dict | None:
+        """`encode`, or with `skip_bad` None for a record that fails once its media are read (counted, logged)."""
+        where = record.get("_where", "a record") if isinstance(record, dict) else "a record"
+        try:
+            return self.encode(record)
+        except (ValueError, OSError) as error:  # found only once its media are read: named, or left out
+            if not self.skip_bad:
+                raise DataError(f"{where}: {error}") from error
+            if where not in self._bad:
+                self._bad.add(where)
+                self.skipped.append(f"{where}: {error}")
+                logger.warning("Left out %s: %s", where, error)
+            return None
+
+    def _stand_in(self) -> dict:
+        """The next usable record of `fallback` (in turn, wrapping round), for a batch that lost all its records."""
+        records = self.fallback if self.fallback is not None else []
+        for _ in range(len(records)):
+            record = records[self._next_fallback % len(records)]
+            self._next_fallback += 1
+            if record.get("_where") in self._bad:
+                continue
+            sample = self._encode_or_skip(record)
+            if sample is not None:
+                return sample
+        raise DataError(
+            f"Every record of a batch was bad (the last: {self.skipped[-1]}) and "
+            + ("no other record could stand in." if records else "the collator was given no fallback records.")
+        )
 
     def encode(self, record: dict) -> dict:
         """One record -> input ids, labels, pixel inputs and the kinds of its visuals in text order."""

@@ -19,7 +19,7 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, TrainingArguments
 
 from ..modeling_pvc import is_pvc_parameter
-from .data import ConversationDataset, PVCDataCollator
+from .data import ConversationDataset, DataError, PVCDataCollator
 
 logger = logging.getLogger(__name__)
 LORA_TARGETS = {
@@ -165,7 +165,17 @@ def parse_args(argv=None):
     parser.add_argument("--logging-steps", type=int, default=10)
     parser.add_argument("--save-steps", type=int, default=500)
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument(
+        "--bf16",
+        action="store_true",
+        help="bf16 mixed precision, as Trainer's --bf16: float32 weights and optimizer, the forward in bf16 autocast",
+    )
+    parser.add_argument(
+        "--bf16-weights",
+        action="store_true",
+        help="keep the weights themselves in bf16 (half the weight memory); with no float32 master copy, updates "
+        "smaller than about 1/256 of a weight round away, so most weights stop moving at fine-tuning rates",
+    )
     parser.add_argument("--gradient-checkpointing", action="store_true", help="non-reentrant activation checkpointing")
     parser.add_argument("--freeze-vision", action="store_true", help="freeze InternViT (PVC's modules still train)")
     parser.add_argument("--freeze-projector", action="store_true")
@@ -201,8 +211,13 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    """`pvc-finetune`: train as the arguments say; 0 on success."""
-    train(parse_args(argv))
+    """`pvc-finetune`: train as the arguments say; 0 on success, 1 with one line naming the problem when the data
+    cannot be used."""
+    try:
+        train(parse_args(argv))
+    except DataError as error:
+        print(f"pvc-finetune: error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -234,7 +249,13 @@ def train(args):
     resume = resume_checkpoint(args)
     # read and checked first: a bad data file fails before minutes of model loading
     dataset = ConversationDataset(args.data, args.media_root, skip_bad=args.skip_bad_records)
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    # --bf16 is mixed precision (float32 weights, bf16 autocast); only --bf16-weights stores the weights in bf16
+    dtype = torch.bfloat16 if args.bf16_weights else torch.float32
+    if args.bf16_weights:
+        logger.warning(
+            "--bf16-weights: the weights are trained in bf16 without a float32 copy; an update smaller than about "
+            "1/256 of its weight rounds away (at 1e-5, most of them). Use --bf16 for mixed precision instead."
+        )
     model = AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True, dtype=dtype)
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
     freeze(model, args.freeze_vision, args.freeze_projector, args.freeze_llm)
@@ -259,7 +280,7 @@ def train(args):
         logging_steps=args.logging_steps,
         save_steps=args.save_steps,
         seed=args.seed,
-        bf16=args.bf16,
+        bf16=args.bf16 or args.bf16_weights,
         use_cpu=not torch.cuda.is_available(),  # bf16 then trains on the CPU too (transformers asks for this flag)
         **checkpointing_arguments(args.gradient_checkpointing),
         remove_unused_columns=False,  # records hold media paths and conversations, not model inputs
@@ -267,13 +288,20 @@ def train(args):
         ddp_find_unused_parameters=False,
     )
     collator = PVCDataCollator(
-        processor, args.media_root, args.max_num_frames, args.max_tiles, args.max_length, skip_bad=args.skip_bad_records
+        processor,
+        args.media_root,
+        args.max_num_frames,
+        args.max_tiles,
+        args.max_length,
+        skip_bad=args.skip_bad_records,
+        fallback=dataset,  # a batch that lost every record takes the next usable one
     )
     trainer = PVCTrainer(
         model=model,
         args=training_args,
         train_dataset=dataset,
         data_collator=collator,
+        processing_class=processor,  # saved in every checkpoint-N, so that each loads with AutoProcessor
         new_module_lr_multiplier=args.new_module_lr_multiplier,
     )
     if resume:

@@ -49,8 +49,8 @@ def tile_grid(width: int, height: int, min_tiles: int, max_tiles: int, tile_size
 
 
 def to_pil(image) -> Image.Image:
-    """A PIL image, numpy array (HWC or HW; uint8, uint16 or float in [0, 1]), torch tensor (CHW or HWC) or path, as
-    RGB. High bit-depth images are scaled to 8 bits by their range (see `_to_8_bits`)."""
+    """A PIL image, numpy array (HWC or HW; uint8, other integers in 0..255, uint16, or floats in 0..1), torch tensor
+    (CHW or HWC, the same types) or path, as RGB. High bit-depth images are scaled to 8 bits by their range (see `_to_8_bits`)."""
     if isinstance(image, (str, os.PathLike)):
         image = _open_image(image)
     elif isinstance(image, torch.Tensor):
@@ -109,12 +109,32 @@ def _array_to_pil(array: np.ndarray) -> Image.Image:
         raise ValueError(f"An image array must be HxW or HxWx3 (or 4); got shape {array.shape}.")
     if array.size == 0:
         raise ValueError(f"Got an empty image (array of shape {array.shape}).")
+    # As transformers reads pixel arrays: signed integers are 0..255 (numpy's default int, from np.array(img).astype(int)),
+    # floats are 0..1; values outside those ranges are an error rather than a near-white picture.
     if array.dtype == np.bool_:
         array = array.astype(np.uint8) * 255
     elif array.dtype.kind == "u" and array.dtype != np.uint8:  # 16-bit and wider: by the type's range
         array = np.rint(array.astype(np.float64) * (255 / np.iinfo(array.dtype).max)).astype(np.uint8)
-    elif array.dtype != np.uint8:  # floats in [0, 1]
+    elif array.dtype.kind == "i":
+        low, high = int(array.min()), int(array.max())
+        if low < 0 or high > 255:
+            raise ValueError(
+                f"An integer image array holds values in [{low}, {high}]; integer pixels must lie in 0..255. Pass "
+                "uint8 values, an unsigned 16-bit array (scaled by its type's range), or floats in 0..1."
+            )
+        array = array.astype(np.uint8)
+    elif array.dtype.kind == "f":
+        low, high = float(array.min()), float(array.max())
+        if not (math.isfinite(low) and math.isfinite(high)) or low < -1e-3 or high > 1 + 1e-3:
+            raise ValueError(
+                f"A float image array holds values in [{low:g}, {high:g}]; float pixels must lie in 0..1 (divide "
+                "0..255 values by 255, or pass them as uint8)."
+            )
         array = np.clip(np.rint(array.astype(np.float64) * 255), 0, 255).astype(np.uint8)
+    elif array.dtype != np.uint8:
+        raise TypeError(
+            f"Unsupported image array dtype {array.dtype}: pass uint8, integers in 0..255 or floats in 0..1."
+        )
     return Image.fromarray(array)
 
 

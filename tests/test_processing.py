@@ -1,5 +1,6 @@
 """The processor: tiling, frame sampling with PyAV, placeholder expansion, chat template, batches."""
 
+import re
 import sys
 from pathlib import Path
 
@@ -85,6 +86,32 @@ def test_image_input_types(tmp_path):
         torch.testing.assert_close(processor(images=variant)["pixel_values"], reference)
     # a flat or nested list: one entry per image; 40x30 is exactly 4:3, so 12 tiles + thumbnail each
     assert processor(images=[array, [array, array]])["image_num_tiles"].tolist() == [13, 13, 13]
+
+
+def test_pixel_arrays_read_as_transformers_reads_them():
+    """Signed integers (numpy's default int) are 0..255 and floats 0..1, as uint8 images and videos; values outside
+    those ranges are an error that says so, never a near-white picture."""
+    array = np.random.RandomState(2).randint(0, 256, (30, 40, 3), dtype=np.uint8)
+    processor = PVCImageProcessor(image_size=28, max_tiles=1)
+    reference = processor(images=Image.fromarray(array))["pixel_values"]
+    for variant in (
+        array.astype(int),
+        array.astype(np.int16),
+        torch.from_numpy(array.astype(np.int64)),
+        torch.from_numpy(array).float() / 255,
+    ):
+        torch.testing.assert_close(processor(images=variant)["pixel_values"], reference)
+    frames = np.stack([array, array[::-1]])
+    torch.testing.assert_close(
+        processor(videos=[frames.astype(int)])["pixel_values_videos"],
+        processor(videos=[frames])["pixel_values_videos"],
+    )
+    with pytest.raises(ValueError, match=re.escape("float pixels must lie in 0..1 (divide 0..255 values by 255")):
+        processor(images=torch.from_numpy(array).float())  # read_image(...).float()
+    with pytest.raises(ValueError, match=re.escape("holds values in [-3, 247]; integer pixels must lie in 0..255")):
+        processor(images=np.minimum(array.astype(int), 250) - 3)  # uint8 minus an offset, wrapped in int
+    with pytest.raises(ValueError, match="float pixels must lie in 0..1"):
+        processor(videos=[frames.astype(np.float32)])
 
 
 def test_image_files_are_read_upright(tmp_path):

@@ -37,7 +37,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     torch.set_num_threads(1)
-    toy = replace(ToyConfig(), steps=args.steps, video_frames=(DEMO_FRAMES,))
+    # initialised as when the committed demo model was made (before the ablation's paired initialisation)
+    toy = replace(ToyConfig(), steps=args.steps, video_frames=(DEMO_FRAMES,), paired_init=False)
     tokenizer = tiny_tokenizer()
     model = build_model("pvc", toy, args.seed, tokenizer)
     processor = build_processor(model, toy, tokenizer)

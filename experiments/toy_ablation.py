@@ -158,6 +158,9 @@ def build_model(row: str, toy: ToyConfig, seed: int, tokenizer, **overrides) -> 
             vocab_size=max(tokenizer.get_vocab().values()) + 1,
             max_position_embeddings=1024,
             tie_word_embeddings=False,
+            # generate stops where the chat template ends a turn
+            eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+            pad_token_id=tokenizer.pad_token_id,
         ),
         image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
         image_start_token_id=tokenizer.convert_tokens_to_ids("<img>"),

@@ -93,6 +93,37 @@ def test_demo_model_answers_well_above_chance_and_random_weights_do_not(demo_mod
     assert np.mean(untrained["image"] + untrained["video"]) < 0.3
 
 
+def test_plain_generate_on_the_demo_model_stops_at_the_end_of_the_turn(demo_model):
+    """Without the demo's own decoding: `generate` with the checkpoint's generation config ends each answer with
+    <|im_end|> (the chat template's end of turn) and adds nothing after it."""
+    from pvc.experiments.toy_ablation import IMAGE_QUESTION, ToyConfig, grid_image
+
+    model, processor = demo_model
+    rng = np.random.default_rng(5)
+    conversations = [
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "image": grid_image(ToyConfig(), rng)[0]},
+                    {"type": "text", "text": IMAGE_QUESTION},
+                ],
+            }
+        ]
+        for _ in range(2)
+    ]
+    inputs = processor.apply_chat_template(
+        conversations, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    with torch.inference_mode():
+        output = model.generate(**inputs, max_new_tokens=120, do_sample=False)
+    end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    for answer in output[:, inputs["input_ids"].shape[1] :].tolist():
+        assert end in answer, "generate ran past the end of the turn"
+        stop = answer.index(end)
+        assert stop < 120 - 1 and set(answer[stop + 1 :]) <= {processor.tokenizer.pad_token_id}, answer
+
+
 def test_demo_command_prints_accuracy_last(demo_model, capsys):
     from pvc.demo import main
 

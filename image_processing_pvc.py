@@ -88,7 +88,9 @@ def _to_8_bits(image: Image.Image) -> Image.Image:
 
 def _open_image(path) -> Image.Image:
     path = str(path)
-    if path.startswith(("http://", "https://", "data:")):
+    if path.startswith(("http://", "https://")):
+        return _fetch_image(path)
+    if path.startswith("data:"):
         from transformers.image_utils import load_image
 
         return load_image(path)
@@ -100,6 +102,27 @@ def _open_image(path) -> Image.Image:
         raise ValueError(f"Image file not found: {path}") from None
     except OSError as error:
         raise ValueError(f"Could not read the image {path}: {error}") from None
+
+
+def _fetch_image(url: str, timeout: float = 30.0) -> Image.Image:
+    """An image from an http(s) URL (upright, as transformers' `load_image`); an unreachable host, an HTTP error or
+    a reply that is no image is an error naming the URL and what went wrong."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # follows redirects
+            content, kind = response.read(), response.headers.get("content-type", "unknown")
+    except urllib.error.HTTPError as error:
+        raise ValueError(f"Could not fetch the image {url}: HTTP {error.code} {error.reason}.") from None
+    except (urllib.error.URLError, OSError) as error:  # no such host, refused, timed out
+        reason = getattr(error, "reason", error)
+        raise ValueError(f"Could not fetch the image {url}: {reason}.") from None
+    try:
+        with Image.open(io.BytesIO(content)) as image:
+            return ImageOps.exif_transpose(image)
+    except OSError:
+        raise ValueError(f"{url} did not return an image (content type {kind}, {len(content)} bytes).") from None
 
 
 def _array_to_pil(array: np.ndarray) -> Image.Image:
@@ -419,8 +442,17 @@ def read_video(path: str, num_frames, fps=None, max_frames=None, start=None, end
         raise ValueError(f"Video file not found: {path}")
     try:
         with av.open(source) as container:
+            form = container.format.name
+            if form == "image2" or form.endswith("_pipe"):  # FFmpeg's readers of single pictures
+                raise ValueError(
+                    f"{path} is a picture ({form}), not a video: pass it as an image, or several frame files as a "
+                    "list, which is one video."
+                )
             if not container.streams.video:
-                raise ValueError(f"{path} holds no video stream.")
+                kinds = ", ".join(stream.type for stream in container.streams) or "none"
+                raise ValueError(
+                    f"{path} holds no video stream (container {form}, streams: {kinds}): it is damaged or not a video."
+                )
             stream = container.streams.video[0]
             times = _presentation_times(container, stream)
             show = functools.partial(_upright, rotate_tag=_rotate_tag(stream))
@@ -445,10 +477,10 @@ def read_video(path: str, num_frames, fps=None, max_frames=None, start=None, end
                     container.decode(container.streams.video[0]), [first + i for i in indices], show
                 )
     except av.error.FFmpegError as error:
-        hint = "Is the URL reachable?" if is_url else "Is it a valid video file?"
+        hint = "Is the URL reachable?" if is_url else "The file is damaged or not a video."
         raise ValueError(f"Could not read the video {path}: {error}. {hint}") from None
     if not frames:
-        raise ValueError(f"The video {path} has no decodable frames.")
+        raise ValueError(f"The video {path} has no decodable frames: it is damaged or cut short.")
     return frames
 
 
@@ -640,7 +672,13 @@ def _flatten_videos(videos) -> list:
     )
 
 
+# Files read as pictures: a list of them is one video of frames (as transformers' chat templates accept), not videos.
+PICTURE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
 def _is_frame(item) -> bool:
+    if isinstance(item, (str, os.PathLike)):
+        return str(item).lower().endswith(PICTURE_SUFFIXES)
     return isinstance(item, Image.Image) or (isinstance(item, (np.ndarray, torch.Tensor)) and item.ndim in (2, 3))
 
 

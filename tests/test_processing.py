@@ -250,6 +250,41 @@ def test_video_urls_are_read_by_ranges(video_files):
         processor.sample_frames(url, 5)
 
 
+def test_image_urls_are_read_and_their_failures_named(tmp_path):
+    """An http(s) image URL is read as the file; a 404, a reply that is no image and an unknown host are errors that
+    name the URL and what went wrong (no bare UnidentifiedImageError or ConnectError)."""
+    import functools
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    array = np.random.RandomState(3).randint(0, 256, (20, 30, 3), dtype=np.uint8)
+    Image.fromarray(array).save(tmp_path / "picture.png")
+    (tmp_path / "page.html").write_text("<html>not an image</html>")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=tmp_path))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    processor = PVCImageProcessor(image_size=28)
+    base = f"http://127.0.0.1:{server.server_port}"
+    try:
+        torch.testing.assert_close(
+            processor(images=f"{base}/picture.png")["pixel_values"], processor(images=array)["pixel_values"]
+        )
+        with pytest.raises(ValueError, match=re.escape(f"Could not fetch the image {base}/missing.png: HTTP 404")):
+            processor(images=f"{base}/missing.png")
+        with pytest.raises(
+            ValueError, match=re.escape(f"{base}/page.html did not return an image (content type text/html")
+        ):
+            processor(images=f"{base}/page.html")
+    finally:
+        server.shutdown()
+        server.server_close()
+    with pytest.raises(ValueError, match=re.escape("Could not fetch the image http://pvc-test.invalid/a.png: ")):
+        processor(images="http://pvc-test.invalid/a.png")
+
+
 def test_bad_videos_are_clear_errors(tmp_path, video_files):
     processor = PVCImageProcessor(image_size=28)
     (tmp_path / "corrupt.mp4").write_bytes(np.random.RandomState(0).bytes(5000))
@@ -269,6 +304,33 @@ def test_bad_videos_are_clear_errors(tmp_path, video_files):
         processor(videos=str(video_files / "short.mp4"), num_frames=0)
     with pytest.raises(TypeError, match="Unsupported video type"):
         processor(videos=3.5)
+
+
+def test_video_inputs_that_are_not_videos_say_what_they_are(tmp_path, video_files):
+    """A picture passed as a video and a damaged file are named for what they are; a list of frame files is one
+    video (as transformers' chat templates pass it), equal to the same frames given as arrays."""
+    processor = PVCImageProcessor(image_size=28, max_tiles=1)
+    frames = [np.random.RandomState(index).randint(0, 256, (28, 28, 3), dtype=np.uint8) for index in range(3)]
+    for index, frame in enumerate(frames):
+        Image.fromarray(frame).save(tmp_path / f"frame{index}.png")
+    files = [str(tmp_path / f"frame{index}.png") for index in range(3)]
+    with pytest.raises(ValueError, match=re.escape("frame0.png is a picture (png_pipe), not a video")):
+        processor(videos=files[0])
+    as_files = processor(videos=files, num_frames=3)
+    assert as_files["video_num_frames"].tolist() == [3]
+    torch.testing.assert_close(
+        as_files["pixel_values_videos"], processor(videos=[frames], num_frames=3)["pixel_values_videos"]
+    )
+    tiny = tiny_processor()
+    messages = [{"role": "user", "content": [{"type": "video", "video": files}, {"type": "text", "text": "Hi"}]}]
+    inputs = tiny.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt", num_frames=3)
+    assert inputs["video_num_frames"].tolist() == [3]
+    video = (video_files / "short.mp4").read_bytes()
+    (tmp_path / "cut.mp4").write_bytes(video[: len(video) // 3])
+    (tmp_path / "noise.mp4").write_bytes(video[:64] + np.random.RandomState(0).bytes(4000))
+    for name in ("cut.mp4", "noise.mp4"):
+        with pytest.raises(ValueError, match="damaged"):
+            processor(videos=str(tmp_path / name))
 
 
 def context_tokens(input_ids):

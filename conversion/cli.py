@@ -87,6 +87,9 @@ def main(argv=None) -> int:
     except Interrupted as stop:
         print(f"pvc-convert: stopped by {stop}; nothing was written to {args.dst}", file=sys.stderr)
         return 128 + stop.signum
+    except KeyboardInterrupt:
+        print(f"pvc-convert: stopped by Ctrl-C (SIGINT); nothing was written to {args.dst}", file=sys.stderr)
+        return 128 + 2
     print(f"\nWrote {args.dst} ({args.ablation}, {str(dtype).removeprefix('torch.')})")
     print("| parameters | tensors | values |\n|---|---|---|")
     for name, (count, values) in summary.items():

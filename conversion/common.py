@@ -142,12 +142,30 @@ def _check_safetensors(path: Path):
         )
 
 
+def looks_like_local_path(name: str) -> bool:
+    """Whether a model name can only be a local path, never a Hub id (`owner/name`): it starts with `.`, `/` or `~`,
+    or has more than one `/` or a backslash."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def missing_folder_message(name: str) -> str | None:
+    """For a name that can only be a local path and names no folder: what to say (said at once, never sent to the
+    Hub, where it would be a syntax error or, offline, a long wait); otherwise None."""
+    if Path(name).expanduser().is_dir() or not looks_like_local_path(name):
+        return None
+    if Path(name).expanduser().exists():
+        return f"{name} is a file; pass the checkpoint's folder."
+    return f"{name}: no such folder (a local path, so it was not looked up on the Hub). Check the path."
+
+
 def resolve_source(source: str) -> Path:
     """A local folder as is; anything else is taken as a Hub id and downloaded (weights, configs, tokenizer)."""
-    if Path(source).is_dir():
-        return Path(source)
+    if Path(source).expanduser().is_dir():
+        return Path(source).expanduser()
     if Path(source).exists():
         raise ConversionError(f"{source} is a file; pass the checkpoint's folder.")
+    if missing_folder_message(source):
+        raise ConversionError(missing_folder_message(source))
     from huggingface_hub import list_repo_files, snapshot_download
 
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]

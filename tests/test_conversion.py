@@ -397,8 +397,8 @@ def test_a_full_disk_or_an_unknown_source_fails_cleanly(tmp_path, capsys, monkey
     with monkeypatch.context() as patch:
         patch.setattr("pvc.conversion.common.save_file", full_disk)
         assert_fails_cleanly(fixture("qwen2"), tmp_path, capsys, "No space left on device")
-    # Not a folder here, so taken as a Hub id; the tests run offline (HF_HUB_OFFLINE), so it cannot be fetched.
-    assert_fails_cleanly(tmp_path / "no-such-folder", tmp_path, capsys, "is not a local folder")
+    # A Hub id (no such folder here); the tests run offline (HF_HUB_OFFLINE), so it cannot be fetched.
+    assert_fails_cleanly("someone/no-such-model", tmp_path, capsys, "is not a local folder")
 
 
 def test_hub_sources_fetch_bin_weights_only_without_safetensors(tmp_path, monkeypatch):
@@ -545,8 +545,9 @@ def test_output_permissions_follow_the_umask(tmp_path):
         os.umask(old)
 
 
-def test_sigterm_during_conversion_leaves_nothing(tmp_path):
-    """kill/timeout/batch schedulers send SIGTERM: the staging folder goes, as with Ctrl-C."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stopped_conversion_leaves_nothing(tmp_path, signum):
+    """kill/timeout/batch schedulers send SIGTERM, Ctrl-C SIGINT: the staging folder goes, and one line says so."""
     destination = tmp_path / "out" / "converted"
     slow_conversion = (
         "import sys, time; import pvc.conversion.common as common\n"
@@ -561,10 +562,10 @@ def test_sigterm_during_conversion_leaves_nothing(tmp_path):
     while not any((tmp_path / "out").glob(".converted.partial-*")):
         assert process.poll() is None and time.monotonic() < deadline, "the conversion never started writing"
         time.sleep(0.02)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signum)
     _, error = process.communicate(timeout=60)
-    assert process.returncode == 128 + signal.SIGTERM, error
-    assert "SIGTERM" in error and "Traceback" not in error
+    assert process.returncode == 128 + signum, error
+    assert signal.Signals(signum).name in error and "Traceback" not in error
     assert list((tmp_path / "out").iterdir()) == []
 
 
@@ -722,3 +723,17 @@ def test_a_pvc_checkpoint_beyond_row_a_is_refused(row_a_checkpoint, tmp_path, ca
     already = convert_row_a(source, tmp_path / "c", "c")
     message = "only InternVL2-equivalent PVC checkpoints (ablation row a"
     assert_fails_cleanly(already, tmp_path, capsys, message)
+
+
+def test_a_local_path_that_is_missing_is_not_sent_to_the_hub(tmp_path, capsys, monkeypatch):
+    """`./InternVL2-2B` (a typo, a folder not there yet) can only be a local path: it is said to be missing at once,
+    never looked up on the Hub (a Hub-id syntax error there, or a long wait offline)."""
+    import huggingface_hub
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the Hub was asked")
+
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", no_hub)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_hub)
+    for name in ("./InternVL2-2B", str(tmp_path / "models" / "nowhere"), "~/no-such-model-folder"):
+        assert_fails_cleanly(name, tmp_path, capsys, f"{name}: no such folder (a local path")

@@ -583,6 +583,15 @@ def test_finetune_data_errors_are_one_line(media, tmp_path, capsys):
     assert "Traceback" not in error
 
 
+def test_finetune_names_a_missing_model_folder(tmp_path, media):
+    from pvc.training.finetune import main
+
+    folder, _ = media
+    argv = ["--model", "./PVC-typo", "--data", str(folder / "train.jsonl"), "--output-dir", str(tmp_path / "o")]
+    with pytest.raises(SystemExit, match=re.escape("--model ./PVC-typo: no such folder (a local path")):
+        main(argv)
+
+
 @pytest.mark.parametrize("mode", ["fp32", "--bf16"])
 def test_small_updates_survive_and_checkpoints_hold_the_processor(media, tmp_path, mode):
     """At a fine-tuning rate (1e-5, 3 steps) most of the language model's weights move in float32 and under --bf16

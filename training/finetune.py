@@ -18,6 +18,7 @@ import sys
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, TrainingArguments
 
+from ..conversion.common import missing_folder_message
 from ..modeling_pvc import is_pvc_parameter
 from .data import ConversationDataset, DataError, PVCDataCollator
 
@@ -246,6 +247,9 @@ def resume_checkpoint(args) -> str | None:
 def train(args):
     """Train as the arguments (of `parse_args`) say; returns the trained (and, with LoRA, merged) model."""
     logging.basicConfig(level=logging.INFO)
+    missing = missing_folder_message(args.model)
+    if missing:
+        raise SystemExit(f"pvc-finetune: error: --model {missing}")
     resume = resume_checkpoint(args)
     # read and checked first: a bad data file fails before minutes of model loading
     dataset = ConversationDataset(args.data, args.media_root, skip_bad=args.skip_bad_records)

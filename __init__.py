@@ -1,30 +1,35 @@
 """PVC (Progressive Visual Token Compression) for Hugging Face Transformers.
 
 The files at the root of this repository are both a Hub model repo (loaded with `trust_remote_code=True`) and
-the `pvc` package (`pip install .`); this file is the package's entry point.
+the `pvc` package (`pip install .`); this file is the package's entry point. Its names are imported when first
+used, so that the command-line tools answer `--help` without loading torch and transformers.
 """
 
-from .configuration_pvc import PVCConfig, PVCVisionConfig
-from .image_processing_pvc import PVCImageProcessor
-from .modeling_pvc import PVCForConditionalGeneration, PVCModel, PVCPreTrainedModel, PVCVisionModel
-from .processing_pvc import PVCProcessor, build_chat_template
-from .training.data import PVCDataCollator
+import importlib
 
-# Saving a model built from this package writes the code files and the `auto_map` beside the weights.
-PVCConfig.register_for_auto_class()
-PVCForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
-PVCImageProcessor.register_for_auto_class("AutoImageProcessor")
-PVCProcessor.register_for_auto_class("AutoProcessor")
+# Where each public name lives.
+_EXPORTS = {
+    "PVCConfig": "configuration_pvc",
+    "PVCVisionConfig": "configuration_pvc",
+    "PVCPreTrainedModel": "modeling_pvc",
+    "PVCVisionModel": "modeling_pvc",
+    "PVCModel": "modeling_pvc",
+    "PVCForConditionalGeneration": "modeling_pvc",
+    "PVCImageProcessor": "image_processing_pvc",
+    "PVCProcessor": "processing_pvc",
+    "build_chat_template": "processing_pvc",
+    "PVCDataCollator": "training.data",
+}
+__all__ = list(_EXPORTS)
 
-__all__ = [
-    "PVCConfig",
-    "PVCVisionConfig",
-    "PVCPreTrainedModel",
-    "PVCVisionModel",
-    "PVCModel",
-    "PVCForConditionalGeneration",
-    "PVCImageProcessor",
-    "PVCProcessor",
-    "build_chat_template",
-    "PVCDataCollator",
-]
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value  # imported once
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -265,3 +265,7 @@ class PVCConfig(PreTrainedConfig):
 
 def _as_pair(value):
     return tuple(value) if isinstance(value, (list, tuple)) else (value, value)
+
+
+# Saving writes the code files and the `auto_map` beside the weights, however this file was imported.
+PVCConfig.register_for_auto_class()

@@ -138,6 +138,10 @@ def main(argv=None):
         parser.error(f"--eval takes a positive number of samples, got {args.eval}.")
     if not (args.model or args.random):
         return toy_demo(args)
+    from .conversion.options import missing_folder_message
+
+    if args.model and (missing := missing_folder_message(args.model)):
+        parser.error(f"--model {missing}")
 
     started = time.perf_counter()
     if args.model:

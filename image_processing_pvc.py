@@ -682,4 +682,7 @@ def _is_frame(item) -> bool:
     return isinstance(item, Image.Image) or (isinstance(item, (np.ndarray, torch.Tensor)) and item.ndim in (2, 3))
 
 
+# Saving writes the code files and the `auto_map` beside the weights, however this file was imported.
+PVCImageProcessor.register_for_auto_class("AutoImageProcessor")
+
 __all__ = ["PVCImageProcessor", "tile_grid"]

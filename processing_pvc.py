@@ -408,4 +408,7 @@ def _media(item: dict, keys) -> object:
     raise ValueError(f"A {item.get('type')} content item needs one of the keys {list(keys)}; got {sorted(item)}.")
 
 
+# Saving writes the code files and the `auto_map` beside the weights, however this file was imported.
+PVCProcessor.register_for_auto_class("AutoProcessor")
+
 __all__ = ["PVCProcessor", "build_chat_template"]

@@ -12,13 +12,13 @@ import json
 import sys
 from pathlib import Path
 
-from . import convert_internvl2, convert_internvl_hf, convert_pvc
-from .common import ABLATIONS, DTYPES, ConversionError, Interrupted, resolve_source, termination_unwinds, write_repo
+from .options import ABLATIONS, DTYPE_NAMES
 
+# model_type of the source -> its converter module (imported when used: `--help` loads no torch)
 CONVERTERS = {
-    "internvl_chat": convert_internvl2.convert,
-    "internvl": convert_internvl_hf.convert,
-    "pvc": convert_pvc.convert,  # InternVL2 in PVC's layout (ablation row a), e.g. trained after `--ablation a`
+    "internvl_chat": "convert_internvl2",
+    "internvl": "convert_internvl_hf",
+    "pvc": "convert_pvc",  # InternVL2 in PVC's layout (ablation row a), e.g. trained after `--ablation a`
 }
 
 
@@ -29,7 +29,10 @@ def parse_args(argv=None):
     parser.add_argument("--src", required=True, help="source checkpoint: a local folder or a Hub id")
     parser.add_argument("--dst", required=True, help="output folder (written atomically)")
     parser.add_argument(
-        "--dtype", choices=["auto", *DTYPES], default="auto", help="weights dtype; auto keeps the source's (default)"
+        "--dtype",
+        choices=["auto", *DTYPE_NAMES],
+        default="auto",
+        help="weights dtype; auto keeps the source's (default)",
     )
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     parser.add_argument(
@@ -78,6 +81,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from .common import ConversionError, Interrupted, termination_unwinds
+
     try:
         with termination_unwinds():
             summary, dtype = _convert(args)
@@ -98,6 +103,10 @@ def main(argv=None) -> int:
 
 
 def _convert(args):
+    import importlib
+
+    from .common import DTYPES, ConversionError, resolve_source, write_repo
+
     source = resolve_source(args.src)
     config_path = source / "config.json"
     if not config_path.exists():
@@ -115,7 +124,8 @@ def _convert(args):
         "adaln_hidden_size": args.adaln_hidden_size,
         "projector_adaln_hidden_size": args.projector_adaln_hidden_size,
     }
-    conversion = CONVERTERS[kind](source, args.src, ABLATIONS[args.ablation], choices)
+    converter = importlib.import_module(f".{CONVERTERS[kind]}", __package__)
+    conversion = converter.convert(source, args.src, ABLATIONS[args.ablation], choices)
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else _source_dtype(meta)
     summary = write_repo(
         conversion,

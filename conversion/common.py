@@ -30,15 +30,10 @@ import pvc
 from pvc import PVCConfig, PVCForConditionalGeneration, PVCImageProcessor, PVCProcessor, build_chat_template
 from pvc.modeling_pvc import is_pvc_parameter
 
+from .options import DTYPE_NAMES, missing_folder_message
+
 CODE_FILES = ("configuration_pvc.py", "modeling_pvc.py", "image_processing_pvc.py", "processing_pvc.py")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Table 4 of the paper as config switches (the number of progressive layers is set separately).
-ABLATIONS = {
-    "a": dict(temporal=False, downsample_ratio=0.5, image_repeat=1, projector_adaln=False),
-    "b": dict(temporal=False, downsample_ratio=0.25, image_repeat=4, projector_adaln=False),
-    "c": dict(temporal=True, downsample_ratio=0.25, image_repeat=4, projector_adaln=False),
-    "pvc": dict(temporal=True, downsample_ratio=0.25, image_repeat=4, projector_adaln=True),
-}
+DTYPES = {name: getattr(torch, dtype) for name, dtype in DTYPE_NAMES.items()}
 
 
 class ConversionError(ValueError):
@@ -140,22 +135,6 @@ def _check_safetensors(path: Path):
             f"{path.name} is truncated or corrupt: its header describes {8 + header_size + end} bytes, the file "
             f"has {size}. Download it again."
         )
-
-
-def looks_like_local_path(name: str) -> bool:
-    """Whether a model name can only be a local path, never a Hub id (`owner/name`): it starts with `.`, `/` or `~`,
-    or has more than one `/` or a backslash."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
-
-
-def missing_folder_message(name: str) -> str | None:
-    """For a name that can only be a local path and names no folder: what to say (said at once, never sent to the
-    Hub, where it would be a syntax error or, offline, a long wait); otherwise None."""
-    if Path(name).expanduser().is_dir() or not looks_like_local_path(name):
-        return None
-    if Path(name).expanduser().exists():
-        return f"{name} is a file; pass the checkpoint's folder."
-    return f"{name}: no such folder (a local path, so it was not looked up on the Hub). Check the path."
 
 
 def resolve_source(source: str) -> Path:

@@ -13,7 +13,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, TrainingArg
 
 from pvc import PVCDataCollator
 from pvc.training.data import ConversationDataset
-from pvc.training.finetune import PVCTrainer
+from pvc.training.trainer import PVCTrainer
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--model", required=True)

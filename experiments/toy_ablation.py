@@ -43,7 +43,7 @@ from ..demo import tiny_tokenizer
 from ..image_processing_pvc import PVCImageProcessor
 from ..modeling_pvc import PVCForConditionalGeneration, relative_timestamps
 from ..processing_pvc import PVCProcessor, build_chat_template
-from ..training.finetune import PVCTrainer, parameter_groups
+from ..training.trainer import PVCTrainer, parameter_groups
 
 # The paper's ablation rows as config switches (num_temporal_layers is filled in from the toy size).
 ROWS = {
@@ -726,15 +726,21 @@ def collect(results: list[dict], toy: ToyConfig, argv) -> dict:
             report["video"][row] = {
                 str(f): summary([r["accuracy"] for r in video if r["row"] == row and r["frames"] == f]) for f in frames
             }
-    report["config"] = {
+    report["config"] = run_config(toy, ROWS, argv, results, lambda r: f"{r['task']}/{r['row']}")
+    return report
+
+
+def run_config(toy: ToyConfig, rows: dict, argv, results: list[dict], name) -> dict:
+    """What a report was made with: the sizes, the rows, the command, torch, and each run's seconds (by `name`)."""
+    return {
         "toy": asdict(toy),
-        "rows": ROWS,
+        "rows": rows,
         "command": "python -m pvc.experiments.toy_ablation " + " ".join(argv),
         "torch": torch.__version__,
-        "seconds_per_run": {f"{r['task']}/{r['row']}": r["seconds"] for r in results},
+        "seconds_per_run": {name(r): r["seconds"] for r in results},
+        # in the convert protocol a seed's first run also trained its row (a): its seconds hold that training
         "process_seconds": round(sum(r["seconds"] for r in results), 1),
     }
-    return report
 
 
 def collect_convert(results: list[dict], toy: ToyConfig, argv) -> dict:
@@ -763,14 +769,7 @@ def collect_convert(results: list[dict], toy: ToyConfig, argv) -> dict:
             "video": {f: summary([pretrained[s]["video"][f] for s in seeds]) for f in pretrained[seeds[0]]["video"]},
             "seconds": [pretrained[s]["seconds"] for s in seeds],
         }
-    report["config"] = {
-        "toy": asdict(toy),
-        "rows": CONVERT_ROWS,
-        "command": "python -m pvc.experiments.toy_ablation " + " ".join(argv),
-        "torch": torch.__version__,
-        "seconds_per_run": {f"{r['row']}/seed{r['seed']}": r["seconds"] for r in results},
-        "process_seconds": round(sum(r["seconds"] for r in results) + sum(report["pretrained"].get("seconds", [])), 1),
-    }
+    report["config"] = run_config(toy, CONVERT_ROWS, argv, results, lambda r: f"{r['row']}/seed{r['seed']}")
     return report
 
 

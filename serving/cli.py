@@ -10,6 +10,7 @@ import importlib.util
 import os
 import sys
 
+from ..conversion.options import missing_folder_message
 from . import server_arguments
 
 USAGE = "usage: pvc-serve PATH [vLLM server options]   (pvc-serve --help for vLLM's own options)"
@@ -45,7 +46,7 @@ def main(argv=None) -> int:
     if argv[0] in ("-h", "--help"):
         print(__doc__)
         os.execv(sys.executable, [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--help"])
-    if problem := code_problem(argv[0]):
+    if problem := missing_folder_message(argv[0]) or code_problem(argv[0]):
         print(f"pvc-serve: error: {problem}", file=sys.stderr)
         return 1
     try:

@@ -14,7 +14,8 @@ import sys
 from safetensors.torch import save_file
 
 from pvc.training.data import PVCDataCollator
-from pvc.training.finetune import PVCTrainer, parse_args, train
+from pvc.training.finetune import parse_args, train
+from pvc.training.trainer import PVCTrainer
 
 prefix, rank = sys.argv[1], os.environ.get("RANK", "0")
 batches, gradients = [], {}

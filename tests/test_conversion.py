@@ -623,7 +623,7 @@ def test_qwen2_tokenizer_without_tokenizer_json(tmp_path):
 def test_new_parameters_are_recorded_and_get_the_larger_learning_rate(converted):
     """The paper's 10x is for randomly initialised parameters: conversion records which those are, so the
     projector's first layer counts with --projector-init random and not with the warm start."""
-    from pvc.training.finetune import parameter_groups
+    from pvc.training.trainer import parameter_groups
 
     def rates(folder):
         model = load(folder)

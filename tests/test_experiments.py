@@ -134,3 +134,28 @@ def test_demo_command_prints_accuracy_last(demo_model, capsys):
     main(["--seed", "4"])
     out = capsys.readouterr().out
     assert "question: 'Colours of the cells?'" in out and "cells right" in out
+
+
+def test_setup_says_what_it_does_once_and_then_reuses_the_environment(tmp_path):
+    """scripts/setup_env.sh (what scripts/demo.sh runs first) says that it is installing, and a second run with the
+    same spec calls no pip at all; another spec sets the environment up again."""
+    import subprocess
+
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    log = tmp_path / "calls.log"
+    fake = venv / "bin" / "python"  # stands in for the environment's python: records each call
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
+    fake.chmod(0o755)
+
+    def setup(spec):
+        command = ["bash", str(ROOT / "scripts" / "setup_env.sh"), str(venv), spec]
+        return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+    first = setup("transformers>=5.0,<6")
+    assert first.returncode == 0 and "Setting up" in first.stderr and "-m pip install" in log.read_text()
+    calls = log.read_text()
+    again = setup("transformers>=5.0,<6")
+    assert again.returncode == 0 and again.stderr == "" and log.read_text() == calls
+    other = setup("transformers==5.0.0")
+    assert other.returncode == 0 and "Setting up" in other.stderr and log.read_text() != calls

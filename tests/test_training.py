@@ -17,7 +17,7 @@ from transformers import AutoModelForImageTextToText, TrainingArguments
 
 from pvc import PVCDataCollator
 from pvc.training.data import ConversationDataset, DataError
-from pvc.training.finetune import PVCTrainer, add_lora, checkpointing_arguments, freeze, parameter_groups
+from pvc.training.trainer import PVCTrainer, add_lora, checkpointing_arguments, freeze, parameter_groups
 
 REPO = Path(__file__).resolve().parents[1]
 # The modules PVC adds to InternVL2 in the tiny PVC config (3 ViT layers, the last 2 progressive), listed by hand as
@@ -519,7 +519,7 @@ def test_bad_records_are_named_up_front_or_skipped(media, tmp_path):
     assert len(lenient.skipped) == 2
 
 
-def test_records_are_checked_before_the_model_loads(media, tmp_path):
+def test_records_are_checked_before_the_model_loads(media, tmp_path, capsys):
     """What needs no decoding is found as the file is read, each record named by its line (blank lines counted):
     more images than <image> placeholders, a placeholder in an assistant turn, a relative media file that is
     missing where it would be read (the working folder, without a media root)."""
@@ -542,9 +542,14 @@ def test_records_are_checked_before_the_model_loads(media, tmp_path):
             ConversationDataset(path, media_root=folder)
     path = tmp_path / "relative.jsonl"
     path.write_text(json.dumps({"image": "image0.png", "conversations": [question, {"from": "gpt", "value": "x"}]}))
-    with pytest.raises(DataError, match=re.escape("image0.png does not exist (without --media-root, relative to")):
-        ConversationDataset(path)  # the test runs outside the media folder
     assert len(ConversationDataset(path, media_root=folder)) == 1
+    # pvc-finetune without --media-root reads relative paths from the working folder, and checks them there before
+    # the model loads (the test runs outside the media folder; the model folder is empty and never read)
+    from pvc.training.finetune import main
+
+    code = main(["--model", str(tmp_path), "--data", str(path), "--output-dir", str(tmp_path / "out")])
+    error = capsys.readouterr().err
+    assert code == 1 and f"{path}: line 1: its media file image0.png does not exist (relative paths" in error
 
 
 def test_a_batch_that_loses_every_record_takes_a_stand_in(media, tmp_path):
@@ -577,7 +582,7 @@ def test_finetune_data_errors_are_one_line(media, tmp_path, capsys):
     folder, _ = media
     data = tmp_path / "train.jsonl"
     data.write_text('{"conversations": [}\n')
-    code = main(["--model", str(tmp_path / "no-model"), "--data", str(data), "--output-dir", str(tmp_path / "o")])
+    code = main(["--model", str(tmp_path), "--data", str(data), "--output-dir", str(tmp_path / "o")])
     error = capsys.readouterr().err
     assert code == 1 and error.startswith("pvc-finetune: error: ") and "line 1 is not valid JSON" in error
     assert "Traceback" not in error
@@ -590,6 +595,14 @@ def test_finetune_names_a_missing_model_folder(tmp_path, media):
     argv = ["--model", "./PVC-typo", "--data", str(folder / "train.jsonl"), "--output-dir", str(tmp_path / "o")]
     with pytest.raises(SystemExit, match=re.escape("--model ./PVC-typo: no such folder (a local path")):
         main(argv)
+
+
+def test_the_demo_names_a_missing_model_folder(capsys):
+    from pvc.demo import main
+
+    with pytest.raises(SystemExit):
+        main(["--model", "../PVC-typo"])
+    assert "--model ../PVC-typo: no such folder (a local path" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("mode", ["fp32", "--bf16"])
@@ -629,3 +642,15 @@ def test_bf16_weights_are_asked_for_and_warned_about(media, tmp_path, caplog):
     trained = train(parse_args([*argv, "--max-tiles", "2"]))
     assert next(trained.parameters()).dtype == torch.bfloat16
     assert "rounds away" in caplog.text
+
+
+@pytest.mark.parametrize("command", ["pvc.conversion.cli", "pvc.training.finetune"])
+def test_help_loads_neither_torch_nor_transformers(command):
+    """`--help` answers at once: the commands import torch, transformers and the model only once they run."""
+    probe = (
+        f"import sys\nfrom {command} import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(name for name in ('torch', 'transformers') if name in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "usage:" in result.stdout and result.stdout.strip().splitlines()[-1] == "[]", result.stdout[-500:]

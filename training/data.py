@@ -84,11 +84,14 @@ def record_problem(record: dict, media_root=None) -> str | None:
     for key in ("image", "images", "video", "videos"):
         for item in _as_list(record.get(key)):
             if isinstance(item, str) and not item.startswith(("http://", "https://", "data:")):
-                # relative paths start at media_root, or without one where the collator reads them: the working folder
-                path = Path(item) if os.path.isabs(item) or media_root is None else Path(media_root) / item
+                if not os.path.isabs(item) and media_root is None:
+                    continue  # relative to a media root the dataset was not told: the collator finds out
+                path = Path(media_root) / item if not os.path.isabs(item) else Path(item)
                 if not path.exists():
-                    relative = media_root is None and not os.path.isabs(item)
-                    hint = " (without --media-root, relative to the working folder)" if relative else ""
+                    relative = not os.path.isabs(item) and Path(media_root) == Path(os.curdir)
+                    hint = (
+                        " (relative paths start at the working folder; --media-root names another)" if relative else ""
+                    )
                     return f"its media file {path} does not exist{hint}"
     return None
 

@@ -103,10 +103,7 @@ class PVCVisionAttention(nn.Module):
         query = self.q_norm(self.q_proj(hidden_states)).view(heads).transpose(1, 2)  # [B, H, L, d]
         key = self.k_norm(self.k_proj(hidden_states)).view(heads).transpose(1, 2)  # [B, H, L, d]
         value = self.v_proj(hidden_states).view(heads).transpose(1, 2)  # [B, H, L, d]
-        attention = eager_attention_forward
-        if self.config._attn_implementation != "eager":
-            attention = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
-        output, _ = attention(
+        output, _ = self.attention_interface()(
             self,
             query,
             key,
@@ -118,6 +115,15 @@ class PVCVisionAttention(nn.Module):
         )
         output = output.reshape(batch, length, -1)  # [B, L, C / tensor-parallel size]
         return self.projection_dropout(self.projection_layer(output))
+
+    def attention_interface(self):
+        """The attention of `config._attn_implementation` (eager, sdpa, flash_attention_2, ...) from transformers'
+        attention interface, which also lets `set_attn_implementation` switch the vision tower after loading."""
+        if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):  # later 5.x releases: the name is checked too
+            return ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        if self.config._attn_implementation == "eager":  # transformers 5.0
+            return eager_attention_forward
+        return ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
 
 
 class PVCVisionMLP(nn.Module):
@@ -680,6 +686,8 @@ class PVCForConditionalGeneration(PVCPreTrainedModel, GenerationMixin):
     """PVC with a language-modelling head: `forward` for training, `generate` for inference."""
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    # tensor parallelism: the head is split by vocabulary like the input embedding it may be tied to
+    _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def __init__(self, config: PVCConfig):
         super().__init__(config)
@@ -780,8 +788,11 @@ class PVCForConditionalGeneration(PVCPreTrainedModel, GenerationMixin):
         "visual_order",
     )
 
-    def prepare_inputs_for_generation(self, *args, is_first_iteration=False, **kwargs):
-        model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+    def prepare_inputs_for_generation(self, input_ids, inputs_embeds=None, is_first_iteration=False, **kwargs):
+        # inputs_embeds named here: `generate(inputs_embeds=...)` checks this signature for it
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs
+        )
         if not is_first_iteration and kwargs.get("use_cache", True):
             # The visual features entered the cache at prefill: decoding steps do not encode the pixels again
             # (newer transformers drop these keys itself, older ones need it done here).
@@ -902,5 +913,8 @@ def _counts(counts, total: int, counts_name: str, tensor_name: str) -> list[int]
         raise ValueError(f"{counts_name} {counts} must be positive and add up to the {total} rows of {tensor_name}.")
     return counts
 
+
+# Saving writes the code files and the `auto_map` beside the weights, however this file was imported.
+PVCForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 
 __all__ = ["PVCPreTrainedModel", "PVCVisionModel", "PVCModel", "PVCForConditionalGeneration"]

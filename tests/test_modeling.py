@@ -594,3 +594,46 @@ def test_projector_adaln_condition(pixels, condition):
         scale = adaln.scale(z)  # [2, 4, M, 16C]
         same_for_every_token = torch.allclose(scale, scale[:1, :, :1].expand_as(scale))
         assert same_for_every_token == (condition == "timestamp")
+
+
+def test_set_attn_implementation_switches_the_vision_tower_too(pixels):
+    """`set_attn_implementation` after loading reaches the vision attention (transformers lets a model switch when
+    its attention goes through the attention interface): each switch gives what a model built that way gives."""
+    images = pixels(2)
+    ids = torch.tensor([[5] + [IMAGE_TOKEN] * 16 + [6], [7] + [IMAGE_TOKEN] * 16 + [8]])
+    built = {name: tiny_model(attn_implementation=name) for name in ("eager", "sdpa")}
+    switched = tiny_model(attn_implementation="sdpa")
+    calls = []
+    with torch.no_grad():
+        for name in ("eager", "sdpa"):
+            switched.set_attn_implementation(name)
+            assert switched.model.vision_tower.config._attn_implementation == name
+            attention = switched.model.vision_tower.encoder.layer[0].attention
+            calls.append(attention.attention_interface().__name__)
+            expected = built[name](input_ids=ids, pixel_values=images).logits
+            torch.testing.assert_close(switched(input_ids=ids, pixel_values=images).logits, expected)
+    assert calls[0] == "eager_attention_forward" and calls[1] != "eager_attention_forward"
+
+
+def test_tied_embedding_and_head_are_sharded_together():
+    """The tensor-parallel plan splits the language-model head as it splits the input embedding it may be tied to."""
+    plan = tiny_model().tp_plan
+    assert "lm_head" in plan and "model.language_model.embed_tokens" in plan
+
+
+def test_generate_from_embeddings_equals_generate_from_ids(pixels):
+    """`generate(inputs_embeds=...)` (the embeddings of the ids, image tokens included) answers what
+    `generate(input_ids=...)` answers for the same image."""
+    model = tiny_model()
+    images = pixels(1)
+    ids = torch.tensor([[5, 6] + [IMAGE_TOKEN] * 16 + [7, 8]])  # 4 tokens per frame x 4 repeats
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        from_ids = model.generate(
+            input_ids=ids, attention_mask=mask, pixel_values=images, max_new_tokens=6, do_sample=False
+        )
+        embeds = model.get_input_embeddings()(ids)
+        from_embeds = model.generate(
+            inputs_embeds=embeds, attention_mask=mask, pixel_values=images, max_new_tokens=6, do_sample=False
+        )
+    assert from_embeds.tolist() == from_ids[:, ids.shape[1] :].tolist()

@@ -131,8 +131,10 @@ def sections() -> dict:
 
 def rewrite(text: str, found: dict) -> str:
     for name, body in found.items():
-        pattern = re.compile(rf"(<!-- report:{re.escape(name)} -->\n).*?(\n<!-- /report:{re.escape(name)} -->)", re.S)
-        text = pattern.sub(lambda match, body=body: match.group(1) + body + match.group(2), text)
+        pattern = re.compile(
+            rf"(<!-- report:{re.escape(name)} -->\n)(?:.*?\n)?(<!-- /report:{re.escape(name)} -->)", re.S
+        )
+        text = pattern.sub(lambda match, body=body: match.group(1) + body + "\n" + match.group(2), text)
     return text
 
 

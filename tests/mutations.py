@@ -156,6 +156,49 @@ MUTATIONS = [
         "        ddp_find_unused_parameters=False,\n        average_tokens_across_devices=False,\n",
         "tests/test_training.py -k data_parallel",
     ),
+    # conversion, fine-tuning and inputs (issue 19 and 22)
+    (
+        "conversion: the new modules ignore --seed",
+        "conversion/common.py",
+        "torch.manual_seed(module_seed(seed, owner))",
+        "torch.manual_seed(module_seed(0, owner))",
+        "tests/test_conversion.py -k reproducible",
+    ),
+    (
+        "conversion: --overwrite misses a file changed in place",
+        "conversion/common.py",
+        'if entry is None or (stat.st_size, stat.st_mtime_ns) != (entry["size"], entry["mtime_ns"]):',
+        "if entry is None:",
+        "tests/test_conversion.py -k overwrite",
+    ),
+    (
+        "projector AdaLN: the TE-only condition still sees x_hat",
+        "modeling_pvc.py",
+        "condition = hidden_states + temporal_embeds if self.condition_on_input else temporal_embeds",
+        "condition = hidden_states + temporal_embeds",
+        "tests/test_modeling.py -k adaln_condition",
+    ),
+    (
+        "fine-tuning: --bf16 trains bf16 weights",
+        "training/finetune.py",
+        "dtype = torch.bfloat16 if args.bf16_weights else torch.float32",
+        "dtype = torch.bfloat16 if args.bf16_weights or args.bf16 else torch.float32",
+        "tests/test_training.py -k small_updates",
+    ),
+    (
+        "pixel arrays: signed integers read as floats in 0..1",
+        "image_processing_pvc.py",
+        '    elif array.dtype.kind == "i":\n',
+        '    elif array.dtype.kind == "?":\n',
+        "tests/test_processing.py -k pixel_arrays",
+    ),
+    (
+        "toy ablation: the rows see different data",
+        "experiments/toy_ablation.py",
+        "stream = ToyStream(convert_tasks(processor, toy), toy, seed, drawn)",
+        'stream = ToyStream(convert_tasks(processor, toy), toy, seed + (row == "pvc"), drawn)',
+        "tests/test_experiments.py -k convert_protocol",
+    ),
 ]
 
 

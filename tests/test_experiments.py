@@ -56,6 +56,21 @@ def test_quick_convert_protocol_writes_the_report(tmp_path):
     for row in ("c", "pvc", "pvc-te"):
         assert first[row] == pytest.approx(first["b"], rel=1e-5), row
     assert (tmp_path / "convert.json.work" / "seed0" / "a-pretrained" / "config.json").exists()
+    # the READMEs' tables are written from this JSON: the numbers in them are the report's
+    import pvc.experiments.report as writer
+
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "toy_convert.json").write_text(out.read_text())
+    writer.RESULTS = tmp_path / "results"
+    tables = writer.sections()
+    pvc_image, c_image = report["rows"]["pvc"]["image"]["mean"], report["rows"]["c"]["image"]["mean"]
+    assert f"| convert | image | {pvc_image - c_image:+.3f} |" in tables["paired-differences"]
+    assert f"| pvc | {pvc_image:.3f} +- 0.000 |" in tables["convert-table4"]
+    readme = "x\n<!-- report:convert-table3 -->\nold\n<!-- /report:convert-table3 -->\ny"
+    assert (
+        writer.rewrite(readme, tables)
+        == f"x\n<!-- report:convert-table3 -->\n{tables['convert-table3']}\n<!-- /report:convert-table3 -->\ny"
+    )
 
 
 def test_z_order_reads_blocks_whole():

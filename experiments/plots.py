@@ -70,7 +70,69 @@ def plot_report(report: dict, folder: Path) -> list[Path]:
     return paths
 
 
+CONVERT_STYLES = {
+    "b": ("s--", "tab:blue"),
+    "pvc": ("o-", "tab:green"),
+    "b-drawn": ("s:", "tab:cyan"),
+    "pvc-drawn": ("o:", "tab:olive"),
+}
+
+
+def plot_convert(report: dict, folder: Path) -> list[Path]:
+    """convert_figure3.png, the convert protocol: image score against repeats at test time for (b) and PVC trained at
+    4 repeats and trained with the repeat drawn per batch (left), and each row's image and video scores (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for row, (style, colour) in CONVERT_STYLES.items():
+        values = report["repeats"].get(row)
+        if not values:
+            continue
+        xs = sorted(values, key=int)
+        trained = "repeat drawn per batch" if row.endswith("-drawn") else "trained at 4"
+        left.errorbar(
+            [int(x) for x in xs],
+            [values[x]["mean"] for x in xs],
+            yerr=[values[x]["std"] for x in xs],
+            fmt=style,
+            color=colour,
+            capsize=3,
+            label=f"{row.removesuffix('-drawn')} ({trained})",
+        )
+    left.set_xticks(sorted({int(x) for values in report["repeats"].values() for x in values}))
+    left.set_xlabel("image repeats at test time")
+    left.set_title("Convert protocol: image score by repeats")
+    rows = [row for row in ("a", "b", "c", "pvc", "pvc-te") if row in report["rows"]]
+    tasks = ["image"] + [f"video {f}" for f in sorted(report["rows"][rows[0]]["video"], key=int)] if rows else []
+    width = 0.8 / max(1, len(tasks))
+    for index, task in enumerate(tasks):
+        values = [
+            report["rows"][row]["image"] if task == "image" else report["rows"][row]["video"][task.split()[1]]
+            for row in rows
+        ]
+        positions = [r + (index - (len(tasks) - 1) / 2) * width for r in range(len(rows))]
+        right.bar(positions, [v["mean"] for v in values], width, yerr=[v["std"] for v in values], capsize=2, label=task)
+    right.set_xticks(range(len(rows)), rows)
+    right.set_title("Convert protocol: Table 4 (+ pvc-te)")
+    for axis in (left, right):
+        axis.axhline(0.25, color="grey", linewidth=0.8)
+        axis.set_ylabel("share of cells right")
+        axis.set_ylim(0, 1.02)
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "convert_figure3.png"
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return [path]
+
+
 if __name__ == "__main__":
     report_path = Path(sys.argv[1])
-    for path in plot_report(json.loads(report_path.read_text()), report_path.parent):
+    report = json.loads(report_path.read_text())
+    plot = plot_convert if report.get("protocol") == "convert" else plot_report
+    for path in plot(report, report_path.parent):
         print(f"wrote {path}")

@@ -97,7 +97,8 @@ def run_time(names: dict) -> str:
             continue
         records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
         seconds = sum(record["result"]["seconds"] for record in records)
-        wall = json.loads((RESULTS / name).read_text())["config"].get("seconds") or 0
+        report = RESULTS / name
+        wall = json.loads(report.read_text())["config"].get("seconds") or 0 if report.exists() else 0
         wall_cell = f"{wall / 60:.0f}" if wall else "- (collected afterwards)"
         lines.append(f"| {label} | {len(records)} | {seconds / 60:.0f} | {wall_cell} |")
     return "\n".join(lines)

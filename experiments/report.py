@@ -78,11 +78,15 @@ def figure3(convert: dict) -> str:
     sections = convert["repeats"]
     wanted = [row for row in ("b", "pvc", "b-drawn", "pvc-drawn") if row in sections]
     keys = sorted({key for row in wanted for key in sections[row]}, key=int)
-    lines = ["| row (trained at) \\ repeats at test time | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    lines = [
+        "| row (trained at) \\ repeats at test time | seeds | " + " | ".join(keys) + " |",
+        "|---|---|" + "---|" * len(keys),
+    ]
     for row in wanted:
         trained = "1..4, drawn per batch" if row.endswith("-drawn") else "4"
+        seeds = ", ".join(str(seed) for seed in convert["rows"][row]["seeds"])
         cells = " | ".join(_cell(sections[row][key]) for key in keys)
-        lines.append(f"| {row} ({trained}) | {cells} |")
+        lines.append(f"| {row} ({trained}) | {seeds} | {cells} |")
     return "\n".join(lines)
 
 

@@ -143,8 +143,8 @@ def resolve_source(source: str) -> Path:
         return Path(source).expanduser()
     if Path(source).exists():
         raise ConversionError(f"{source} is a file; pass the checkpoint's folder.")
-    if missing_folder_message(source):
-        raise ConversionError(missing_folder_message(source))
+    if missing := missing_folder_message(source):
+        raise ConversionError(missing)
     from huggingface_hub import list_repo_files, snapshot_download
 
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
@@ -340,6 +340,14 @@ def module_seed(seed: int, name: str) -> int:
     return zlib.crc32(f"{seed}/{name}".encode())
 
 
+def init_seeded(owner, module, seed: int, name: str):
+    """`owner._init_weights(module)` drawing from a generator of `module_seed(seed, name)`; the global random state
+    is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(module_seed(seed, name))
+        owner._init_weights(module)
+
+
 def new_parameters(skeleton, names: set[str], dtype, seed: int = 0) -> dict[str, torch.Tensor]:
     """Values for the PVC parameters the source does not have, from the model's own `_init_weights` (zero gates,
     identity AdaLN, ...), each module drawn from its own generator (`module_seed`): only the modules that own them
@@ -351,9 +359,7 @@ def new_parameters(skeleton, names: set[str], dtype, seed: int = 0) -> dict[str,
         module.to_empty(device="cpu", recurse=False)
         # the init of the (sub-)model that owns the module, as from_pretrained would call it
         init_owner = skeleton.model.vision_tower if owner.startswith("model.vision_tower.") else skeleton
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(module_seed(seed, owner))
-            init_owner._init_weights(module)
+        init_seeded(init_owner, module, seed, owner)
         for param_name, param in module.named_parameters(recurse=False):
             full = f"{owner}.{param_name}"
             if full in names:

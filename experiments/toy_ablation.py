@@ -38,7 +38,7 @@ import torch
 from transformers import PreTrainedModel
 
 from ..configuration_pvc import PVCConfig
-from ..conversion.common import module_seed
+from ..conversion.common import init_seeded
 from ..demo import tiny_tokenizer
 from ..image_processing_pvc import PVCImageProcessor
 from ..modeling_pvc import PVCForConditionalGeneration, relative_timestamps
@@ -186,9 +186,7 @@ def init_by_name(model, seed: int):
         if any(True for _ in module.parameters(recurse=False)):
             for param in module.parameters(recurse=False):
                 param._is_hf_initialized = False
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(module_seed(seed, prefix.rstrip(".")))
-                owner._init_weights(module)
+            init_seeded(owner, module, seed, prefix.rstrip("."))
 
     with torch.no_grad():
         visit(model, "", model)

@@ -160,8 +160,8 @@ MUTATIONS = [
     (
         "conversion: the new modules ignore --seed",
         "conversion/common.py",
-        "torch.manual_seed(module_seed(seed, owner))",
-        "torch.manual_seed(module_seed(0, owner))",
+        "init_seeded(init_owner, module, seed, owner)",
+        "init_seeded(init_owner, module, 0, owner)",
         "tests/test_conversion.py -k reproducible",
     ),
     (

@@ -14,7 +14,10 @@ Shape letters used in comments:
     C  vision width                  M  compressed tokens per frame     D  text width
 """
 
+import contextlib
 import math
+import warnings
+from dataclasses import dataclass
 
 import torch
 from einops import rearrange
@@ -22,12 +25,17 @@ from torch import nn
 from transformers import AutoModel, GenerationMixin, GradientCheckpointingLayer, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling, CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import logging
 
 from .configuration_pvc import PVCConfig, PVCVisionConfig, _as_pair
 
+logger = logging.get_logger(__name__)
+
 IMAGE, VIDEO = 0, 1  # values of `visual_order`
+# What the installed transformers calls the language model's cache argument: `past_key_values` (5.0) or `cache`.
+CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 # Names of the modules PVC adds to InternVL2: the new parts of the progressive layers, the temporal embeddings and
 # the projector's AdaLN. Fine-tuning gives them a larger learning rate; conversion initialises them.
 PVC_MODULE_NAMES = ("temporal_attention", "temporal_norm", "temporal_gate", "temporal_embedding", "adaln")
@@ -103,7 +111,7 @@ class PVCVisionAttention(nn.Module):
         query = self.q_norm(self.q_proj(hidden_states)).view(heads).transpose(1, 2)  # [B, H, L, d]
         key = self.k_norm(self.k_proj(hidden_states)).view(heads).transpose(1, 2)  # [B, H, L, d]
         value = self.v_proj(hidden_states).view(heads).transpose(1, 2)  # [B, H, L, d]
-        output, _ = self.attention_interface()(
+        output, weights = self.attention_interface()(
             self,
             query,
             key,
@@ -114,7 +122,7 @@ class PVCVisionAttention(nn.Module):
             is_causal=self.is_causal,
         )
         output = output.reshape(batch, length, -1)  # [B, L, C / tensor-parallel size]
-        return self.projection_dropout(self.projection_layer(output))
+        return self.projection_dropout(self.projection_layer(output)), weights  # weights: eager attention only
 
     def attention_interface(self):
         """The attention of `config._attn_implementation` (eager, sdpa, flash_attention_2, ...) from transformers'
@@ -295,7 +303,8 @@ class PVCVisionLayer(GradientCheckpointingLayer):
         self.drop_path = PVCDropPath(drop_path_rate)
 
     def spatial_block(self, hidden_states):  # [F, N, C]
-        return hidden_states + self.drop_path(self.lambda_1 * self.attention(self.layernorm_before(hidden_states)))
+        attended, _ = self.attention(self.layernorm_before(hidden_states))
+        return hidden_states + self.drop_path(self.lambda_1 * attended)
 
     def mlp_block(self, hidden_states):  # [F, N, C]
         branch = self.lambda_2 * self.dropout(self.mlp(self.layernorm_after(hidden_states)))
@@ -343,16 +352,76 @@ class PVCVisionProgressiveLayer(PVCVisionLayer):
         condition = hidden_states + temporal_embeds[:, None]  # [S, T, n, C] + [T, 1, C]
         # Design decision (paper silent): the CLS position takes part in temporal attention like any other token.
         normed = rearrange(self.temporal_norm(hidden_states, condition), "s t n c -> (s n) t c")
-        temporal = rearrange(self.temporal_attention(normed), "(s n) t c -> s t n c", s=streams)
+        temporal = rearrange(self.temporal_attention(normed)[0], "(s n) t c -> s t n c", s=streams)
         # Design decision (paper silent): stochastic depth drops the temporal branch of a whole stream, at the layer's
         # rate, as it drops the spatial and MLP branches of a frame.
         return self.drop_path(self.temporal_gate(temporal))  # [S, T, n, C]
 
 
 def expand_frames(hidden_states, num_streams: int, num_frames: int):
-    """[S * T_in, N, C] -> [S, T, N, C]; T_in is T, or 1 for a static clip whose frames share one image."""
-    frames = hidden_states.view(num_streams, -1, *hidden_states.shape[1:])  # [S, T_in, N, C]
-    return frames.expand(-1, num_frames, -1, -1)
+    """[S * T_in, ...] -> [S, T, ...]; T_in is T, or 1 for a static clip whose frames share one image."""
+    frames = hidden_states.view(num_streams, -1, *hidden_states.shape[1:])  # [S, T_in, ...]
+    return frames.expand(-1, num_frames, *frames.shape[2:])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Outputs
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PVCVisionModelOutput(BaseModelOutputWithPooling):
+    r"""
+    The vision tower's output, and that of `get_image_features` / `get_video_features` (see there for their
+    `last_hidden_state` and `pooler_output`). On request (`output_hidden_states`, `output_attentions`, as arguments
+    or in the vision config):
+
+    hidden_states (`tuple[torch.FloatTensor]`): the embeddings' output and each layer's, `[frames, N, C]` each
+        (one row per frame of each stream, as `last_hidden_state`).
+    attentions (`tuple[torch.FloatTensor]`): each layer's spatial attention weights, `[frames, heads, N, N]`.
+    temporal_attentions (`tuple[torch.FloatTensor]`): each progressive layer's frame-causal attention weights,
+        `[S, N, heads, T, T]` (stream, token position); from the feature methods one tensor per image or video,
+        `[tiles, N, heads, T, T]`. Attention weights need eager attention (`set_attn_implementation("eager")`).
+    """
+
+    temporal_attentions: tuple | None = None
+
+    def to_tuple(self):
+        return tuple(self[key] for key in self.keys())
+
+
+class PVCMultimodalOutput:
+    """The outputs of the image and video encoders beside the language model's (transformers' `image_outputs` /
+    `video_outputs` convention); `to_tuple` turns them into tuples too."""
+
+    def to_tuple(self):
+        return tuple(
+            self[key].to_tuple() if key in ("image_outputs", "video_outputs") else self[key] for key in self.keys()
+        )
+
+
+@dataclass
+class PVCModelOutputWithPast(PVCMultimodalOutput, BaseModelOutputWithPast):
+    r"""
+    The language model's output (`last_hidden_state`, its cache, `hidden_states`, `attentions`), and:
+
+    image_outputs (`PVCVisionModelOutput`, *optional*): `get_image_features`' output; `None` without images.
+    video_outputs (`PVCVisionModelOutput`, *optional*): `get_video_features`' output; `None` without videos.
+    """
+
+    image_outputs: PVCVisionModelOutput | None = None
+    video_outputs: PVCVisionModelOutput | None = None
+
+
+@dataclass
+class PVCCausalLMOutputWithPast(PVCMultimodalOutput, CausalLMOutputWithPast):
+    r"""
+    `loss`, `logits` and the language model's outputs, with `image_outputs` and `video_outputs` as in
+    `PVCModelOutputWithPast`.
+    """
+
+    image_outputs: PVCVisionModelOutput | None = None
+    video_outputs: PVCVisionModelOutput | None = None
 
 
 class PVCPreTrainedModel(PreTrainedModel):
@@ -367,6 +436,9 @@ class PVCPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = False
     _supports_attention_backend = True
+
+    def _return_dict(self, return_dict: bool | None) -> bool:
+        return self.config.return_dict if return_dict is None else return_dict
 
     def _init_weights(self, module):
         config = self.config
@@ -409,12 +481,59 @@ class PVCVisionEncoder(nn.Module):
             + [PVCVisionProgressiveLayer(config, rates[index]) for index in range(self.num_frame_layers, len(rates))]
         )
 
-    def forward(self, hidden_states, temporal_embeds, num_streams: int, chunk_size: int | None):
-        for layer in self.layer[: self.num_frame_layers]:
-            hidden_states = in_chunks(layer, hidden_states, chunk_size)  # [S * T_in, N, C]
-        for layer in self.layer[self.num_frame_layers :]:
-            hidden_states = layer(hidden_states, temporal_embeds, num_streams, chunk_size)  # [S * T, N, C]
-        return hidden_states
+    def forward(
+        self,
+        hidden_states,
+        temporal_embeds,
+        num_streams: int,
+        chunk_size: int | None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ):
+        """The last layer's output and, on request, every layer's output and attention weights (spatial, then
+        temporal), as the layers give them: `[S * T_in, ...]` per frame, `[S, N, heads, T, T]` per position."""
+        states = [hidden_states] if output_hidden_states else None
+        spatial = [layer.attention for layer in self.layer] if output_attentions else []
+        temporal = [layer.temporal_attention for layer in self.layer[self.num_frame_layers :]] if spatial else []
+        with recorded_attention_weights(spatial + temporal) as weights:
+            for index, layer in enumerate(self.layer):
+                if index < self.num_frame_layers:
+                    hidden_states = in_chunks(layer, hidden_states, chunk_size)  # [S * T_in, N, C]
+                else:
+                    hidden_states = layer(hidden_states, temporal_embeds, num_streams, chunk_size)  # [S * T, N, C]
+                if states is not None:
+                    states.append(hidden_states)
+        if not output_attentions or any(chunk is None for chunks in weights.values() for chunk in chunks):
+            return hidden_states, states, None, None  # not asked for, or not eager attention (warned)
+        spatial_weights = tuple(torch.cat(weights[module]) for module in spatial)  # chunks of frames
+        # chunks of token positions, each [(S n), heads, T, T]
+        temporal_weights = tuple(
+            torch.cat([chunk.unflatten(0, (num_streams, -1)) for chunk in weights[module]], dim=1)
+            for module in temporal
+        )
+        return hidden_states, states, spatial_weights, temporal_weights
+
+
+@contextlib.contextmanager
+def recorded_attention_weights(modules):
+    """The attention weights each of `modules` (`PVCVisionAttention`) computes while the block runs, call by call
+    (chunked layers call it once per chunk)."""
+    weights = {module: [] for module in modules}
+
+    def keep(module, args, output):
+        if output[1] is None:  # as transformers' own models: a warning, and no weights
+            logger.warning_once(
+                f"The vision tower's {module.config._attn_implementation} attention gives no attention weights: call "
+                'model.set_attn_implementation("eager") first (or load with attn_implementation="eager").'
+            )
+        weights[module].append(output[1])
+
+    handles = [module.register_forward_hook(keep) for module in modules]
+    try:
+        yield weights
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 class PVCVisionModel(PVCPreTrainedModel):
@@ -439,7 +558,16 @@ class PVCVisionModel(PVCPreTrainedModel):
     def get_input_embeddings(self):
         return self.embeddings.patch_embeddings.projection
 
-    def forward(self, pixel_values, num_frames: int = 1, static: bool = False, frame_chunk_size="config"):
+    def forward(
+        self,
+        pixel_values,
+        num_frames: int = 1,
+        static: bool = False,
+        frame_chunk_size="config",
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+    ):
         r"""
         Args:
             pixel_values (`torch.Tensor`): `[S * T, 3, H, W]`, the frames of S streams one stream after the other;
@@ -449,10 +577,15 @@ class PVCVisionModel(PVCPreTrainedModel):
             num_frames (`int`): T, the frames per stream.
             frame_chunk_size (`int` or `None`): overrides `config.frame_chunk_size` (frames per chunk in the
                 per-frame computations; does not change the result).
+            output_hidden_states, output_attentions, return_dict: as in transformers; the config's by default.
 
         Returns:
-            `BaseModelOutput` whose `last_hidden_state` is `[S * T, N, C]` (CLS first in each frame).
+            `PVCVisionModelOutput` whose `last_hidden_state` is `[S * T, N, C]` (CLS first in each frame), with
+            every layer's output and attention weights on request (static frames broadcast to `[S * T, ...]`).
         """
+        config = self.config
+        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        output_attentions = config.output_attentions if output_attentions is None else output_attentions
         if frame_chunk_size == "config":
             frame_chunk_size = self.config.frame_chunk_size
         frames_given = 1 if static else num_frames
@@ -466,9 +599,20 @@ class PVCVisionModel(PVCPreTrainedModel):
         temporal_embeds = None
         if self.temporal_embedding is not None:
             temporal_embeds = self.temporal_embedding(relative_timestamps(num_frames, hidden_states.device))  # [T, C]
-        hidden_states = self.encoder(hidden_states, temporal_embeds, num_streams, frame_chunk_size)
-        hidden_states = expand_frames(hidden_states, num_streams, num_frames).flatten(0, 1)  # [S * T, N, C]
-        return BaseModelOutput(last_hidden_state=hidden_states)
+        hidden_states, states, spatial, temporal = self.encoder(
+            hidden_states, temporal_embeds, num_streams, frame_chunk_size, output_hidden_states, output_attentions
+        )
+
+        def per_frame(tensor):  # [S * T_in, ...] -> [S * T, ...]
+            return expand_frames(tensor, num_streams, num_frames).flatten(0, 1)
+
+        output = PVCVisionModelOutput(
+            last_hidden_state=per_frame(hidden_states),  # [S * T, N, C]
+            hidden_states=tuple(per_frame(state) for state in states) if output_hidden_states else None,
+            attentions=None if spatial is None else tuple(per_frame(weights) for weights in spatial),
+            temporal_attentions=temporal or None,
+        )
+        return output if self._return_dict(return_dict) else output.to_tuple()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -556,34 +700,45 @@ class PVCModel(PVCPreTrainedModel):
         vision_features = self.vision_tower(pixel_values, num_frames=num_frames, static=static).last_hidden_state
         return self.multi_modal_projector(vision_features, num_frames)
 
-    def image_features_per_image(self, pixel_values, image_num_tiles=None) -> list[torch.Tensor]:
-        """Each image becomes a static clip of `image_repeat` frames holding all its tiles; frame-major tokens."""
-        tiles = _counts(image_num_tiles, pixel_values.shape[0], "image_num_tiles", "pixel_values")
-        features = self.encode_clips(pixel_values, self.config.image_repeat, static=True)  # [tiles, T, M, D]
-        return [rearrange(image, "p t m d -> (t p m) d") for image in features.split(tiles)]
+    def get_image_features(
+        self,
+        pixel_values,
+        image_num_tiles=None,
+        image_grid_thw=None,
+        output_hidden_states=None,
+        output_attentions=None,
+        return_dict=None,
+        **kwargs,
+    ):
+        r"""
+        Each image as a static clip of `image_repeat` frames holding all its tiles (`image_num_tiles`, one each by
+        default, or the last column of `image_grid_thw`, the processor's `grid_layout`).
 
-    def video_features_per_video(self, pixel_values_videos, video_num_frames, video_num_tiles=None):
-        """Each video is one clip of T frames (P tiles per frame, 1 by default); frame-major tokens."""
-        frames, tiles, rows = video_layout(pixel_values_videos, video_num_frames, video_num_tiles)
-        clips = pixel_values_videos.split(rows)
-        features = [None] * len(clips)
-        # Videos of one shape (frames, tiles) go through the tower together: streams are independent.
-        for shape in dict.fromkeys(zip(frames, tiles)):
-            num_frames, num_tiles = shape
-            same = [index for index, other in enumerate(zip(frames, tiles)) if other == shape]
-            streams = [rearrange(clips[i], "(t p) c h w -> (p t) c h w", p=num_tiles) for i in same]  # tile streams
-            encoded = self.encode_clips(torch.cat(streams), num_frames)  # [videos * P, T, M, D]
-            for index, clip_features in zip(same, encoded.split(num_tiles)):
-                features[index] = rearrange(clip_features, "p t m d -> (t p m) d")
-        return features
-
-    def get_image_features(self, pixel_values, image_num_tiles=None, image_grid_thw=None, return_dict=False, **kwargs):
-        """Projected image features in LLM order, [num_image_tokens, D]; with `return_dict=True` as the
-        `pooler_output` of a `BaseModelOutputWithPooling` (transformers' convention). The tiles of each image are
-        `image_num_tiles`, or the last column of `image_grid_thw` (the processor's `grid_layout`)."""
+        Returns:
+            `PVCVisionModelOutput` (a tuple with `return_dict=False`): `pooler_output` holds each image's projected
+            tokens in LLM order (frame-major), one `[tokens, D]` tensor per image; `last_hidden_state` is the vision
+            tower's output per tile, `[tiles, image_repeat, N, C]`; hidden states and attention weights on request.
+        """
         image_num_tiles = counts_from_grids(image_grid_thw=image_grid_thw).get("image_num_tiles", image_num_tiles)
-        features = torch.cat(self.image_features_per_image(pixel_values, image_num_tiles))
-        return BaseModelOutputWithPooling(pooler_output=features) if return_dict else features
+        tiles = _counts(image_num_tiles, pixel_values.shape[0], "image_num_tiles", "pixel_values")
+        repeat = self.config.image_repeat
+        vision = self.vision_tower(
+            pixel_values,
+            num_frames=repeat,
+            static=True,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            return_dict=True,
+        )
+        features = self.multi_modal_projector(vision.last_hidden_state, repeat)  # [tiles, T, M, D]
+        output = PVCVisionModelOutput(
+            last_hidden_state=vision.last_hidden_state.unflatten(0, (-1, repeat)),  # [tiles, T, N, C]
+            pooler_output=tuple(rearrange(image, "p t m d -> (t p m) d") for image in features.split(tiles)),
+            hidden_states=vision.hidden_states,
+            attentions=vision.attentions,
+            temporal_attentions=_per_item(vision.temporal_attentions, tiles),
+        )
+        return output if self._return_dict(return_dict) else output.to_tuple()
 
     def get_video_features(
         self,
@@ -591,37 +746,56 @@ class PVCModel(PVCPreTrainedModel):
         video_num_frames=None,
         video_num_tiles=None,
         video_grid_thw=None,
-        return_dict=False,
+        output_hidden_states=None,
+        output_attentions=None,
+        return_dict=None,
         **kwargs,
     ):
-        """Projected video features in LLM order, [num_video_tokens, D]; with `return_dict=True` as the
-        `pooler_output` of a `BaseModelOutputWithPooling`. Each video's frames and tiles per frame are
-        `video_num_frames` and `video_num_tiles`, or the first and last columns of `video_grid_thw`."""
+        r"""
+        Each video as one clip of its frames (`video_num_frames`), `video_num_tiles` tiles per frame (1 by default);
+        or both from `video_grid_thw` (first and last columns). Videos of one shape go through the tower together
+        (streams are independent).
+
+        Returns:
+            `PVCVisionModelOutput` (a tuple with `return_dict=False`): `pooler_output` holds each video's projected
+            tokens in LLM order (frame-major), one `[tokens, D]` tensor per video; `last_hidden_state`, and each of
+            the hidden states and spatial attention weights on request, one row per row of `pixel_values_videos`
+            (in its frame-major order); temporal attention weights one tensor per video.
+        """
         counts = counts_from_grids(video_grid_thw=video_grid_thw)
         video_num_frames = counts.get("video_num_frames", video_num_frames)
         video_num_tiles = counts.get("video_num_tiles", video_num_tiles)
         if video_num_frames is None:
             raise ValueError("get_video_features needs video_num_frames (or video_grid_thw).")
-        features = torch.cat(self.video_features_per_video(pixel_values_videos, video_num_frames, video_num_tiles))
-        return BaseModelOutputWithPooling(pooler_output=features) if return_dict else features
-
-    def get_visual_features(
-        self,
-        pixel_values=None,
-        image_num_tiles=None,
-        pixel_values_videos=None,
-        video_num_frames=None,
-        video_num_tiles=None,
-        visual_order=None,
-    ):
-        """All visual features of a batch in the order their placeholders appear in the text, or None."""
-        images = [] if pixel_values is None else self.image_features_per_image(pixel_values, image_num_tiles)
-        videos = []
-        if pixel_values_videos is not None:
-            videos = self.video_features_per_video(pixel_values_videos, video_num_frames, video_num_tiles)
-        if not images and not videos:
-            return None
-        return torch.cat(in_text_order(images, videos, visual_order))
+        frames, tiles, rows = video_layout(pixel_values_videos, video_num_frames, video_num_tiles)
+        clips = pixel_values_videos.split(rows)
+        per_video = [None] * len(clips)  # each video's (features, tower output)
+        for shape in dict.fromkeys(zip(frames, tiles)):
+            num_frames, num_tiles = shape
+            same = [index for index, other in enumerate(zip(frames, tiles)) if other == shape]
+            streams = [rearrange(clips[i], "(t p) c h w -> (p t) c h w", p=num_tiles) for i in same]  # tile streams
+            vision = self.vision_tower(
+                torch.cat(streams),
+                num_frames=num_frames,
+                output_hidden_states=output_hidden_states,
+                output_attentions=output_attentions,
+                return_dict=True,
+            )
+            features = self.multi_modal_projector(vision.last_hidden_state, num_frames)  # [videos * P, T, M, D]
+            for position, index in enumerate(same):
+                per_video[index] = (
+                    rearrange(features.split(num_tiles)[position], "p t m d -> (t p m) d"),
+                    _stream_rows(vision, position, num_frames, num_tiles),
+                )
+        outputs = [output for _, output in per_video]
+        output = PVCVisionModelOutput(
+            last_hidden_state=torch.cat([output["last_hidden_state"] for output in outputs]),
+            pooler_output=tuple(features for features, _ in per_video),
+            hidden_states=_concatenated_layers(outputs, "hidden_states"),
+            attentions=_concatenated_layers(outputs, "attentions"),
+            temporal_attentions=_layers_per_item(outputs, "temporal_attentions"),
+        )
+        return output if self._return_dict(return_dict) else output.to_tuple()
 
     def forward(
         self,
@@ -646,11 +820,21 @@ class PVCModel(PVCPreTrainedModel):
         video_num_tiles = counts.get("video_num_tiles", video_num_tiles)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)  # [B, L, D]
+        return_dict = kwargs.pop("return_dict", None)
+        # the language model's options, which the vision tower follows too (else its own config's)
+        options = {key: kwargs.get(key) for key in ("output_hidden_states", "output_attentions")}
 
-        features = self.get_visual_features(
-            pixel_values, image_num_tiles, pixel_values_videos, video_num_frames, video_num_tiles, visual_order
-        )
-        if features is not None:
+        image_outputs = video_outputs = None
+        if pixel_values is not None:
+            image_outputs = self.get_image_features(pixel_values, image_num_tiles, return_dict=True, **options)
+        if pixel_values_videos is not None:
+            video_outputs = self.get_video_features(
+                pixel_values_videos, video_num_frames, video_num_tiles, return_dict=True, **options
+            )
+        images = [] if image_outputs is None else list(image_outputs.pooler_output)
+        videos = [] if video_outputs is None else list(video_outputs.pooler_output)
+        if images or videos:
+            features = torch.cat(in_text_order(images, videos, visual_order))
             mask = self.placeholder_mask(input_ids, inputs_embeds)  # [B, L]
             num_placeholders = int(mask.sum())
             if num_placeholders != features.shape[0]:
@@ -664,7 +848,11 @@ class PVCModel(PVCPreTrainedModel):
         elif self.training and torch.is_grad_enabled():
             inputs_embeds = inputs_embeds + self.visual_path_at_zero().to(inputs_embeds.device, inputs_embeds.dtype)
 
-        return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, return_dict=True, **kwargs
+        )
+        output = PVCModelOutputWithPast(**outputs, image_outputs=image_outputs, video_outputs=video_outputs)
+        return output if self._return_dict(return_dict) else output.to_tuple()
 
     def visual_path_at_zero(self):
         """0 x the features of one blank frame: a training batch without media still runs the vision tower and the
@@ -686,6 +874,8 @@ class PVCForConditionalGeneration(PVCPreTrainedModel, GenerationMixin):
     """PVC with a language-modelling head: `forward` for training, `generate` for inference."""
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    # decoding steps compile as one graph (generate compiles them with a static cache)
+    _can_compile_fullgraph = True
     # tensor parallelism: the head is split by vocabulary like the input embedding it may be tied to
     _tp_plan = {"lm_head": "colwise_gather_output"}
 
@@ -707,11 +897,13 @@ class PVCForConditionalGeneration(PVCPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
-    def get_image_features(self, pixel_values, image_num_tiles=None):
-        return self.model.get_image_features(pixel_values, image_num_tiles)
+    def get_image_features(self, pixel_values, image_num_tiles=None, **kwargs):
+        """See `PVCModel.get_image_features`."""
+        return self.model.get_image_features(pixel_values, image_num_tiles, **kwargs)
 
-    def get_video_features(self, pixel_values_videos, video_num_frames, video_num_tiles=None):
-        return self.model.get_video_features(pixel_values_videos, video_num_frames, video_num_tiles)
+    def get_video_features(self, pixel_values_videos, video_num_frames=None, video_num_tiles=None, **kwargs):
+        """See `PVCModel.get_video_features`."""
+        return self.model.get_video_features(pixel_values_videos, video_num_frames, video_num_tiles, **kwargs)
 
     def forward(
         self,
@@ -745,7 +937,15 @@ class PVCForConditionalGeneration(PVCPreTrainedModel, GenerationMixin):
         """
         return_dict = kwargs.pop("return_dict", None)
         # Named here so that `generate` lets a cache through; transformers 5.0 calls it `past_key_values`, later
-        # releases `cache`. Whichever was given goes on under its own name.
+        # releases `cache` (and deprecate the old name, as here). Whichever was given goes on under its own name.
+        if past_key_values is not None and CACHE_NAME == "cache":
+            warnings.warn(
+                "`past_key_values` is deprecated for `PVCForConditionalGeneration.forward` in this transformers "
+                "release. Use `cache` instead.",
+                FutureWarning,
+                stacklevel=2,
+            )
+            cache, past_key_values = past_key_values, None
         kwargs.update(
             {
                 name: value
@@ -774,10 +974,11 @@ class PVCForConditionalGeneration(PVCPreTrainedModel, GenerationMixin):
             loss = self.loss_function(
                 logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
             )
-        # The language model's own output fields (the cache is `cache` or `past_key_values`, by version).
+        # The language model's own output fields (the cache is `cache` or `past_key_values`, by version), and the
+        # image and video encoders'.
         extra = {key: value for key, value in outputs.items() if key != "last_hidden_state"}
-        output = CausalLMOutputWithPast(loss=loss, logits=logits, **extra)
-        return output.to_tuple() if return_dict is False else output
+        output = PVCCausalLMOutputWithPast(loss=loss, logits=logits, **extra)
+        return output if self._return_dict(return_dict) else output.to_tuple()
 
     VISUAL_INPUTS = (
         "pixel_values",
@@ -877,6 +1078,43 @@ def in_text_order(images: list, videos: list, visual_order=None) -> list:
         )
     images, videos = iter(images), iter(videos)
     return [next(videos) if kind == VIDEO else next(images) for kind in order]
+
+
+def _per_item(layers, counts):
+    """Per layer, one tensor per item: each layer's `[S, ...]` split into the items' streams (`counts` each)."""
+    return None if layers is None else tuple(tuple(layer.split(counts)) for layer in layers)
+
+
+def _stream_rows(vision: PVCVisionModelOutput, position: int, num_frames: int, num_tiles: int) -> dict:
+    """The part of a tower output that belongs to the `position`-th video of a group (P tile streams of T frames
+    each), its per-frame rows back in the video's own frame-major order."""
+    frames = slice(position * num_tiles * num_frames, (position + 1) * num_tiles * num_frames)
+
+    def rows(tensor):  # [(videos P T), ...] -> this video's [(T P), ...]
+        return rearrange(tensor[frames], "(p t) ... -> (t p) ...", p=num_tiles)
+
+    streams = slice(position * num_tiles, (position + 1) * num_tiles)
+    layers = {key: getattr(vision, key) for key in ("hidden_states", "attentions", "temporal_attentions")}
+    return {
+        "last_hidden_state": rows(vision.last_hidden_state),
+        "hidden_states": None if layers["hidden_states"] is None else [rows(h) for h in layers["hidden_states"]],
+        "attentions": None if layers["attentions"] is None else [rows(a) for a in layers["attentions"]],
+        "temporal_attentions": (
+            None if layers["temporal_attentions"] is None else [a[streams] for a in layers["temporal_attentions"]]
+        ),
+    }
+
+
+def _concatenated_layers(outputs: list[dict], key: str):
+    """Per layer, the items' rows concatenated (in item order)."""
+    if outputs[0][key] is None:
+        return None
+    return tuple(torch.cat(parts) for parts in zip(*(output[key] for output in outputs)))
+
+
+def _layers_per_item(outputs: list[dict], key: str):
+    """Per layer, one tensor per item."""
+    return None if outputs[0][key] is None else tuple(zip(*(output[key] for output in outputs)))
 
 
 def video_layout(pixel_values_videos, video_num_frames, video_num_tiles=None):

@@ -91,7 +91,7 @@ def test_row_a_reproduces_the_original_implementation(converted, variant):
     )
     with torch.no_grad():
         vit = model.model.vision_tower(pixels).last_hidden_state
-        features = model.get_image_features(pixels, tiles)
+        features = torch.cat(model.get_image_features(pixels, tiles).pooler_output)
         text_logits = model(input_ids=reference["input_ids_text"]).logits
         mm_logits = model(**mm).logits
         generated = model.generate(**mm, max_new_tokens=5, do_sample=False)
@@ -129,7 +129,7 @@ def test_pvc_conversion_keeps_the_vit(converted, variant):
     for t in range(4):
         assert_relative(frames[t::4], reference["vit_last_hidden_state"])
     with torch.no_grad():  # and the whole model runs
-        tokens = model.get_image_features(reference["pixel_values"], torch.tensor([2]))
+        (tokens,) = model.get_image_features(reference["pixel_values"], torch.tensor([2])).pooler_output
     assert tokens.shape == (64 * 4 * 2, config.text_config.hidden_size) and torch.isfinite(tokens).all()
 
 

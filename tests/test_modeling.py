@@ -179,8 +179,8 @@ def test_token_counts_per_ablation_row(pixels, row):
     per_frame = 16 if config.downsample_ratio == 0.5 else 4
     assert config.tokens_per_frame == per_frame
     with torch.no_grad():
-        image = model.get_image_features(pixels(3), torch.tensor([3]))
-        video = model.get_video_features(pixels(5), torch.tensor([5]))
+        (image,) = model.get_image_features(pixels(3), torch.tensor([3])).pooler_output
+        (video,) = model.get_video_features(pixels(5), torch.tensor([5])).pooler_output
     assert image.shape == (per_frame * config.image_repeat * 3, TINY_TEXT["hidden_size"])
     assert video.shape == (per_frame * 5, TINY_TEXT["hidden_size"])
     names = dict(model.named_parameters())
@@ -193,8 +193,9 @@ def test_image_tokens_are_frame_major(pixels):
     model = tiny_model("pvc")
     tiles = pixels(2)
     with torch.no_grad():
-        together = model.get_image_features(tiles, torch.tensor([2])).view(4, 2, 4, -1)  # [T, P, M, D]
-        alone = [model.get_image_features(tiles[p : p + 1]).view(4, 4, -1) for p in range(2)]  # [T, M, D]
+        (together,) = model.get_image_features(tiles, torch.tensor([2])).pooler_output
+        together = together.view(4, 2, 4, -1)  # [T, P, M, D]
+        alone = [model.get_image_features(tiles[p : p + 1]).pooler_output[0].view(4, 4, -1) for p in range(2)]
     for p in range(2):
         torch.testing.assert_close(together[:, p], alone[p], rtol=1e-5, atol=1e-6)
 
@@ -428,11 +429,11 @@ def test_videos_of_several_shapes_batched_equal_each_alone(pixels):
     shapes = [(3, 1), (2, 2), (3, 1), (4, 1)]  # (frames, tiles per frame)
     clips = [pixels(frames * tiles) for frames, tiles in shapes]
     with torch.no_grad():
-        together = model.model.video_features_per_video(
+        together = model.model.get_video_features(
             torch.cat(clips), torch.tensor([f for f, _ in shapes]), torch.tensor([t for _, t in shapes])
-        )
+        ).pooler_output
         alone = [
-            model.model.video_features_per_video(clip, torch.tensor([f]), torch.tensor([t]))[0]
+            model.model.get_video_features(clip, torch.tensor([f]), torch.tensor([t])).pooler_output[0]
             for clip, (f, t) in zip(clips, shapes)
         ]
     assert [len(x) for x in together] == [4 * f * t for f, t in shapes]
@@ -638,3 +639,116 @@ def test_generate_from_embeddings_equals_generate_from_ids(pixels):
             inputs_embeds=embeds, attention_mask=mask, pixel_values=images, max_new_tokens=6, do_sample=False
         )
     assert from_embeds.tolist() == from_ids[:, ids.shape[1] :].tolist()
+
+
+def test_feature_methods_give_transformers_outputs(pixels):
+    """get_image_features / get_video_features, on both classes: a ModelOutput by default (a tuple with
+    return_dict=False) whose pooler_output has one [tokens, D] entry per item, and the vision tower's per-layer
+    states and attention weights on request."""
+    model = tiny_model("pvc").eval()
+    model.set_attn_implementation("eager")
+    layers, heads = TINY_VISION["num_hidden_layers"], TINY_VISION["num_attention_heads"]
+    tiles = pixels(3)
+    with torch.no_grad():
+        for owner in (model, model.model):
+            images = owner.get_image_features(tiles, torch.tensor([2, 1]), output_hidden_states=True)
+            assert [item.shape for item in images.pooler_output] == [(4 * 4 * 2, 48), (4 * 4, 48)]
+            as_tuple = owner.get_image_features(tiles, torch.tensor([2, 1]), return_dict=False)
+            assert isinstance(as_tuple, tuple)
+            torch.testing.assert_close(torch.cat(as_tuple[1]), torch.cat(images.pooler_output))
+        # the tower's states: embeddings first, the last layer's output last; one row per tile and frame
+        assert len(images.hidden_states) == layers + 1 and images.last_hidden_state.shape == (3, 4, 65, 32)
+        embedded = model.model.vision_tower.embeddings(tiles)  # [3, N, C], each image's 4 frames alike
+        torch.testing.assert_close(images.hidden_states[0].view(3, 4, 65, 32), embedded[:, None].expand(-1, 4, -1, -1))
+        torch.testing.assert_close(images.hidden_states[-1].view(3, 4, 65, 32), images.last_hidden_state)
+        video = model.get_video_features(pixels(5), torch.tensor([5]), output_attentions=True)
+    assert len(video.pooler_output) == 1 and video.pooler_output[0].shape == (4 * 5, 48)
+    assert len(video.attentions) == layers and video.attentions[0].shape == (5, heads, 65, 65)
+    (temporal,) = video.temporal_attentions[-1]  # the last progressive layer, the only video: [P, N, H, T, T]
+    assert len(video.temporal_attentions) == TINY_VISION["num_temporal_layers"] and temporal.shape == (1, 65, 4, 5, 5)
+    # softmax rows over the frames a frame may see: none after it (frame-causal)
+    torch.testing.assert_close(temporal.sum(-1), torch.ones(1, 65, heads, 5))
+    seen = torch.ones(5, 5, dtype=torch.bool).tril()
+    assert float(temporal[..., ~seen].abs().max()) == 0.0 and float(temporal[..., seen].min()) > 0.0
+
+
+def test_video_outputs_come_back_in_the_input_order(pixels):
+    """Videos of several shapes are encoded by shape; every per-row output (last state, hidden states, attention
+    weights) must come back in pixel_values_videos' own order: frame-major rows, tile after tile."""
+    model = tiny_model("pvc").eval()
+    model.set_attn_implementation("eager")
+    shapes = [(3, 2), (2, 1), (3, 2)]  # (frames, tiles per frame)
+    clips = [pixels(frames * tiles) for frames, tiles in shapes]
+    options = dict(output_hidden_states=True, output_attentions=True)
+    with torch.no_grad():
+        together = model.get_video_features(
+            torch.cat(clips), torch.tensor([f for f, _ in shapes]), torch.tensor([t for _, t in shapes]), **options
+        )
+        start = 0
+        for index, (clip, (frames, tiles)) in enumerate(zip(clips, shapes)):
+            rows = slice(start, start + frames * tiles)
+            start += frames * tiles
+            # the tower by hand on this video alone: one stream per tile position, frames in order
+            streams = clip.view(frames, tiles, 3, 56, 56).transpose(0, 1).reshape(-1, 3, 56, 56)
+            alone = model.model.vision_tower(streams, num_frames=frames, **options)
+
+            def frame_major(tensor):  # [(P T), ...] -> [(T P), ...]
+                return tensor.unflatten(0, (tiles, frames)).transpose(0, 1).flatten(0, 1)
+
+            torch.testing.assert_close(together.last_hidden_state[rows], frame_major(alone.last_hidden_state))
+            for mixed, single in zip(
+                together.hidden_states + together.attentions, alone.hidden_states + alone.attentions
+            ):
+                torch.testing.assert_close(mixed[rows], frame_major(single), rtol=1e-5, atol=1e-6)
+            for mixed, single in zip(together.temporal_attentions, alone.temporal_attentions):
+                torch.testing.assert_close(mixed[index], single, rtol=1e-5, atol=1e-6)
+
+
+def test_model_output_carries_the_image_and_video_outputs(pixels):
+    """forward returns the encoders' outputs beside the language model's (`image_outputs`, `video_outputs`), the
+    features it placed in the text; `return_dict=False` turns them into tuples too."""
+    model = tiny_model("pvc").eval()
+    ids = torch.cat([prompt(16), prompt(4 * 3)], dim=1)  # an image of one tile, then a video of 3 frames
+    inputs = dict(
+        input_ids=ids,
+        pixel_values=pixels(1),
+        pixel_values_videos=pixels(3),
+        video_num_frames=torch.tensor([3]),
+        visual_order=torch.tensor([0, 1]),
+    )
+    with torch.no_grad():
+        out = model(**inputs)
+        placed = model.model.get_input_embeddings()(ids)
+        features = torch.cat([*out.image_outputs.pooler_output, *out.video_outputs.pooler_output])
+        placed[ids == IMAGE_TOKEN] = features
+        by_hand = model.lm_head(model.model.language_model(inputs_embeds=placed).last_hidden_state)
+        as_tuple = model(**inputs, return_dict=False)
+    torch.testing.assert_close(out.logits, by_hand, rtol=1e-5, atol=1e-5)
+    assert out.image_outputs.hidden_states is None and out.video_outputs.last_hidden_state.shape[0] == 3
+    torch.testing.assert_close(as_tuple[0], out.logits)
+    assert all(not isinstance(item, dict) for item in as_tuple)
+
+
+def test_static_cache_and_a_compiled_decoding_step(pixels):
+    """`_can_compile_fullgraph`: generating with a static cache gives the dynamic cache's logits, and a decoding step
+    compiles as one graph (no break; dynamo with the eager backend, which needs no compiler)."""
+    from transformers import StaticCache
+
+    from pvc.modeling_pvc import CACHE_NAME
+
+    model = tiny_model("pvc").eval()
+    assert PVCForConditionalGeneration._can_compile_fullgraph
+    ids, image = prompt(16), pixels(1)
+    settings = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    dynamic = model.generate(input_ids=ids, pixel_values=image, **settings)
+    static = model.generate(input_ids=ids, pixel_values=image, cache_implementation="static", **settings)
+    for a, b in zip(dynamic.logits, static.logits):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        cache = StaticCache(config=model.config.get_text_config(), max_cache_len=64)
+        prefill = model(input_ids=ids, pixel_values=image, use_cache=True, **{CACHE_NAME: cache})
+        token, position = prefill.logits[:, -1:].argmax(-1), torch.tensor([ids.shape[1]])
+        step = dict(input_ids=token, use_cache=True, cache_position=position, position_ids=position[None])
+        compiled = torch.compile(model.forward, fullgraph=True, backend="eager")(**step, **{CACHE_NAME: cache})
+    torch.testing.assert_close(compiled.logits[:, -1], dynamic.logits[1], rtol=1e-5, atol=1e-5)
+

@@ -48,16 +48,34 @@ def tile_grid(width: int, height: int, min_tiles: int, max_tiles: int, tile_size
     return best
 
 
-def to_pil(image) -> Image.Image:
+def largest_grid(max_tiles: int) -> tuple[int, int]:
+    """The (columns, rows) grid of at most `max_tiles` tiles that holds the most, the squarest of those (wider on a
+    tie): 4 x 3 for 12. An image of that shape is cut into the most tiles `tile_grid` gives."""
+    grids = [(c, r) for c in range(1, max_tiles + 1) for r in range(1, max_tiles // c + 1)]
+    return max(grids, key=lambda grid: (grid[0] * grid[1], -abs(grid[0] - grid[1]), grid[0]))
+
+
+def to_pil(image, input_data_format=None, convert_rgb: bool = True) -> Image.Image:
     """A PIL image, numpy array (HWC or HW; uint8, other integers in 0..255, uint16, or floats in 0..1), torch tensor
-    (CHW or HWC, the same types) or path, as RGB. High bit-depth images are scaled to 8 bits by their range (see `_to_8_bits`)."""
+    (CHW or HWC, the same types) or path, as RGB. High bit-depth images are scaled to 8 bits by their range (see `_to_8_bits`).
+    `input_data_format` ("channels_first" or "channels_last", transformers' `ChannelDimension`) says how a 3-d array
+    or tensor is laid out; without it, one whose first axis looks like channels (1, 3 or 4, the last not) is CHW. With
+    `convert_rgb=False` an image that is not RGB is an error."""
+    layout = getattr(input_data_format, "value", input_data_format)
+    if layout not in (None, "channels_first", "channels_last"):
+        raise ValueError(f"input_data_format must be 'channels_first' or 'channels_last'; got {input_data_format!r}.")
     if isinstance(image, (str, os.PathLike)):
         image = _open_image(image)
     elif isinstance(image, torch.Tensor):
         array = image.detach().cpu()
-        if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+        looks_chw = array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4)
+        if array.ndim == 3 and (layout == "channels_first" or (layout is None and looks_chw)):
             array = array.permute(1, 2, 0)  # CHW -> HWC
         image = array.numpy()
+    elif isinstance(image, np.ndarray) and image.ndim == 3:
+        looks_chw = image.shape[0] in (1, 3, 4) and image.shape[-1] not in (1, 3, 4)  # as transformers infers it
+        if layout == "channels_first" or (layout is None and looks_chw):
+            image = image.transpose(1, 2, 0)
     if isinstance(image, np.ndarray):
         image = _array_to_pil(image)
     if not isinstance(image, Image.Image):
@@ -69,6 +87,11 @@ def to_pil(image) -> Image.Image:
         raise ValueError(f"Got an empty image ({image.width}x{image.height} pixels).")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
+    if not convert_rgb and image.mode != "RGB":
+        raise ValueError(
+            f"do_convert_rgb=False, but an image is in mode {image.mode}: the model takes RGB. Leave do_convert_rgb on "
+            "(the default) to convert it."
+        )
     if image.mode.startswith("I") or image.mode == "F":
         image = _to_8_bits(image)
     return image.convert("RGB")
@@ -168,10 +191,42 @@ class PVCImageProcessorKwargs(TypedDict, total=False):
     min_tiles: int
     max_tiles: int
     use_thumbnail: bool
+    do_convert_rgb: bool
+    do_rescale: bool
+    rescale_factor: float
+    do_normalize: bool
     image_mean: list
     image_std: list
     num_frames: int
     video_max_tiles: int
+
+
+# transformers' standard pixel options that PVC honours, at construction and in a call (see `PVCImageProcessor`)
+NORMALISATION = ("do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std")
+STANDARD_OPTIONS = (*NORMALISATION, "do_convert_rgb", "input_data_format", "device")
+# transformers' standard options that tiling replaces: refused, never silently ignored
+TILING_REPLACES = (
+    "do_resize",
+    "size",
+    "default_to_square",
+    "resample",
+    "do_center_crop",
+    "crop_size",
+    "do_pad",
+    "pad_size",
+    "data_format",
+    "disable_grouping",
+    "image_seq_length",
+)
+
+
+def refuse_tiling_options(options, where: str):
+    refused = sorted(set(options) & set(TILING_REPLACES))
+    if refused:
+        raise ValueError(
+            f"{where} does not take {refused}: PVC cuts every image into square tiles of `image_size` pixels (InternVL's "
+            "dynamic resolution, BICUBIC), channels first. Set image_size, min_tiles / max_tiles or use_thumbnail instead."
+        )
 
 
 class PVCImageProcessor(ImageProcessingMixin):
@@ -182,7 +237,10 @@ class PVCImageProcessor(ImageProcessingMixin):
         image_size (`int`, defaults to 448): tile side.
         min_tiles, max_tiles (`int`, defaults to 1 and 12): bounds of the tile grid of an image.
         use_thumbnail (`bool`, defaults to `True`): append a whole-image tile when an image has several tiles.
-        image_mean, image_std: normalisation (ImageNet).
+        do_convert_rgb (`bool`, defaults to `True`): convert every image to RGB; with `False` an image that is not
+            RGB already is an error (the model takes 3 channels).
+        do_rescale, rescale_factor (defaults `True`, 1/255): scale 8-bit pixels to 0..1.
+        do_normalize, image_mean, image_std (defaults `True`, ImageNet): normalise each channel.
         num_frames (`int`, defaults to 16): frames sampled from a video.
         video_max_tiles (`int`, defaults to 1): tile grid bound for each video frame (1: one resized tile).
     """
@@ -190,6 +248,7 @@ class PVCImageProcessor(ImageProcessingMixin):
     # The image inputs; videos (which it also reads, for `PVCVideoProcessor`) give `PVCVideoProcessor`'s.
     model_input_names = ["pixel_values", "image_num_tiles"]
     valid_kwargs = PVCImageProcessorKwargs
+    is_fast = False  # not one of transformers' torchvision ("fast") processors
 
     def __init__(
         self,
@@ -201,17 +260,34 @@ class PVCImageProcessor(ImageProcessingMixin):
         image_std=IMAGENET_STD,
         num_frames=16,
         video_max_tiles=1,
+        do_convert_rgb=True,
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
         **kwargs,
     ):
+        refuse_tiling_options(kwargs, type(self).__name__)
         super().__init__(**kwargs)
         self.image_size = image_size
         self.min_tiles = min_tiles
         self.max_tiles = max_tiles
         self.use_thumbnail = use_thumbnail
+        self.do_convert_rgb = do_convert_rgb
+        self.do_rescale = do_rescale
+        self.rescale_factor = rescale_factor
+        self.do_normalize = do_normalize
         self.image_mean = list(image_mean)
         self.image_std = list(image_std)
         self.num_frames = num_frames
         self.video_max_tiles = video_max_tiles
+
+    @property
+    def size(self) -> dict:
+        """The largest size an image is resized to before it is cut into tiles, `{"height", "width"}`: the grid of
+        at most `max_tiles` tiles that holds the most (`largest_grid`; 1344 x 1792 for 12 tiles of 448). It follows
+        from `image_size` and `max_tiles` (read-only, not saved). vLLM profiles its largest image at this size and
+        sizes its memory for image features from it; a square image would give fewer tiles (3 x 3 of 12)."""
+        return _grid_size(self.max_tiles, self.image_size)
 
     # ---------------------------------------------------------------------------------------------------- images
 
@@ -232,17 +308,30 @@ class PVCImageProcessor(ImageProcessingMixin):
             tiles.append(image.resize((size, size), Image.BICUBIC))
         return tiles
 
-    def to_tensor(self, tiles: list[Image.Image]) -> torch.Tensor:
-        """RGB tiles -> normalised [len, 3, size, size] float32."""
-        array = np.stack([np.asarray(tile, dtype=np.float32) for tile in tiles]) / 255.0  # [n, H, W, 3]
-        array = (array - np.asarray(self.image_mean, dtype=np.float32)) / np.asarray(self.image_std, dtype=np.float32)
-        return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
+    def to_tensor(self, tiles: list[Image.Image], **normalisation) -> torch.Tensor:
+        """RGB tiles -> [len, 3, size, size] float32, rescaled and normalised (the settings, or `normalisation`:
+        do_rescale, rescale_factor, do_normalize, image_mean, image_std)."""
+        settings = {key: normalisation.get(key, getattr(self, key)) for key in NORMALISATION}
+        array = np.stack([np.asarray(tile, dtype=np.float32) for tile in tiles])  # [n, H, W, 3]
+        if settings["do_rescale"]:
+            array = array * np.float32(settings["rescale_factor"])
+        if settings["do_normalize"]:
+            mean = np.asarray(settings["image_mean"], dtype=np.float32)
+            array = (array - mean) / np.asarray(settings["image_std"], dtype=np.float32)
+        return torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2).contiguous()
 
-    def preprocess_images(self, images, max_tiles: int | None = None) -> dict:
-        """`pixel_values` [total_tiles, 3, S, S] and `image_num_tiles` [num_images]."""
-        tiles_per_image = [self.tiles(to_pil(image), max_tiles) for image in _flatten(images)]
+    def load(self, image, do_convert_rgb=None, input_data_format=None) -> Image.Image:
+        """One image as the RGB picture the tiles are cut from (see `to_pil`)."""
+        convert = self.do_convert_rgb if do_convert_rgb is None else do_convert_rgb
+        return to_pil(image, input_data_format=input_data_format, convert_rgb=convert)
+
+    def preprocess_images(self, images, max_tiles: int | None = None, **options) -> dict:
+        """`pixel_values` [total_tiles, 3, S, S] and `image_num_tiles` [num_images]; `options`: the standard ones of
+        `STANDARD_OPTIONS` (see the class)."""
+        loading = {key: options.pop(key) for key in ("do_convert_rgb", "input_data_format") if key in options}
+        tiles_per_image = [self.tiles(self.load(image, **loading), max_tiles) for image in _flatten(images)]
         return {
-            "pixel_values": self.to_tensor([tile for tiles in tiles_per_image for tile in tiles]),
+            "pixel_values": self.to_tensor([tile for tiles in tiles_per_image for tile in tiles], **options),
             "image_num_tiles": torch.tensor([len(tiles) for tiles in tiles_per_image]),
         }
 
@@ -257,15 +346,24 @@ class PVCImageProcessor(ImageProcessingMixin):
         start: float | None = None,
         end: float | None = None,
         max_tiles: int | None = None,
+        do_sample_frames: bool = True,
+        **options,
     ) -> dict:
         """`pixel_values_videos` [total_frames * tiles, 3, S, S] (frame-major), `video_num_frames` and
-        `video_num_tiles` (tiles per frame) [num_videos]. See `sample_frames` for the sampling options."""
+        `video_num_tiles` (tiles per frame) [num_videos]. See `sample_frames` for the sampling options; with
+        `do_sample_frames=False` a video given as frames keeps every frame. `options`: the standard ones of
+        `STANDARD_OPTIONS` (see the class)."""
         max_tiles = self.video_max_tiles if max_tiles is None else max_tiles
+        loading = {key: options.pop(key) for key in ("do_convert_rgb", "input_data_format") if key in options}
         pixels, frame_counts, tile_counts = [], [], []
         for video in _flatten_videos(videos):
-            frames = self.sample_frames(video, num_frames, fps, max_frames, start, end)
+            if do_sample_frames:
+                frames = self.sample_frames(video, num_frames, fps, max_frames, start, end)
+            else:
+                frames = self._given_frames(video, num_frames, fps, max_frames, start, end)
+            frames = [self.load(frame, **loading) for frame in frames]
             tiles = [tile for frame in frames for tile in self._tile_frame(frame, max_tiles)]
-            pixels.append(self.to_tensor(tiles))
+            pixels.append(self.to_tensor(tiles, **options))
             frame_counts.append(len(frames))
             tile_counts.append(len(tiles) // len(frames))
         return {
@@ -273,6 +371,21 @@ class PVCImageProcessor(ImageProcessingMixin):
             "video_num_frames": torch.tensor(frame_counts),
             "video_num_tiles": torch.tensor(tile_counts),
         }
+
+    @staticmethod
+    def _given_frames(video, *sampling) -> list:
+        """Every frame of a video given as frames (`do_sample_frames=False`: they were sampled already)."""
+        if isinstance(video, (str, os.PathLike)):
+            raise ValueError(
+                "do_sample_frames=False keeps the frames of a video as given, but this video is a file or URL "
+                f"({str(video)[:80]}): pass its frames, or leave do_sample_frames on to sample num_frames of them."
+            )
+        if any(option is not None for option in sampling):
+            raise ValueError(
+                "do_sample_frames=False keeps every given frame; num_frames, fps, max_frames, start and end sample "
+                "them. Pass one or the other."
+            )
+        return list(_frames_in_memory(video))
 
     def _tile_frame(self, frame: Image.Image, max_tiles: int) -> list[Image.Image]:
         if max_tiles == 1:
@@ -307,20 +420,27 @@ class PVCImageProcessor(ImageProcessingMixin):
     # ---------------------------------------------------------------------------------------------------- call
 
     def __call__(self, images=None, videos=None, return_tensors="pt", **kwargs) -> BatchFeature:
-        """Images and/or videos -> a `BatchFeature` of the model's pixel inputs."""
-        video_options = {
-            key: kwargs.pop(key) for key in ("num_frames", "fps", "max_frames", "start", "end") if key in kwargs
-        }
-        video_max_tiles = kwargs.pop("video_max_tiles", None)
+        """Images and/or videos -> a `BatchFeature` of the model's pixel inputs. Options: `max_tiles` for images;
+        `num_frames`, `fps`, `max_frames`, `start`, `end`, `video_max_tiles`, `do_sample_frames` for videos; and
+        transformers' standard `do_convert_rgb`, `input_data_format`, `do_rescale`, `rescale_factor`,
+        `do_normalize`, `image_mean`, `image_std`, `device` for both. Any other option is an error."""
+        refuse_tiling_options(kwargs, type(self).__name__)
+        known = {"max_tiles", *VIDEO_OPTIONS, *STANDARD_OPTIONS}
+        if set(kwargs) - known:
+            raise TypeError(
+                f"Unexpected arguments: {sorted(set(kwargs) - known)}; options: {', '.join(sorted(known))}."
+            )
+        device = kwargs.pop("device", None)
+        standard = {key: kwargs.pop(key) for key in STANDARD_OPTIONS if key in kwargs}
         max_tiles = kwargs.pop("max_tiles", None)
-        if kwargs:
-            raise TypeError(f"Unexpected arguments: {sorted(kwargs)}.")
         data = {}
         if images is not None:
-            data.update(self.preprocess_images(images, max_tiles))
+            data.update(self.preprocess_images(images, max_tiles, **standard))
         if videos is not None:
-            data.update(self.preprocess_videos(videos, max_tiles=video_max_tiles, **video_options))
-        return BatchFeature(data=data, tensor_type=return_tensors)
+            video_max_tiles = kwargs.pop("video_max_tiles", None)
+            data.update(self.preprocess_videos(videos, max_tiles=video_max_tiles, **kwargs, **standard))
+        output = BatchFeature(data=data, tensor_type=return_tensors)
+        return output.to(device) if device is not None else output
 
     preprocess = __call__
 
@@ -352,6 +472,12 @@ class PVCVideoProcessor:
         settings = ", ".join(f"{key}={getattr(self, key)!r}" for key in VIDEO_SETTINGS)
         return f"{type(self).__name__}({settings})"
 
+    @property
+    def size(self) -> dict:
+        """The largest size a frame is resized to before it is cut into tiles (see `PVCImageProcessor.size`), by
+        `video_max_tiles`."""
+        return _grid_size(self.video_max_tiles, self.image_size)
+
     def sample_frames(self, video, num_frames=None, fps=None, max_frames=None, start=None, end=None):
         """RGB frames of one video; see `PVCImageProcessor.sample_frames`."""
         return self.image_processor.sample_frames(video, num_frames, fps, max_frames, start, end)
@@ -360,21 +486,24 @@ class PVCVideoProcessor:
         r"""
         Videos (paths, http(s) or data URLs, lists of frames, arrays [T, H, W, 3]) -> `pixel_values_videos`
         [total_frames * tiles, 3, S, S] (frame-major), `video_num_frames` and `video_num_tiles` [num_videos].
-        Options: `num_frames`, `fps`, `max_frames`, `start`, `end`, `video_max_tiles` (see `PVCImageProcessor`).
+        Options: `num_frames`, `fps`, `max_frames`, `start`, `end`, `video_max_tiles`, `do_sample_frames` and the
+        standard pixel options (see `PVCImageProcessor.__call__`).
         """
-        options = {key: kwargs.pop(key) for key in VIDEO_OPTIONS if key in kwargs}
-        if kwargs:
-            raise TypeError(f"Unexpected arguments: {sorted(kwargs)}; a video takes {', '.join(VIDEO_OPTIONS)}.")
-        max_tiles = options.pop("video_max_tiles", None)
-        data = self.image_processor.preprocess_videos(videos, max_tiles=max_tiles, **options)
-        return BatchFeature(data=data, tensor_type=return_tensors)
+        if "max_tiles" in kwargs:
+            raise TypeError("max_tiles is the images' tile limit; a video's frames take video_max_tiles.")
+        return self.image_processor(videos=videos, return_tensors=return_tensors, **kwargs)
 
     preprocess = __call__
 
 
 # The image processor's settings that a PVCVideoProcessor uses, and the options of one call.
 VIDEO_SETTINGS = ("image_size", "num_frames", "video_max_tiles", "image_mean", "image_std")
-VIDEO_OPTIONS = ("num_frames", "fps", "max_frames", "start", "end", "video_max_tiles")
+VIDEO_OPTIONS = ("num_frames", "fps", "max_frames", "start", "end", "video_max_tiles", "do_sample_frames")
+
+
+def _grid_size(max_tiles: int, tile_size: int) -> dict:
+    columns, rows = largest_grid(max_tiles)
+    return {"height": rows * tile_size, "width": columns * tile_size}
 
 
 def check_sampling(num_frames, fps, max_frames, start, end):

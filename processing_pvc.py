@@ -6,34 +6,59 @@ Each `<image>` becomes `<img>` + `<IMG_CONTEXT>` x (tokens_per_frame x image_rep
 features.
 """
 
+import dataclasses
+import difflib
 import itertools
+import logging
 import re
+from collections.abc import Mapping
+from typing import Unpack
 
 import torch
 from transformers import BatchFeature, ProcessorMixin
+from transformers.image_utils import ImageInput
+from transformers.processing_utils import ImagesKwargs, ProcessingKwargs, VideosKwargs
+from transformers.utils.chat_template_utils import render_jinja_template
+from transformers.video_utils import VideoInput
 
 from .image_processing_pvc import PVCVideoProcessor, _flatten, _flatten_videos, tile_grid
 
+logger = logging.getLogger(__name__)
+
 IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER = "<image>", "<video>"
 PLACEHOLDERS = re.compile(r"<image>|<video>")
-# Keyword options: for the pixels (see `PVCImageProcessor`), and the tokenizer's own.
-PIXEL_OPTIONS = ("max_tiles", "num_frames", "fps", "max_frames", "start", "end", "video_max_tiles")
-# Options of the output's layout (see `PVCProcessor.__call__`).
-LAYOUT_OPTIONS = ("grid_layout", "return_text_replacement_offsets")
-TOKENIZER_OPTIONS = (
-    "add_special_tokens",
-    "truncation",
-    "max_length",
-    "stride",
-    "pad_to_multiple_of",
-    "return_token_type_ids",
-    "return_attention_mask",
-    "return_overflowing_tokens",
-    "return_special_tokens_mask",
-    "return_offsets_mapping",
-    "return_length",
-    "verbose",
-)
+
+
+class PVCImagesKwargs(ImagesKwargs, total=False):
+    """transformers' image options (those PVC honours, see `PVCImageProcessor`) and the tile limit."""
+
+    max_tiles: int
+
+
+class PVCVideosKwargs(VideosKwargs, total=False):
+    """transformers' video options (`num_frames`, `fps`, `do_sample_frames` and the pixel ones) and PVC's
+    (see `PVCImageProcessor.sample_frames`)."""
+
+    max_frames: int
+    start: float
+    end: float
+    video_max_tiles: int
+
+
+class PVCProcessorKwargs(ProcessingKwargs, total=False):
+    """What `PVCProcessor.__call__` takes, per sub-processor (transformers' typed processor kwargs): flat, or in
+    `text_kwargs` / `images_kwargs` / `videos_kwargs` / `common_kwargs`."""
+
+    images_kwargs: PVCImagesKwargs
+    videos_kwargs: PVCVideosKwargs
+    _defaults = {"text_kwargs": {"padding": True, "padding_side": "left"}}
+
+
+MODALITIES = ("text_kwargs", "images_kwargs", "videos_kwargs", "audio_kwargs")
+# Options of the output itself (see `PVCProcessor.__call__`), taken before the sub-processors' are routed.
+OUTPUT_OPTIONS = ("grid_layout", "return_text_replacement_offsets", "return_mm_token_type_ids")
+# Tokenizer options that do not fit prompts holding placeholders (one text per sample, expanded here).
+REFUSED_TEXT_OPTIONS = ("text_pair", "text_target", "text_pair_target", "is_split_into_words")
 IMAGE_START, IMAGE_END, IMAGE_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 # InternVL2's default system message, which PVC keeps (the prompt the original chat() builds).
 DEFAULT_SYSTEM_MESSAGE = (
@@ -49,7 +74,8 @@ CHAT_STYLES = {
 def build_chat_template(style: str = "chatml", system_message: str = DEFAULT_SYSTEM_MESSAGE) -> str:
     """A Jinja chat template in InternVL2's layout: turns follow each other without newlines; image and video
     content items become `<image>\\n` / `<video>\\n` placeholders before the text; a system turn with
-    `system_message` comes first unless the conversation starts with its own."""
+    `system_message` comes first unless the conversation starts with its own. What the assistant says, its turn's
+    end included, is marked `{% generation %}` (for `return_assistant_tokens_mask`; the text is the same)."""
     if style not in CHAT_STYLES:
         raise ValueError(f"Unknown chat style {style!r}; choose one of {sorted(CHAT_STYLES)}.")
     opening, closing = CHAT_STYLES[style]
@@ -66,7 +92,9 @@ def build_chat_template(style: str = "chatml", system_message: str = DEFAULT_SYS
         "{%- if messages[0]['role'] == 'system' -%}"
         "{{ turn('system', render(messages[0]['content'])) }}{%- set rest = messages[1:] -%}"
         "{%- else -%}{{ turn('system', '" + system + "') }}{%- set rest = messages -%}{%- endif -%}"
-        "{%- for message in rest -%}{{ turn(message['role'], render(message['content'])) }}{%- endfor -%}"
+        "{%- for message in rest -%}{%- if message['role'] == 'assistant' -%}{%- set role = 'assistant' -%}"
+        "{{ " + opening + " }}{% generation %}{{ render(message['content']) + '" + closing + "' }}{% endgeneration %}"
+        "{%- else -%}{{ turn(message['role'], render(message['content'])) }}{%- endif -%}{%- endfor -%}"
         "{%- if add_generation_prompt -%}{%- set role = 'assistant' -%}{{ " + opening + " }}{%- endif -%}"
     )
 
@@ -89,6 +117,7 @@ class PVCProcessor(ProcessorMixin):
     """
 
     image_token, video_token = IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
+    valid_processor_kwargs = PVCProcessorKwargs
 
     def __init__(
         self,
@@ -134,33 +163,45 @@ class PVCProcessor(ProcessorMixin):
         return "\n".join(f"Frame{index + 1}: {frame}" for index in range(num_frames))
 
     def __call__(
-        self, text=None, images=None, videos=None, return_tensors="pt", padding=True, padding_side="left", **kwargs
+        self,
+        text: str | list[str] | None = None,
+        images: ImageInput | None = None,
+        videos: VideoInput | None = None,
+        **kwargs: Unpack[PVCProcessorKwargs],
     ) -> BatchFeature:
         r"""
         Args:
             text (`str` or `list[str]`): prompts with one `<image>` per image and one `<video>` per video, in order.
             images: PIL images, arrays, tensors, paths or http(s) URLs (a flat or per-sample nested list).
             videos: paths or http(s) URLs, lists of frames or arrays [T, H, W, 3] (a list of these).
-            padding, padding_side: batches are padded on the left by default, ready for `generate`.
-            grid_layout (`bool`, defaults to the processor's, `False`): give each image's and video's counts as
-                `image_grid_thw` (1, 1, tiles) and `video_grid_thw` (frames, 1, tiles) rows, one per item, instead
-                of `image_num_tiles`, `video_num_frames` and `video_num_tiles` (the layout vLLM splits per item;
-                the model takes either).
-            return_text_replacement_offsets (`bool`): also return, per sample, where each placeholder was and what
-                replaced it (`text_replacement_offsets`, as transformers' processors give it).
-            Other keyword arguments: `max_tiles` for images; `num_frames`, `fps`, `max_frames`, `start`, `end`,
-            `video_max_tiles` for videos (see `PVCImageProcessor`); the tokenizer's own (`truncation`,
-            `max_length`, ...). Any other keyword is an error, and truncation may not cut into visual tokens.
+            audio / audios: PVC takes none; `None` or empty only (what tools that serve every model pass).
+            Options, flat or per sub-processor (`text_kwargs`, `images_kwargs`, `videos_kwargs`, `common_kwargs`,
+            transformers' typed processor kwargs, routed by `PVCProcessorKwargs`):
+            - the tokenizer's (`padding`, on and `"left"` by default, ready for `generate`; `truncation`,
+              `max_length`, ...); truncation may not cut into visual tokens;
+            - `max_tiles` for images; `num_frames`, `fps`, `max_frames`, `start`, `end`, `video_max_tiles`,
+              `do_sample_frames` for videos; the standard pixel options `do_convert_rgb`, `input_data_format`,
+              `do_rescale`, `rescale_factor`, `do_normalize`, `image_mean`, `image_std`, `device` (see
+              `PVCImageProcessor`); `return_tensors` ("pt" by default; `None` gives lists);
+            - `grid_layout` (`bool`, defaults to the processor's, `False`): each image's and video's counts as
+              `image_grid_thw` (1, 1, tiles) and `video_grid_thw` (frames, 1, tiles) rows, one per item, instead of
+              `image_num_tiles`, `video_num_frames` and `video_num_tiles` (the layout vLLM splits per item; the model
+              takes either);
+            - `return_text_replacement_offsets` (`bool`): also return, per sample, where each placeholder was and
+              what replaced it (`text_replacement_offsets`, as transformers' processors give it);
+            - `return_mm_token_type_ids` (`bool`): also return `mm_token_type_ids`: 1 at an image's visual tokens, 2 at
+              a video's, else 0 (transformers' convention).
+            Any other option is an error, naming the options there are.
 
         Returns:
             `BatchFeature` with `input_ids`, `attention_mask`, `pixel_values` + `image_num_tiles`,
             `pixel_values_videos` + `video_num_frames` + `video_num_tiles`, and `visual_order` (0 image, 1 video, in
             text order) when both images and videos are given.
         """
-        _check_options(kwargs, "PVCProcessor", extra=LAYOUT_OPTIONS)
-        grid_layout = kwargs.pop("grid_layout", self.grid_layout)
-        return_offsets = kwargs.pop("return_text_replacement_offsets", False)
-        pixel_options = {key: kwargs.pop(key) for key in PIXEL_OPTIONS if key in kwargs}
+        _refuse_audio(kwargs.pop("audio", None), kwargs.pop("audios", None))
+        output_options, options = self._routed_options(kwargs)
+        return_tensors = options["text_kwargs"].pop("return_tensors", "pt")
+        grid_layout = output_options.get("grid_layout", self.grid_layout)
         images = (_flatten(images) or None) if images is not None else None  # an empty list is no media
         videos = (_flatten_videos(videos) or None) if videos is not None else None
         texts = [] if text is None else [text] if isinstance(text, str) else list(text)
@@ -169,16 +210,15 @@ class PVCProcessor(ProcessorMixin):
             expected = kinds.count(placeholder)
             if text is not None and expected != len(given or []):  # checked before any media is decoded
                 raise ValueError(
-                    f"The text holds {expected} {placeholder} placeholder(s) but {len(given or [])} {name} were "
-                    f"given: put one {placeholder} in the text where each of the {name} goes."
+                    f"The number of {placeholder} tokens in the prompts should be the same as the number of {name}: "
+                    f"the text holds {expected} {placeholder} placeholder(s) but {len(given or [])} {name} were "
+                    f"given. Put one {placeholder} in the text where each of the {name} goes."
                 )
         visual = {}
         if images is not None:
-            image_options = {key: pixel_options[key] for key in ("max_tiles",) if key in pixel_options}
-            visual.update(self.image_processor(images=images, return_tensors="pt", **image_options))
+            visual.update(self.image_processor(images=images, **options["images_kwargs"], return_tensors="pt"))
         if videos is not None:
-            video_options = {key: value for key, value in pixel_options.items() if key != "max_tiles"}
-            visual.update(self.video_processor(videos=videos, return_tensors="pt", **video_options))
+            visual.update(self.video_processor(videos=videos, **options["videos_kwargs"], return_tensors="pt"))
         if images and videos and text is not None:
             visual["visual_order"] = torch.tensor([int(kind == VIDEO_PLACEHOLDER) for kind in kinds])
         if text is not None:
@@ -186,10 +226,13 @@ class PVCProcessor(ProcessorMixin):
                 self.token_id(token)
             replacements = self.expansions(kinds, visual)
             expanded, offsets = zip(*(_replaced(sample, replacements) for sample in texts)) if texts else ((), ())
-            encoding = self.tokenizer(list(expanded), padding=padding, padding_side=padding_side, **kwargs)
-            self._check_visual_tokens_kept(expanded, encoding["input_ids"], kwargs.get("max_length"))
+            text_options = options["text_kwargs"]
+            encoding = self.tokenizer(list(expanded), **text_options)
+            self._check_visual_tokens_kept(expanded, encoding["input_ids"], text_options.get("max_length"))
             visual = {**encoding, **visual}
-            if return_offsets:
+            if output_options.get("return_mm_token_type_ids"):
+                visual["mm_token_type_ids"] = self._mm_token_type_ids(encoding["input_ids"], offsets)
+            if output_options.get("return_text_replacement_offsets"):
                 visual["text_replacement_offsets"] = list(offsets)
         if grid_layout:
             visual = _as_grids(visual)
@@ -199,12 +242,65 @@ class PVCProcessor(ProcessorMixin):
             data=visual, tensor_type=return_tensors, skip_tensor_conversion=["text_replacement_offsets"]
         )
 
+    def _mm_token_type_ids(self, input_ids, offsets) -> list[list[int]]:
+        """Per sample, 1 at each `<IMG_CONTEXT>` of an image, 2 at each of a video, else 0: the context tokens come in
+        text order, as many per item as its replacement holds."""
+        context, types = self.token_id(IMAGE_CONTEXT), []
+        for ids, replacements in zip(input_ids, offsets):
+            kinds = [
+                1 if item["type"] == "image" else 2
+                for item in replacements
+                for _ in range(item["replacement"].count(IMAGE_CONTEXT))
+            ]
+            kinds = iter(kinds)
+            types.append([next(kinds) if int(token) == context else 0 for token in ids])
+        return types
+
+    def _routed_options(self, kwargs: dict) -> tuple[dict, dict]:
+        """The output options (`OUTPUT_OPTIONS`), and every other option routed to its sub-processor by
+        transformers' kwargs merging (`_merge_kwargs` with `PVCProcessorKwargs`). An option no sub-processor takes
+        is an error here, where transformers would warn and drop it."""
+        kwargs = dict(kwargs)
+        for modality in (*MODALITIES, "common_kwargs"):
+            if not isinstance(kwargs.get(modality) or {}, dict):
+                raise TypeError(f"{modality} must be a dict of options; got {type(kwargs[modality]).__name__}.")
+        output = {key: kwargs.pop(key) for key in OUTPUT_OPTIONS if key in kwargs}
+        for modality in ("text_kwargs", "common_kwargs"):  # where transformers' own processors also take them
+            if modality in kwargs:
+                kwargs[modality] = nested = dict(kwargs[modality] or {})
+                for key in OUTPUT_OPTIONS:
+                    if key in nested:
+                        output.setdefault(key, nested.pop(key))
+        valid = _valid_options()
+        everything = set().union(*valid.values())
+        problems = sorted(set(kwargs) - everything - set(MODALITIES) - {"common_kwargs"})
+        for modality in (*MODALITIES, "common_kwargs"):
+            given = kwargs.get(modality) or {}
+            allowed = everything if modality == "common_kwargs" else valid[modality]
+            problems += [f"{modality}[{key!r}]" for key in sorted(set(given) - allowed)]
+        if problems:
+            raise TypeError(
+                f"PVCProcessor got unknown option(s) {problems}. Text options (the tokenizer's): "
+                f"{', '.join(sorted(valid['text_kwargs']))}; image options: {', '.join(sorted(valid['images_kwargs']))}; "
+                f"video options: {', '.join(sorted(valid['videos_kwargs']))}; and {', '.join(OUTPUT_OPTIONS)}."
+            )
+        # The tokenizer's own settings (max_length, padding, ...) are defaults, as in transformers, but for the side it
+        # pads on: generation needs the left (PVCProcessorKwargs' default) unless a call asks otherwise.
+        tokenizer_defaults = {k: v for k, v in self.tokenizer.init_kwargs.items() if k != "padding_side"}
+        routed = self._merge_kwargs(PVCProcessorKwargs, tokenizer_init_kwargs=tokenizer_defaults, **kwargs)
+        for modality in ("images_kwargs", "videos_kwargs"):
+            routed[modality].pop("return_tensors", None)  # pixels go through one BatchFeature with the text
+        for key in OUTPUT_OPTIONS:  # transformers >= 5.24 mirrors some into the text options
+            routed["text_kwargs"].pop(key, None)
+        return output, routed
+
     def _get_num_multimodal_tokens(self, image_sizes=None, video_sizes=None, **kwargs) -> dict:
         r"""
         What the given media become, without reading any (transformers' processor convention, which vLLM uses):
         `num_image_tokens` and `num_image_patches` (tiles) per image size (height, width), and `num_video_tokens`
         per video size (frames, height, width). Options as in `__call__` (`max_tiles`, `num_frames`,
-        `video_max_tiles`); a video becomes `num_frames` frames whatever its length, as `sample_frames` gives.
+        `video_max_tiles`, `do_sample_frames`); a video becomes `num_frames` frames whatever its length, as
+        `sample_frames` gives, or keeps its own frames with `do_sample_frames=False`.
         """
         settings = self.image_processor
         size, tokens = settings.image_size, self.tokens_per_frame
@@ -219,11 +315,13 @@ class PVCProcessor(ProcessorMixin):
             data["num_image_patches"] = tiles
         if video_sizes is not None:
             max_tiles = kwargs.get("video_max_tiles") or settings.video_max_tiles
-            frames = kwargs.get("num_frames") or settings.num_frames
+            sampled = kwargs.get("num_frames") or settings.num_frames
             tiling = (settings.min_tiles, max_tiles, size, settings.use_thumbnail)  # as `_tile_frame`
             data["num_video_tokens"] = [
-                tokens * frames * (1 if max_tiles == 1 else _num_tiles(width, height, *tiling))
-                for _, height, width in video_sizes
+                tokens
+                * (sampled if kwargs.get("do_sample_frames", True) else frames)
+                * (1 if max_tiles == 1 else _num_tiles(width, height, *tiling))
+                for frames, height, width in video_sizes
             ]
         return data
 
@@ -273,41 +371,54 @@ class PVCProcessor(ProcessorMixin):
         continue_final_message=False,
         tools=None,
         documents=None,
+        return_assistant_tokens_mask=False,
         **kwargs,
     ):
         r"""
-        Render one conversation (a list of messages) or a batch of them. Content items: `{"type": "text", "text":
-        ...}`, `{"type": "image", "image" | "path" | "url": ...}`, `{"type": "video", "video" | "path" | "url": ...}`
-        and OpenAI's `{"type": "image_url" | "video_url", "image_url" | "video_url": {"url": ...}}` (http(s) or
-        `data:` URLs). With `tokenize=True` the media are loaded and the result is this processor's output (a
-        `BatchFeature` when `return_dict=True`, else the `input_ids`); otherwise the prompt text(s). Options for the
-        processor (`num_frames`, `max_tiles`, `max_length`, ...) may come as keywords or, as transformers passes
-        them, in `processor_kwargs`; an option this processor does not know is an error.
+        Render one conversation (a list of messages: dicts, or objects with `role` and `content`) or a batch of
+        them. Content items: `{"type": "text", "text": ...}`, `{"type": "image", "image" | "path" | "url": ...}`,
+        `{"type": "video", "video" | "path" | "url": ...}` and OpenAI's `{"type": "image_url" | "video_url",
+        "image_url" | "video_url": {"url": ...}}` (http(s) or `data:` URLs). With `tokenize=True` the media are
+        loaded and the result is this processor's output (a `BatchFeature` when `return_dict=True`, else the
+        `input_ids`); otherwise the prompt text(s).
+
+        Options for the processor (`num_frames`, `max_tiles`, `max_length`, `images_kwargs`, ...; see `__call__`)
+        come in `processor_kwargs` or as keywords; any other keyword is a variable of the chat template (e.g.
+        `add_system_prompt=False` for a template that reads one), as in transformers. With
+        `return_assistant_tokens_mask=True` (and `return_dict=True`) the output also holds `assistant_masks`: 1 at
+        every token of what the assistant says (the template's `{% generation %}` blocks), else 0, as TRL's
+        assistant-only loss reads it.
         """
         options = dict(processor_kwargs or {})
-        clashing = sorted(key for key in set(options) & set(kwargs) if options[key] != kwargs[key])
+        names = option_names()
+        template = chat_template if chat_template is not None else self.chat_template
+        template_variables = {key: value for key, value in kwargs.items() if key not in names}
+        _check_template_variables(template_variables, template, names)
+        keywords = {key: value for key, value in kwargs.items() if key in names}
+        clashing = sorted(key for key in set(options) & set(keywords) if options[key] != keywords[key])
         if clashing:
             raise ValueError(f"{clashing} given both as keywords and in processor_kwargs, with different values.")
-        options.update(kwargs)
-        _check_options(options, "apply_chat_template", extra=("padding", "padding_side"))
+        options.update(keywords)
         batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
         conversations = [
-            [dict(message, content=_normalized_content(message["content"])) for message in messages]
-            for messages in (conversation if batched else [conversation])
+            [_as_message(message) for message in messages] for messages in (conversation if batched else [conversation])
         ]
-        template = chat_template if chat_template is not None else self.chat_template
-        texts = [
-            self.tokenizer.apply_chat_template(
-                messages,
-                chat_template=template,
-                add_generation_prompt=add_generation_prompt,
-                continue_final_message=continue_final_message,
-                tools=tools,
-                documents=documents,
-                tokenize=False,
+        if return_assistant_tokens_mask and not re.search(r"\{%-?\s*generation\s*-?%\}", template):
+            raise ValueError(
+                "return_assistant_tokens_mask needs a chat template that marks the assistant's turns with "
+                "{% generation %} ... {% endgeneration %}; this one does not. build_chat_template() makes one "
+                "(processor.chat_template = build_chat_template(...))."
             )
-            for messages in conversations
-        ]
+        texts, generation_spans = render_jinja_template(
+            conversations=conversations,
+            tools=tools,
+            documents=documents,
+            chat_template=template,
+            return_assistant_tokens_mask=return_assistant_tokens_mask,
+            continue_final_message=continue_final_message,
+            add_generation_prompt=add_generation_prompt,
+            **{**self.tokenizer.special_tokens_map, **template_variables},
+        )
         if not tokenize:
             return texts if batched else texts[0]
         images, videos = [], []
@@ -319,10 +430,100 @@ class PVCProcessor(ProcessorMixin):
                         images.append(_media(item, ("image", "path", "url")))
                     elif item["type"] == "video":
                         videos.append(_media(item, ("video", "path", "url")))
-        outputs = self(
-            text=texts, images=images or None, videos=videos or None, return_tensors=return_tensors, **options
+        if not return_assistant_tokens_mask:
+            outputs = self(
+                text=texts, images=images or None, videos=videos or None, return_tensors=return_tensors, **options
+            )
+            return outputs if return_dict else outputs["input_ids"]
+        # where each token came from (offsets), and where each placeholder went, to find the assistant's tokens
+        asked = {key: options.get(key) for key in ("return_offsets_mapping", "return_text_replacement_offsets")}
+        options.update(return_offsets_mapping=True, return_text_replacement_offsets=True)
+        outputs = self(text=texts, images=images or None, videos=videos or None, return_tensors=None, **options)
+        masks = [
+            assistant_mask(offsets, replacements, spans)
+            for offsets, replacements, spans in zip(
+                outputs["offset_mapping"], outputs["text_replacement_offsets"], generation_spans
+            )
+        ]
+        outputs["assistant_masks"] = masks
+        if not asked["return_offsets_mapping"]:
+            del outputs["offset_mapping"]
+        if not asked["return_text_replacement_offsets"]:
+            del outputs["text_replacement_offsets"]
+        outputs = BatchFeature(
+            dict(outputs), tensor_type=return_tensors, skip_tensor_conversion=["text_replacement_offsets"]
         )
         return outputs if return_dict else outputs["input_ids"]
+
+
+def _check_template_variables(variables: dict, template: str, options: set):
+    """Keywords that are no processor option go to the chat template, as in transformers. One that looks like a
+    misspelt option is an error; one the template does not read is ignored with a warning."""
+    for key in variables:
+        close = difflib.get_close_matches(key, options, n=1, cutoff=0.85)
+        if close:
+            raise TypeError(f"apply_chat_template got an unknown option {key!r}; did you mean {close[0]!r}?")
+    unused = sorted(key for key in variables if not re.search(rf"\b{re.escape(key)}\b", template))
+    if unused:
+        logger.warning(
+            "apply_chat_template: %s %s no processor option and the chat template does not read %s: ignored.",
+            ", ".join(unused),
+            "is" if len(unused) == 1 else "are",
+            "it" if len(unused) == 1 else "them",
+        )
+
+
+def option_names() -> set:
+    """Every keyword `PVCProcessor.__call__` takes as an option (see `_valid_options`)."""
+    return {*set().union(*_valid_options().values()), *MODALITIES, "common_kwargs", *OUTPUT_OPTIONS, "audio", "audios"}
+
+
+def _valid_options() -> dict:
+    """The options of each sub-processor: `PVCProcessorKwargs`' typed dicts, less those PVC refuses."""
+    valid = {modality: set(PVCProcessorKwargs.__annotations__[modality].__annotations__) for modality in MODALITIES}
+    valid["audio_kwargs"] = set()  # PVC takes no audio
+    return {modality: keys - set(OUTPUT_OPTIONS) - set(REFUSED_TEXT_OPTIONS) for modality, keys in valid.items()}
+
+
+def assistant_mask(offsets, replacements: list[dict], spans) -> list[int]:
+    """1 for each token (character `offsets` in the expanded text) that overlaps a span of the rendered, unexpanded
+    text (`spans`, the template's `{% generation %}` blocks), else 0; `replacements` (the processor's
+    `text_replacement_offsets`) say how far the placeholders before a span moved it."""
+    mask = [0] * len(offsets)
+    for start, end in spans:
+        shift = {edge: 0 for edge in (start, end)}
+        for replacement in replacements:
+            old_end, new_end = replacement["span"][1], replacement["new_span"][1]
+            for edge in shift:
+                if old_end <= edge:
+                    shift[edge] = new_end - old_end
+        start, end = start + shift[start], end + shift[end]
+        for index, (token_start, token_end) in enumerate(offsets):
+            if token_start < end and token_end > start:  # empty (padding, special) tokens never overlap
+                mask[index] = 1
+    return mask
+
+
+def _as_dict(item, what: str, example: str) -> dict:
+    """A message or content item as a dict: a mapping, a dataclass or a pydantic model (fields that are None left
+    out, as transformers reads them), or an object with `role` and `content`."""
+    if isinstance(item, Mapping):
+        return dict(item)
+    if dataclasses.is_dataclass(item) and not isinstance(item, type):
+        return {key: value for key, value in dataclasses.asdict(item).items() if value is not None}
+    if callable(getattr(item, "model_dump", None)):
+        return item.model_dump(exclude_none=True)
+    if hasattr(item, "role") and hasattr(item, "content"):
+        return {"role": item.role, "content": item.content}
+    raise TypeError(f"A {what} must be a dict (or a dataclass or pydantic model) such as {example}; got {item!r}.")
+
+
+def _as_message(message) -> dict:
+    """A message as the template reads it (see `_as_dict`), its content items normalised (`_normalized_content`)."""
+    message = _as_dict(message, "message", "{'role': 'user', 'content': ...}")
+    if "content" not in message:
+        raise ValueError(f"A {message.get('role', 'chat')} message has no content: {message}.")
+    return dict(message, content=_normalized_content(message["content"]))
 
 
 def _replaced(text: str, replacements) -> tuple[str, list[dict]]:
@@ -364,15 +565,6 @@ def _num_tiles(width, height, min_tiles, max_tiles, size, use_thumbnail) -> int:
     return columns * rows + int(use_thumbnail and columns * rows > 1)
 
 
-def _check_options(options: dict, where: str, extra=()):
-    unknown = sorted(set(options) - set(PIXEL_OPTIONS) - set(TOKENIZER_OPTIONS) - set(extra))
-    if unknown:
-        raise TypeError(
-            f"{where} got unknown option(s) {unknown}. Pixel options: {', '.join(PIXEL_OPTIONS)}; tokenizer options: "
-            f"{', '.join(TOKENIZER_OPTIONS)}, padding, padding_side."
-        )
-
-
 def _normalized_content(content):
     """Content items as the chat template renders them: OpenAI's image_url / video_url become image / video items;
     an item of any other unknown type is an error (it would silently vanish from the prompt)."""
@@ -380,6 +572,7 @@ def _normalized_content(content):
         return content
     items = []
     for item in content:
+        item = _as_dict(item, "content item", "{'type': 'text', 'text': ...}")
         kind = item.get("type")
         if kind in ("image_url", "video_url"):
             value = item.get(kind)
@@ -393,6 +586,13 @@ def _normalized_content(content):
             )
         items.append(item)
     return items
+
+
+def _refuse_audio(*given):
+    """`audio` / `audios`: None or empty (what tools that serve every model pass), never sound."""
+    for audio in given:
+        if audio is not None and not (isinstance(audio, (list, tuple)) and not audio):
+            raise ValueError("PVC takes images and videos, not audio: pass audio=None (or leave it out).")
 
 
 def _as_list(value):

@@ -354,8 +354,12 @@ def test_prompt_expansion_and_token_counts():
     both = processor(text=["<video> then <image>", "<image>"], images=[image, image], videos=video, num_frames=3)
     assert both["visual_order"].tolist() == [1, 0, 0]
     with torch.no_grad():
-        image_features = model.get_image_features(both["pixel_values"], both["image_num_tiles"])
-        video_features = model.get_video_features(both["pixel_values_videos"], both["video_num_frames"])
+        image_features = torch.cat(
+            model.get_image_features(both["pixel_values"], both["image_num_tiles"]).pooler_output
+        )
+        video_features = torch.cat(
+            model.get_video_features(both["pixel_values_videos"], both["video_num_frames"], return_dict=False)[1]
+        )
         model(**both)  # the counts agree, or this raises
     assert image_features.shape[0] + video_features.shape[0] == context_tokens(both["input_ids"])
 
@@ -774,9 +778,9 @@ def test_tiled_video_through_processor_and_model():
     assert tiles == 3 and int((inputs["input_ids"] == IMAGE_TOKEN).sum()) == 3 * tiles * 4
     pixels = inputs["pixel_values_videos"].view(3, tiles, 3, 56, 56)  # frame-major rows
     with torch.no_grad():
-        features = model.model.get_video_features(
+        (features,) = model.model.get_video_features(
             inputs["pixel_values_videos"], inputs["video_num_frames"], inputs["video_num_tiles"]
-        )
+        ).pooler_output
         streams = [model.model.encode_clips(pixels[:, p], num_frames=3)[0] for p in range(tiles)]  # [T, M, D] each
     expected = torch.cat([streams[p][t] for t in range(3) for p in range(tiles)])
     torch.testing.assert_close(features, expected, rtol=1e-5, atol=1e-5)
@@ -796,3 +800,218 @@ def test_remote_code_files_need_only_the_core_requirements():
     for name in CODE_FILES:
         third_party = {module for module in get_imports(root / name) if module not in sys.stdlib_module_names}
         assert third_party <= core, (name, third_party - core)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# transformers' processor conventions: typed kwargs, standard pixel options, chat-template features
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def picture(width=112, height=56, seed=0):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def test_options_flat_or_per_sub_processor_give_the_same_inputs():
+    """transformers' typed kwargs: the same options flat, in text_kwargs / images_kwargs / videos_kwargs, or in
+    common_kwargs, are routed to the same sub-processor."""
+    processor = tiny_processor()
+    video = np.zeros((6, 28, 28, 3), np.uint8)
+    args = dict(text=["<image> and <video>", "x"], images=[picture()], videos=[video])
+    flat = processor(**args, max_tiles=1, num_frames=3, padding="max_length", max_length=90, return_tensors="pt")
+    nested = processor(
+        **args,
+        images_kwargs={"max_tiles": 1},
+        videos_kwargs={"num_frames": 3},
+        text_kwargs={"padding": "max_length", "max_length": 90},
+        common_kwargs={"return_tensors": "pt"},
+    )
+    # what the options ask for: one tile (not 2 + thumbnail), 3 frames (not 4), 90 tokens a sample
+    assert flat["image_num_tiles"].tolist() == [1] and flat["video_num_frames"].tolist() == [3]
+    assert flat["input_ids"].shape == (2, 90)
+    assert sorted(flat) == sorted(nested)
+    for key in flat:
+        assert torch.equal(flat[key], nested[key]), key
+
+
+@pytest.mark.parametrize(
+    "options, named",
+    [
+        ({"max_tile": 2}, "max_tile"),
+        ({"images_kwargs": {"num_frame": 2}}, "num_frame"),
+        ({"videos_kwargs": {"max_tiles": 2}}, "max_tiles"),  # an image option where video options go
+        ({"text_pair": "more text"}, "text_pair"),
+        ({"audio_kwargs": {"sampling_rate": 16000}}, "sampling_rate"),
+    ],
+)
+def test_an_option_nothing_takes_is_an_error(options, named):
+    with pytest.raises(TypeError, match=named):
+        tiny_processor()(text="<image>", images=[picture()], **options)
+
+
+def test_audio_none_or_empty_is_accepted_and_audio_refused():
+    processor = tiny_processor()
+    plain = processor(text="<image>", images=[picture()])
+    for empty in (dict(audio=None), dict(audios=None), dict(audio=[]), dict(audios=[])):
+        assert torch.equal(processor(text="<image>", images=[picture()], **empty)["input_ids"], plain["input_ids"])
+    with pytest.raises(ValueError, match="not audio"):
+        processor(text="<image>", images=[picture()], audio=[np.zeros(16000, np.float32)])
+
+
+def one_tile_by_hand(image, size=56):
+    """The single tile of an image at max_tiles=1, as uint8 HWC: the whole image resized (InternVL's BICUBIC)."""
+    return np.asarray(image.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.float32)
+
+
+def test_standard_pixel_options_are_honoured_in_a_call_and_at_construction():
+    image = picture(80, 56)
+    raw = torch.from_numpy(one_tile_by_hand(image)).permute(2, 0, 1)[None]  # [1, 3, S, S], 0..255
+    processor = PVCImageProcessor(image_size=56, max_tiles=1)
+    cases = [
+        (dict(do_normalize=False), raw / 255),
+        (dict(do_normalize=False, rescale_factor=1 / 127.5), raw / 127.5),
+        (dict(do_rescale=False, do_normalize=False), raw),
+        (dict(image_mean=[0.5] * 3, image_std=[0.25] * 3), (raw / 255 - 0.5) / 0.25),
+    ]
+    for options, expected in cases:
+        in_a_call = processor(images=[image], **options)["pixel_values"]
+        at_construction = PVCImageProcessor(image_size=56, max_tiles=1, **options)(images=[image])["pixel_values"]
+        torch.testing.assert_close(in_a_call, expected, rtol=1e-5, atol=1e-5, msg=str(options))
+        torch.testing.assert_close(at_construction, expected, rtol=1e-5, atol=1e-5, msg=str(options))
+    # the same options through the processor, flat and in images_kwargs
+    full = tiny_processor(max_tiles=1)
+    for given in (dict(do_normalize=False), dict(images_kwargs={"do_normalize": False})):
+        torch.testing.assert_close(full(text="<image>", images=[image], **given)["pixel_values"], raw / 255)
+
+
+def test_input_data_format_and_do_convert_rgb():
+    processor = PVCImageProcessor(image_size=56, max_tiles=1)
+    array = np.asarray(picture(70, 56))  # HWC
+    expected = processor(images=[array])["pixel_values"]
+    channels_first = np.ascontiguousarray(array.transpose(2, 0, 1))
+    from transformers.image_utils import ChannelDimension
+
+    for layout in ("channels_first", ChannelDimension.FIRST):
+        assert torch.equal(processor(images=[channels_first], input_data_format=layout)["pixel_values"], expected)
+    assert torch.equal(processor(images=[array], input_data_format="channels_last")["pixel_values"], expected)
+    assert torch.equal(processor(images=[picture(70, 56)], do_convert_rgb=False)["pixel_values"], expected)
+    with pytest.raises(ValueError, match="mode L"):
+        processor(images=[picture(70, 56).convert("L")], do_convert_rgb=False)
+    with pytest.raises(ValueError, match="input_data_format"):
+        processor(images=[array], input_data_format="sideways")
+
+
+@pytest.mark.parametrize("option", [{"size": {"height": 28, "width": 28}}, {"do_resize": False}, {"crop_size": 28}])
+def test_standard_options_that_tiling_replaces_are_refused(option):
+    with pytest.raises(ValueError, match="tiles"):
+        PVCImageProcessor(**option)
+    with pytest.raises(ValueError, match="tiles"):
+        tiny_processor()(text="<image>", images=[picture()], **option)
+
+
+def test_mm_token_type_ids_mark_images_1_and_videos_2():
+    processor = tiny_processor(max_tiles=1)
+    video = np.zeros((3, 28, 28, 3), np.uint8)
+    out = processor(
+        text=["<video> then <image>", "<image>"],
+        images=[picture(), picture()],
+        videos=[video],
+        num_frames=3,
+        return_mm_token_type_ids=True,
+    )
+    types = out["mm_token_type_ids"]
+    # by hand: 4 tokens a frame; the video 3 frames, each image a 4-frame static clip of one tile
+    assert (types[0] == 2).sum() == 12 and (types[0] == 1).sum() == 16 and (types[1] == 1).sum() == 16
+    assert torch.equal(types > 0, out["input_ids"] == IMAGE_TOKEN)
+    first_video, first_image = int((types[0] == 2).nonzero()[0]), int((types[0] == 1).nonzero()[0])
+    assert first_video < first_image  # in text order
+
+
+def test_do_sample_frames_false_keeps_the_given_frames(video_files):
+    processor = tiny_processor()
+    frames = np.stack([np.full((28, 28, 3), 40 * index, np.uint8) for index in range(5)])
+    out = processor(text="<video>", videos=[frames], do_sample_frames=False)
+    assert out["video_num_frames"].tolist() == [5]  # not the processor's num_frames (4)
+    counted = processor._get_num_multimodal_tokens(video_sizes=[(5, 28, 28)], do_sample_frames=False)
+    assert counted["num_video_tokens"] == [int((out["input_ids"] == IMAGE_TOKEN).sum())]
+    with pytest.raises(ValueError, match="frames"):
+        processor(text="<video>", videos=[frames], do_sample_frames=False, num_frames=2)
+    with pytest.raises(ValueError, match="file"):
+        processor(text="<video>", videos=[str(video_files / "short.mp4")], do_sample_frames=False)
+
+
+def conversation(image):
+    return [
+        {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What is it?"}]},
+        {"role": "assistant", "content": "a cat"},
+        {"role": "user", "content": "And its colour?"},
+        {"role": "assistant", "content": [{"type": "text", "text": "grey"}]},
+    ]
+
+
+def test_assistant_tokens_mask_covers_what_the_assistant_says():
+    """TRL's assistant-only loss: 1 at every token of the assistant's answers (their end-of-turn token included),
+    0 elsewhere, also after an image placeholder grew into its visual tokens and under left padding."""
+    processor = tiny_processor()
+    chats = [conversation(picture()), conversation(picture(56, 56))[:2]]
+    out = processor.apply_chat_template(
+        chats, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, return_tensors="pt"
+    )
+    assert sorted(out) == sorted(["input_ids", "attention_mask", "pixel_values", "image_num_tiles", "assistant_masks"])
+    decode = processor.tokenizer.decode
+    for ids, mask, answers in zip(out["input_ids"], out["assistant_masks"], (["a cat", "grey"], ["a cat"])):
+        runs = [decode(ids[run]) for run in _runs(mask.bool())]
+        assert runs == [answer + "<|im_end|>" for answer in answers]
+    plain = processor.apply_chat_template(chats, tokenize=True, return_dict=True, return_tensors="pt")
+    assert torch.equal(plain["input_ids"], out["input_ids"])  # the mask changes nothing else
+
+
+def _runs(mask):
+    """Index tensors of the runs of True in a 1-d boolean mask."""
+    positions = mask.nonzero().flatten().tolist()
+    runs, current = [], []
+    for position in positions:
+        if current and position != current[-1] + 1:
+            runs.append(current)
+            current = []
+        current.append(position)
+    return [torch.tensor(run) for run in runs + ([current] if current else [])]
+
+
+def test_assistant_tokens_mask_needs_generation_blocks():
+    processor = tiny_processor()
+    template = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
+    with pytest.raises(ValueError, match="generation"):
+        processor.apply_chat_template(
+            [{"role": "user", "content": "hi"}],
+            chat_template=template,
+            tokenize=True,
+            return_dict=True,
+            return_assistant_tokens_mask=True,
+        )
+
+
+def test_chat_template_takes_message_objects_and_template_variables(caplog):
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Message:
+        role: str
+        content: str
+        name: str | None = None
+
+    processor = tiny_processor()
+    as_dicts = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    as_objects = [Message("user", "hi"), Message("assistant", "hello")]
+    assert processor.apply_chat_template(as_objects) == processor.apply_chat_template(as_dicts)
+    # a variable the template reads
+    template = "{% if shout %}{{ messages[0]['content'] | upper }}{% else %}{{ messages[0]['content'] }}{% endif %}"
+    assert processor.apply_chat_template(as_dicts, chat_template=template, shout=True) == "HI"
+    # one it does not read: ignored, and said so; one that looks like a misspelt option: an error
+    with caplog.at_level("WARNING"):
+        assert processor.apply_chat_template(as_dicts, add_system_prompt=False) == processor.apply_chat_template(
+            as_dicts
+        )
+    assert "add_system_prompt" in caplog.text
+    with pytest.raises(TypeError, match="did you mean 'max_tiles'"):
+        processor.apply_chat_template(as_dicts, max_tile=2)

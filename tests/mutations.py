@@ -109,8 +109,8 @@ MUTATIONS = [
     (
         "normalisation x / std - mean",
         "image_processing_pvc.py",
-        "array = (array - np.asarray(self.image_mean, dtype=np.float32)) / np.asarray(self.image_std, dtype=np.float32)",
-        "array = array / np.asarray(self.image_std, dtype=np.float32) - np.asarray(self.image_mean, dtype=np.float32)",
+        'array = (array - mean) / np.asarray(settings["image_std"], dtype=np.float32)',
+        'array = array / np.asarray(settings["image_std"], dtype=np.float32) - mean',
         "tests/test_processing.py",
     ),
     (
@@ -198,6 +198,49 @@ MUTATIONS = [
         "stream = ToyStream(convert_tasks(processor, toy), toy, seed, drawn)",
         'stream = ToyStream(convert_tasks(processor, toy), toy, seed + (row == "pvc"), drawn)',
         "tests/test_experiments.py -k convert_protocol",
+    ),
+    # transformers' conventions (the conformance issue)
+    (
+        "video outputs left in tower order",
+        "modeling_pvc.py",
+        '        return rearrange(tensor[frames], "(p t) ... -> (t p) ...", p=num_tiles)',
+        "        return tensor[frames]",
+        "tests/test_modeling.py",
+    ),
+    (
+        "hidden states without the embeddings",
+        "modeling_pvc.py",
+        "        states = [hidden_states] if output_hidden_states else None",
+        "        states = [] if output_hidden_states else None",
+        "tests/test_modeling.py",
+    ),
+    (
+        "assistant mask not moved past grown placeholders",
+        "processing_pvc.py",
+        "        start, end = start + shift[start], end + shift[end]",
+        "        pass",
+        "tests/test_processing.py",
+    ),
+    (
+        "pixel options of a call ignored",
+        "image_processing_pvc.py",
+        "settings = {key: normalisation.get(key, getattr(self, key)) for key in NORMALISATION}",
+        "settings = {key: getattr(self, key) for key in NORMALISATION}",
+        "tests/test_processing.py",
+    ),
+    (
+        "unknown options in images_kwargs let through",
+        "processing_pvc.py",
+        'problems += [f"{modality}[{key!r}]" for key in sorted(set(given) - allowed)]',
+        "pass",
+        "tests/test_processing.py",
+    ),
+    (
+        "vLLM profiles a square image",
+        "image_processing_pvc.py",
+        "    return max(grids, key=lambda grid: (grid[0] * grid[1], -abs(grid[0] - grid[1]), grid[0]))",
+        "    return (math.isqrt(max_tiles),) * 2",
+        "tests/test_serving.py",
     ),
 ]
 

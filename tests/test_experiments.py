@@ -85,6 +85,17 @@ def test_z_order_reads_blocks_whole():
             assert {(r // size, c // size) for r, c in block} == {(block[0][0] // size, block[0][1] // size)}
 
 
+def test_demo_model_code_files_are_links_to_the_root_files():
+    """The demo checkpoint runs the repository's own code: its code files are links to the root files, not copies
+    that could drift from them."""
+    from pvc.conversion.common import CODE_FILES
+
+    for name in CODE_FILES:
+        path = ROOT / "demo_model" / name
+        assert path.is_symlink(), f"demo_model/{name} is a copy; make it a link: ln -sf ../{name} demo_model/{name}"
+        assert path.resolve() == (ROOT / name).resolve(), f"demo_model/{name} links elsewhere: {path.resolve()}"
+
+
 @pytest.fixture(scope="module")
 def demo_model():
     from transformers import AutoModelForImageTextToText, AutoProcessor

@@ -120,19 +120,19 @@ def test_feature_methods_follow_transformers_conventions():
         text="<image><image><video>", images=[image(112, 56), image(56, 56)], videos=[video(4)], grid_layout=True
     )
     with torch.no_grad():
-        images = model.model.get_image_features(out["pixel_values"], out["image_num_tiles"])
+        images = model.model.get_image_features(out["pixel_values"], out["image_num_tiles"]).pooler_output
         pooled = model.model.get_image_features(
             grids["pixel_values"], image_grid_thw=grids["image_grid_thw"], return_dict=True, unused=1
         )
         torch.testing.assert_close(pooled.pooler_output, images)
         clips = model.model.get_video_features(
             out["pixel_values_videos"], out["video_num_frames"], out["video_num_tiles"]
-        )
+        ).pooler_output
         pooled = model.model.get_video_features(
             grids["pixel_values_videos"], video_grid_thw=grids["video_grid_thw"], return_dict=True
         )
         torch.testing.assert_close(pooled.pooler_output, clips)
-    assert images.shape[0] + clips.shape[0] == int((out["input_ids"] == IMAGE_TOKEN).sum())
+    assert sum(len(features) for features in images + clips) == int((out["input_ids"] == IMAGE_TOKEN).sum())
 
 
 def test_vision_attention_split_by_heads_sums_to_the_whole():
@@ -154,7 +154,7 @@ def test_vision_attention_split_by_heads_sums_to_the_whole():
             shard.projection_layer.bias = torch.nn.Parameter(attention.projection_layer.bias / 2)
         shards.append(shard.eval())
     with torch.no_grad():
-        torch.testing.assert_close(sum(shard(hidden) for shard in shards), attention.eval()(hidden))
+        torch.testing.assert_close(sum(shard(hidden)[0] for shard in shards), attention.eval()(hidden)[0])
     # and the plan names real modules
     plan = model.model.tp_plan
     linear = [name for name, module in model.model.named_modules() if isinstance(module, torch.nn.Linear)]
@@ -201,3 +201,20 @@ def test_image_processor_declares_image_inputs_only():
     """vLLM attributes each output to the sub-processor that declares it: video inputs belong to the video one."""
     assert not set(PVCImageProcessor.model_input_names) & set(PVCVideoProcessor.model_input_names)
     assert set(tiny_processor().model_input_names) >= {"pixel_values", "pixel_values_videos", "video_num_frames"}
+
+
+@pytest.mark.parametrize("max_tiles", [1, 4, 6, 7, 12])
+def test_the_size_vllm_profiles_gives_the_most_image_tokens(max_tiles):
+    """vLLM sizes its encoder cache from the image it profiles, at the image processor's `size`: no image the
+    processor takes may give more tokens (a 4:3 photo at 12 tiles gives 13, a square 10)."""
+    processor = tiny_processor(max_tiles=max_tiles)
+    size = processor.image_processor.size
+    profiled = processor._get_num_multimodal_tokens(image_sizes=[(size["height"], size["width"])])
+    tile = 56
+    shapes = [(h, w) for h in range(tile // 2, 13 * tile, tile // 2) for w in range(tile // 2, 13 * tile, tile // 2)]
+    counted = processor._get_num_multimodal_tokens(image_sizes=shapes)["num_image_tokens"]
+    assert max(counted) == profiled["num_image_tokens"][0]
+    # and the count is what the processor makes of such an image
+    image = Image.new("RGB", (size["width"], size["height"]))
+    out = processor(text="<image>", images=[image])
+    assert int((out["input_ids"] == IMAGE_TOKEN).sum()) == profiled["num_image_tokens"][0]

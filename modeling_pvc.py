@@ -18,6 +18,7 @@ import contextlib
 import math
 import warnings
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from einops import rearrange
@@ -834,7 +835,12 @@ class PVCModel(PVCPreTrainedModel):
         images = [] if image_outputs is None else list(image_outputs.pooler_output)
         videos = [] if video_outputs is None else list(video_outputs.pooler_output)
         if images or videos:
-            features = torch.cat(in_text_order(images, videos, visual_order))
+            items = in_text_order(images, videos, visual_order)
+            if input_ids is not None:  # every sample's tokens take whole items of its own
+                placeholders = (input_ids == self.config.image_token_id).sum(1).tolist()
+                if sum(placeholders) == sum(len(item) for item in items):
+                    items_per_sample(items, placeholders, [len(item) for item in items])
+            features = torch.cat(items)
             mask = self.placeholder_mask(input_ids, inputs_embeds)  # [B, L]
             num_placeholders = int(mask.sum())
             if num_placeholders != features.shape[0]:
@@ -1025,38 +1031,79 @@ class PVCForConditionalGeneration(PVCPreTrainedModel, GenerationMixin):
         video_num_tiles=None,
         visual_order=None,
     ):
+        """Each sample's images and videos, `times` over, in the sample's place: the batch's visuals in text order
+        are dealt to the samples by their `<IMG_CONTEXT>` counts, each item whole (an error when a sample's count
+        does not end on an item's boundary)."""
         config = self.config
-        images, videos = [], []  # (kind, pixel rows, count, tiles, token count)
+        images, videos = [], []
         if pixel_values is not None:
             tiles = _counts(image_num_tiles, pixel_values.shape[0], "image_num_tiles", "pixel_values")
             for rows, count in zip(pixel_values.split(tiles), tiles):
-                images.append((IMAGE, rows, count, None, config.tokens_per_frame * config.image_repeat * count))
+                images.append(VisualItem(IMAGE, rows, config.image_repeat, count, visual_tokens(config, IMAGE, count)))
         if pixel_values_videos is not None:
             frames, tiles, rows = video_layout(pixel_values_videos, video_num_frames, video_num_tiles)
             for clip, count, tile in zip(pixel_values_videos.split(rows), frames, tiles):
-                videos.append((VIDEO, clip, count, tile, config.tokens_per_frame * count * tile))
+                videos.append(VisualItem(VIDEO, clip, count, tile, visual_tokens(config, VIDEO, tile, count)))
         ordered = in_text_order(images, videos, visual_order)
-        per_sample, position = [], 0
-        for tokens in (input_ids == config.image_token_id).sum(1).tolist():  # the visuals of each sample, in order
-            start = position
-            while tokens > 0 and position < len(ordered):
-                tokens -= ordered[position][4]
-                position += 1
-            per_sample.append(ordered[start:position])
-        repeated = [visual for sample in per_sample for _ in range(times) for visual in sample]
+        placeholders = (input_ids == config.image_token_id).sum(1).tolist()
+        per_sample = items_per_sample(ordered, placeholders, [item.tokens for item in ordered])
+        repeated = [item for sample in per_sample for _ in range(times) for item in sample]
         out = {}
-        image_items = [v for v in repeated if v[0] == IMAGE]
-        video_items = [v for v in repeated if v[0] == VIDEO]
+        image_items = [item for item in repeated if item.kind == IMAGE]
+        video_items = [item for item in repeated if item.kind == VIDEO]
         if image_items:
-            out["pixel_values"] = torch.cat([v[1] for v in image_items])
-            out["image_num_tiles"] = torch.tensor([v[2] for v in image_items])
+            out["pixel_values"] = torch.cat([item.pixels for item in image_items])
+            out["image_num_tiles"] = torch.tensor([item.tiles for item in image_items])
         if video_items:
-            out["pixel_values_videos"] = torch.cat([v[1] for v in video_items])
-            out["video_num_frames"] = torch.tensor([v[2] for v in video_items])
-            out["video_num_tiles"] = torch.tensor([v[3] for v in video_items])
+            out["pixel_values_videos"] = torch.cat([item.pixels for item in video_items])
+            out["video_num_frames"] = torch.tensor([item.frames for item in video_items])
+            out["video_num_tiles"] = torch.tensor([item.tiles for item in video_items])
         if visual_order is not None:
-            out["visual_order"] = torch.tensor([v[0] for v in repeated])
+            out["visual_order"] = torch.tensor([item.kind for item in repeated])
         return out
+
+
+class VisualItem(NamedTuple):
+    """One image or video of a batch: its kind (IMAGE, VIDEO), pixel rows, frames (an image's static clip:
+    `image_repeat`), tiles per frame and the `<IMG_CONTEXT>` tokens it fills."""
+
+    kind: int
+    pixels: torch.Tensor
+    frames: int
+    tiles: int
+    tokens: int
+
+
+def visual_tokens(config: PVCConfig, kind: int, tiles: int, frames: int | None = None) -> int:
+    """The `<IMG_CONTEXT>` tokens an image of `tiles` tiles (a static clip of `image_repeat` frames) or a video of
+    `frames` frames of `tiles` tiles fills."""
+    frames = config.image_repeat if kind == IMAGE else frames
+    return config.tokens_per_frame * frames * tiles
+
+
+def items_per_sample(items: list, placeholders: list[int], tokens: list[int]) -> list[list]:
+    """`items` (in text order, filling `tokens` each) dealt to the samples of a batch by their `placeholders`
+    (context tokens per sample): each sample takes whole items until its count is filled. A count that does not
+    end on an item's boundary, or items left over, is an error: features would go to the wrong sample."""
+    groups, position = [], 0
+    for sample, wanted in enumerate(placeholders):
+        start, filled = position, 0
+        while filled < wanted and position < len(items):
+            filled += tokens[position]
+            position += 1
+        if filled != wanted:
+            raise ValueError(
+                f"Sample {sample} holds {wanted} image tokens, but the images and videos that come next in text "
+                f"order (visual_order) fill {filled}: {tokens[start:position]}. Each sample's <image>/<video> "
+                "placeholders must be expanded for its own items, in order, as PVCProcessor does."
+            )
+        groups.append(items[start:position])
+    if position != len(items):
+        raise ValueError(
+            f"The batch's text holds {sum(placeholders)} image tokens, which its first {position} images and videos "
+            f"fill; {len(items) - position} more were given."
+        )
+    return groups
 
 
 def in_text_order(images: list, videos: list, visual_order=None) -> list:

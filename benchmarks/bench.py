@@ -32,6 +32,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from pvc import PVCConfig, PVCForConditionalGeneration
+from pvc.conversion.options import ABLATIONS
 
 FRAME_PROMPT_TOKENS = 6  # "Frame12: " + <img> + </img> + "\n" in InternLM2's tokenizer, about
 TEXT_TOKENS_IMAGE = 2048
@@ -60,15 +61,14 @@ LLMS = {
         max_position_embeddings=32768,
     ),
 }
-ROWS = {
-    "internvl2": dict(downsample_ratio=0.5, image_repeat=1, projector_adaln=False, temporal_layers=0),
-    "pvc": dict(downsample_ratio=0.25, image_repeat=4, projector_adaln=True, temporal_layers=8),
-}
+# Rows (a) and PVC of the paper's Table 4 (the converter's table); PVC with its 8 progressive layers
+ROWS = {"internvl2": ABLATIONS["a"], "pvc": ABLATIONS["pvc"]}
+PROGRESSIVE_LAYERS = 8
 
 
 def make_config(llm: dict, row: str, vision: dict = INTERNVIT_300M, attn="eager") -> PVCConfig:
     switches = dict(ROWS[row])
-    temporal = min(switches.pop("temporal_layers"), vision["num_hidden_layers"] // 3 if row == "pvc" else 0)
+    temporal = min(PROGRESSIVE_LAYERS, vision["num_hidden_layers"] // 3) if switches.pop("temporal") else 0
     config = PVCConfig(vision_config=dict(vision, num_temporal_layers=temporal), text_config=dict(llm), **switches)
     config._attn_implementation = attn
     return config

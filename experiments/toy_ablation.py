@@ -39,19 +39,15 @@ from transformers import PreTrainedModel
 
 from ..configuration_pvc import PVCConfig
 from ..conversion.common import init_seeded
+from ..conversion.options import ABLATIONS
 from ..demo import tiny_tokenizer
 from ..image_processing_pvc import PVCImageProcessor
 from ..modeling_pvc import PVCForConditionalGeneration, relative_timestamps
 from ..processing_pvc import PVCProcessor, build_chat_template
 from ..training.trainer import PVCTrainer, parameter_groups
 
-# The paper's ablation rows as config switches (num_temporal_layers is filled in from the toy size).
-ROWS = {
-    "a": dict(progressive=False, downsample_ratio=0.5, image_repeat=1, projector_adaln=False),
-    "b": dict(progressive=False, downsample_ratio=0.25, image_repeat=4, projector_adaln=False),
-    "c": dict(progressive=True, downsample_ratio=0.25, image_repeat=4, projector_adaln=False),
-    "pvc": dict(progressive=True, downsample_ratio=0.25, image_repeat=4, projector_adaln=True),
-}
+# The paper's ablation rows (the converter's table; num_temporal_layers is filled in from the toy size).
+ROWS = ABLATIONS
 # One-change variants of a row, trained from scratch: (the row, its config overrides).
 SCRATCH_VARIANTS = {
     "pvc-te": ("pvc", dict(projector_adaln_condition="timestamp")),  # Table 3: the AdaLN sees TE' alone
@@ -136,7 +132,7 @@ CONVERT_ONLY = (
 def build_model(row: str, toy: ToyConfig, seed: int, tokenizer, **overrides) -> PVCForConditionalGeneration:
     """Row `row` of `ROWS` at toy size, with config `overrides` (a variant's one change)."""
     switches = dict(ROWS[row])
-    progressive = switches.pop("progressive")
+    progressive = switches.pop("temporal")
     config = PVCConfig(
         vision_config=dict(
             hidden_size=toy.vision_width,

@@ -11,6 +11,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from pvc import PVCConfig, PVCForConditionalGeneration  # noqa: E402
+from pvc.conversion.options import ABLATIONS as TABLE_4  # noqa: E402
 from pvc.demo import tiny_tokenizer  # noqa: E402
 
 IMAGE_TOKEN = 127
@@ -35,12 +36,13 @@ TINY_TEXT = dict(
     max_position_embeddings=4096,
     tie_word_embeddings=False,
 )
-# The paper's ablation rows (Table 4) as config switches.
+# The paper's ablation rows (Table 4), the converter's table, at tiny size: 2 progressive layers where a row has them.
 ABLATIONS = {
-    "a": dict(num_temporal_layers=0, downsample_ratio=0.5, image_repeat=1, projector_adaln=False),
-    "b": dict(num_temporal_layers=0, downsample_ratio=0.25, image_repeat=4, projector_adaln=False),
-    "c": dict(num_temporal_layers=2, downsample_ratio=0.25, image_repeat=4, projector_adaln=False),
-    "pvc": dict(num_temporal_layers=2, downsample_ratio=0.25, image_repeat=4, projector_adaln=True),
+    row: dict(
+        {key: value for key, value in switches.items() if key != "temporal"},
+        num_temporal_layers=2 if switches["temporal"] else 0,
+    )
+    for row, switches in TABLE_4.items()
 }
 
 

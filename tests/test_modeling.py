@@ -752,3 +752,30 @@ def test_static_cache_and_a_compiled_decoding_step(pixels):
         compiled = torch.compile(model.forward, fullgraph=True, backend="eager")(**step, **{CACHE_NAME: cache})
     torch.testing.assert_close(compiled.logits[:, -1], dynamic.logits[1], rtol=1e-5, atol=1e-5)
 
+
+def test_visuals_that_do_not_end_on_a_samples_boundary_are_an_error(pixels):
+    """A batch whose visual_order disagrees with its samples' placeholders: sample 0 holds a video's 12 tokens,
+    sample 1 an image's 16, but the order says image first. The totals agree (28), so a walk that lets a sample
+    overshoot would give sample 0 the image and sample 1 the video; beam expansion and forward must refuse."""
+    model = tiny_model("pvc")
+    video_ids = [1, 125] + [IMAGE_TOKEN] * 12 + [126, 2, 3, 4, 5]  # padded to one length with text
+    image_ids = [1, 125] + [IMAGE_TOKEN] * 16 + [126]
+    batch = dict(
+        input_ids=torch.tensor([video_ids, image_ids]),
+        pixel_values=pixels(1),
+        pixel_values_videos=pixels(3),
+        video_num_frames=torch.tensor([3]),
+        visual_order=torch.tensor([0, 1]),  # wrong: sample 0's video comes first in text
+    )
+    with pytest.raises(ValueError, match="Sample 0 holds 12 image tokens"):
+        model._expand_inputs_for_generation(expand_size=2, **batch)
+    with pytest.raises(ValueError, match="Sample 0 holds 12 image tokens"), torch.no_grad():
+        model(**batch)
+    # the right order works, and the expansion gives each copy its own sample's visuals
+    batch["visual_order"] = torch.tensor([1, 0])
+    input_ids, expanded = model._expand_inputs_for_generation(expand_size=2, **batch)
+    assert expanded["visual_order"].tolist() == [1, 1, 0, 0]
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, **expanded).logits
+        alone = model(input_ids=batch["input_ids"][1:], pixel_values=batch["pixel_values"]).logits
+    torch.testing.assert_close(logits[3:], alone, rtol=1e-5, atol=1e-5)

@@ -880,8 +880,8 @@ def test_standard_pixel_options_are_honoured_in_a_call_and_at_construction():
         torch.testing.assert_close(at_construction, expected, rtol=1e-5, atol=1e-5, msg=str(options))
     # the same options through the processor, flat and in images_kwargs
     full = tiny_processor(max_tiles=1)
-    for given in (dict(do_normalize=False), dict(images_kwargs={"do_normalize": False})):
-        torch.testing.assert_close(full(text="<image>", images=[image], **given)["pixel_values"], raw / 255)
+    for options in (dict(do_normalize=False), dict(images_kwargs={"do_normalize": False})):
+        torch.testing.assert_close(full(text="<image>", images=[image], **options)["pixel_values"], raw / 255)
 
 
 def test_input_data_format_and_do_convert_rgb():

@@ -12,7 +12,6 @@ against InternVL2 for the same inputs, and timings.
 """
 
 import argparse
-import string
 import tempfile
 import time
 from pathlib import Path
@@ -22,30 +21,13 @@ import torch
 from PIL import Image
 
 DEMO_MODEL = Path(__file__).resolve().parent / "demo_model"
-DEMO_FRAMES = 4  # frames of the toy demo's videos, as the model was trained
-
-
-def tiny_tokenizer():
-    """A character-level tokenizer with ChatML and InternVL special tokens (ids < 128), built offline."""
-    from tokenizers import Tokenizer, decoders, models
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<unk>", "<pad>", "<|im_start|>", "<|im_end|>"]
-    characters = [c for c in string.printable if c not in "\x0b\x0c"]
-    vocab = {token: index for index, token in enumerate(specials + characters)}
-    internvl = ["<img>", "</img>", "<IMG_CONTEXT>"]
-    vocab.update({token: index for index, token in zip(range(125, 128), internvl)})
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.add_special_tokens(specials + internvl)
-    backend.decoder = decoders.Fuse()  # characters join without spaces
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", eos_token="<|im_end|>"
-    )
 
 
 def small_random_model(seed: int = 0):
     """PVC with the real 448px tiles (64 tokens per frame) but a narrow, shallow tower and language model."""
     from pvc import PVCConfig, PVCForConditionalGeneration, PVCImageProcessor, PVCProcessor
+
+    from .experiments.toy_task import tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
     config = PVCConfig(
@@ -203,7 +185,7 @@ def main(argv=None):
 
 
 def toy_demo(args):
-    from .experiments.toy_ablation import IMAGE_QUESTION, VIDEO_QUESTION, ToyConfig, grid_image, repaint_video
+    from .experiments.toy_task import DEMO_FRAMES, IMAGE_QUESTION, VIDEO_QUESTION, ToyConfig, grid_image, repaint_video
 
     model, processor = load(str(DEMO_MODEL), torch.float32)
     model.to(args.device)
@@ -230,7 +212,7 @@ def toy_demo(args):
 
 def toy_scores(model, processor, samples: int, seed: int, batch_size: int = 16) -> dict:
     """Share of cells right per fresh sample, images and videos in turn, answered through `generate`."""
-    from .experiments.toy_ablation import ToyConfig, grid_image, repaint_video
+    from .experiments.toy_task import DEMO_FRAMES, ToyConfig, grid_image, repaint_video
 
     toy, rng = ToyConfig(), np.random.default_rng(seed)
     items = []
@@ -248,7 +230,7 @@ def toy_scores(model, processor, samples: int, seed: int, batch_size: int = 16) 
 
 def toy_answers(model, processor, items) -> list[str]:
     """Greedy answers of the toy PVC to (kind, picture or frames) items, through the chat template and `generate`."""
-    from .experiments.toy_ablation import IMAGE_QUESTION, VIDEO_QUESTION
+    from .experiments.toy_task import DEMO_FRAMES, IMAGE_QUESTION, VIDEO_QUESTION
 
     conversations = [
         [
@@ -277,7 +259,7 @@ def toy_answers(model, processor, items) -> list[str]:
 
 def as_grid(answer: str, side: int) -> list[str]:
     """An answer in Z order (the toy task's readout) as rows of the grid; '?' where the answer is short."""
-    from .experiments.toy_ablation import z_order
+    from .experiments.toy_task import z_order
 
     cells = [["?"] * side for _ in range(side)]
     for (row, column), colour in zip(z_order(side), answer):

@@ -21,10 +21,8 @@ from pathlib import Path
 import torch
 
 from ..conversion.common import CODE_FILES, set_output_modes
-from ..demo import tiny_tokenizer
-from .toy_ablation import Task, ToyConfig, build_model, build_processor, evaluate, train
-
-DEMO_FRAMES = 4  # frames of the demo's videos
+from .toy_ablation import Task, build_model, build_processor, evaluate, train
+from .toy_task import DEMO_FRAMES, ToyConfig, tiny_tokenizer
 
 
 def main(argv=None):

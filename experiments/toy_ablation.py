@@ -30,7 +30,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -40,11 +40,19 @@ from transformers import PreTrainedModel
 from ..configuration_pvc import PVCConfig
 from ..conversion.common import init_seeded
 from ..conversion.options import ABLATIONS
-from ..demo import tiny_tokenizer
 from ..image_processing_pvc import PVCImageProcessor
 from ..modeling_pvc import PVCForConditionalGeneration, relative_timestamps
 from ..processing_pvc import PVCProcessor, build_chat_template
 from ..training.trainer import PVCTrainer, parameter_groups
+from .toy_task import (
+    IMAGE_QUESTION,
+    SYSTEM_MESSAGE,
+    VIDEO_QUESTION,
+    ToyConfig,
+    grid_image,
+    repaint_video,
+    tiny_tokenizer,
+)
 
 # The paper's ablation rows (the converter's table; num_temporal_layers is filled in from the toy size).
 ROWS = ABLATIONS
@@ -53,55 +61,6 @@ SCRATCH_VARIANTS = {
     "pvc-te": ("pvc", dict(projector_adaln_condition="timestamp")),  # Table 3: the AdaLN sees TE' alone
     "pvc-wide": ("pvc", dict(projector_adaln_hidden_size=1024)),  # the design's default modulation width, 16C
 }
-PALETTE = np.array([[230, 25, 75], [60, 180, 75], [0, 130, 200], [255, 225, 25]], np.uint8)
-COLOUR_NAMES = "rgby"  # one character, hence one token, per colour
-SYSTEM_MESSAGE = "Toy PVC."
-IMAGE_QUESTION = "Colours of the cells?"
-VIDEO_QUESTION = "Colours at the end?"
-
-
-@dataclass
-class ToyConfig:
-    """Sizes of the toy task and models, and the training recipe (see experiments/README.md for the reasons)."""
-
-    image_size: int = 32
-    patch_size: int = 4  # 8 x 8 patches: 16 tokens per frame at downsample 0.5, 4 at 0.25
-    grid: int = 8  # cells per side; one cell per patch
-    noise: int = 12  # uniform pixel noise, +- this many levels of 255
-    repaint: float = 0.25  # video: chance that a cell is repainted at each frame after the first
-    vision_width: int = 64
-    vision_layers: int = 4
-    temporal_layers: int = 2  # the last 2 of the 4 are progressive (rows c and PVC)
-    vision_heads: int = 4
-    text_width: int = 32
-    text_layers: int = 2
-    text_heads: int = 2
-    projector_adaln_width: int = 128  # the paper's default is the full 16C = 1024; narrower here for speed and size
-    gate_init: float = 0.0  # the paper's zero gate
-    steps: int = 1500
-    batch_size: int = 32  # image task
-    video_batch_size: int = 16  # video task (its steps cost T frames per sample)
-    learning_rate: float = 2e-3
-    # The paper trains its randomly initialised modules at 10x the rate of the pretrained ones; from scratch every
-    # module is new, so one rate for all (10x made row (c) collapse to chance here: see the README).
-    new_module_lr_multiplier: float = 1.0
-    warmup_steps: int = 100
-    eval_samples: int = 512
-    repeats: tuple = (1, 2, 3, 4)
-    video_frames: tuple = (2, 3, 4)
-    # From scratch: every module of a row draws its initial weights from a generator of the seed and the module's
-    # name, so rows start equal in everything they share (the first report's rows did not: see experiments/README).
-    paired_init: bool = True
-    # The convert protocol (the user's path): row (a) trained on both tasks, then converted and fine-tuned.
-    pretrain_steps: int = 1500
-    finetune_steps: int = 600
-    finetune_learning_rate: float = 2e-4  # pretrained parts; what the converter initialised trains at 10x (2e-3)
-    finetune_new_module_lr_multiplier: float = 10.0  # the paper's recipe
-    finetune_warmup_steps: int = 40
-
-    @property
-    def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
 
 
 QUICK = dict(
@@ -203,48 +162,6 @@ def build_processor(model: PVCForConditionalGeneration, toy: ToyConfig, tokenize
 # ------------------------------------------------------------------------------------------------------------------
 # Tasks
 # ------------------------------------------------------------------------------------------------------------------
-
-
-def draw(cells: np.ndarray, toy: ToyConfig, rng: np.random.Generator, noise=None) -> np.ndarray:
-    """A grid of colour indices [g, g] -> an RGB picture [H, W, 3] (uint8) with a little pixel noise (`noise`, or
-    fresh noise drawn from `rng`)."""
-    side = toy.image_size // toy.grid
-    picture = PALETTE[cells].repeat(side, axis=0).repeat(side, axis=1).astype(np.int16)
-    if noise is None:
-        noise = rng.integers(-toy.noise, toy.noise + 1, picture.shape, dtype=np.int16)
-    return np.clip(picture + noise, 0, 255).astype(np.uint8)
-
-
-def z_order(side: int) -> list[tuple[int, int]]:
-    """The cells of a side x side grid (side a power of 2) in Z (Morton) order: 2x2 blocks of 4 cells, 4x4 blocks of
-    four 2x2 blocks, and so on. Consecutive answers then come from one visual token in every row: groups of 4 from
-    one token of row (a) (2x2 pixel shuffle), groups of 16 from one token position of (b), (c) and PVC (4x4)."""
-    bits = side.bit_length() - 1
-    cells = []
-    for code in range(side * side):
-        row = sum(((code >> (2 * b + 1)) & 1) << b for b in range(bits))
-        column = sum(((code >> (2 * b)) & 1) << b for b in range(bits))
-        cells.append((row, column))
-    return cells
-
-
-def grid_image(toy: ToyConfig, rng: np.random.Generator) -> tuple[np.ndarray, str]:
-    """The image task: a picture and its answer, the cells' colours in Z order (see `z_order`)."""
-    cells = rng.integers(0, len(PALETTE), (toy.grid, toy.grid))
-    return draw(cells, toy, rng), "".join(COLOUR_NAMES[cells[r, c]] for r, c in z_order(toy.grid))
-
-
-def repaint_video(toy: ToyConfig, num_frames: int, rng: np.random.Generator) -> tuple[np.ndarray, str]:
-    """The video task: frames [T, H, W, 3] of a grid that is partly repainted at every frame after the first (each
-    cell gets a fresh random colour with probability `repaint`), and the answer: the last frame's colours in Z
-    order. Each frame's noise is fresh."""
-    cells = rng.integers(0, len(PALETTE), (toy.grid, toy.grid))
-    frames = [draw(cells, toy, rng)]
-    for _ in range(1, num_frames):
-        repainted = rng.random(cells.shape) < toy.repaint
-        cells = np.where(repainted, rng.integers(0, len(PALETTE), cells.shape), cells)
-        frames.append(draw(cells, toy, rng))
-    return np.stack(frames), "".join(COLOUR_NAMES[cells[r, c]] for r, c in z_order(toy.grid))
 
 
 class Task:

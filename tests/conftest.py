@@ -12,7 +12,7 @@ import torch  # noqa: E402
 
 from pvc import PVCConfig, PVCForConditionalGeneration  # noqa: E402
 from pvc.conversion.options import ABLATIONS as TABLE_4  # noqa: E402
-from pvc.demo import tiny_tokenizer  # noqa: E402
+from pvc.experiments.toy_task import tiny_tokenizer  # noqa: E402
 
 IMAGE_TOKEN = 127
 TINY_VISION = dict(

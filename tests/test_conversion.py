@@ -649,7 +649,7 @@ def row_a_checkpoint(tmp_path_factory):
     from conftest import randomize_, tiny_config
 
     from pvc import PVCForConditionalGeneration, PVCImageProcessor, PVCProcessor, build_chat_template
-    from pvc.demo import tiny_tokenizer
+    from pvc.experiments.toy_task import tiny_tokenizer
 
     folder = tmp_path_factory.mktemp("row-a") / "internvl2-as-pvc"
     model = randomize_(PVCForConditionalGeneration(tiny_config("a")), seed=3).eval()

@@ -75,7 +75,7 @@ def test_quick_convert_protocol_writes_the_report(tmp_path):
 
 def test_z_order_reads_blocks_whole():
     """Consecutive groups of 4 cells are 2x2 blocks, groups of 16 are 4x4 blocks (what a token of each row holds)."""
-    from pvc.experiments.toy_ablation import z_order
+    from pvc.experiments.toy_task import z_order
 
     cells = z_order(8)
     assert sorted(cells) == [(r, c) for r in range(8) for c in range(8)]
@@ -122,7 +122,7 @@ def test_demo_model_answers_well_above_chance_and_random_weights_do_not(demo_mod
 def test_plain_generate_on_the_demo_model_stops_at_the_end_of_the_turn(demo_model):
     """Without the demo's own decoding: `generate` with the checkpoint's generation config ends each answer with
     <|im_end|> (the chat template's end of turn) and adds nothing after it."""
-    from pvc.experiments.toy_ablation import IMAGE_QUESTION, ToyConfig, grid_image
+    from pvc.experiments.toy_task import IMAGE_QUESTION, ToyConfig, grid_image
 
     model, processor = demo_model
     rng = np.random.default_rng(5)

@@ -9,7 +9,7 @@ from unittest import mock
 import transformers_suite
 
 from pvc import PVCImageProcessor, PVCProcessor
-from pvc.demo import tiny_tokenizer
+from pvc.experiments.toy_task import tiny_tokenizer
 
 processing_common = transformers_suite.load("test_processing_common")
 image_processing_common = transformers_suite.load("test_image_processing_common")

@@ -654,3 +654,54 @@ def test_help_loads_neither_torch_nor_transformers(command):
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "usage:" in result.stdout and result.stdout.strip().splitlines()[-1] == "[]", result.stdout[-500:]
+
+
+def test_training_ids_equal_the_chat_templates(tmp_path):
+    """The collator builds each sample through the processor: its input_ids equal what apply_chat_template gives
+    for the same conversation (images, videos, several of each, and a record cut at max_length), and its labels are
+    the assistant's tokens, as the processor's assistant mask marks them."""
+    import numpy as np
+    from conftest import tiny_processor
+    from PIL import Image
+
+    from pvc import PVCDataCollator
+
+    processor = tiny_processor()
+    rng = np.random.default_rng(0)
+    pictures = [Image.fromarray(rng.integers(0, 256, (56, 56 * k, 3), dtype=np.uint8)) for k in (1, 2)]
+    clips = [rng.integers(0, 256, (6, 28, 28, 3), dtype=np.uint8) for _ in range(2)]
+    cases = [
+        ({"image": pictures[0]}, [pictures[0]], []),
+        ({"video": clips[0]}, [], [clips[0]]),
+        ({"images": pictures, "videos": clips}, pictures, clips),
+    ]
+    for media, images, videos in cases:
+        record = dict(media, conversations=[{"from": "human", "value": "What?"}, {"from": "gpt", "value": "This."}])
+        sample = PVCDataCollator(processor, max_num_frames=3).encode(record)
+        content = [{"type": "image", "image": image} for image in images]
+        content += [{"type": "video", "video": video} for video in videos] + [{"type": "text", "text": "What?"}]
+        chat = [{"role": "user", "content": content}, {"role": "assistant", "content": "This."}]
+        expected = processor.apply_chat_template(
+            chat, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, num_frames=3
+        )
+        assert sample["input_ids"] == expected["input_ids"][0]
+        trained = [token for token, label in zip(sample["input_ids"], sample["labels"]) if label != -100]
+        marked = [token for token, keep in zip(expected["input_ids"][0], expected["assistant_masks"][0]) if keep]
+        assert trained == marked and processor.tokenizer.decode(trained) == "This.<|im_end|>"
+    # a record cut at max_length (its visual tokens all before the cut) is the chat template's ids, cut
+    record = dict(
+        image=pictures[0], conversations=[{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A" * 40}]
+    )
+    chat = [
+        {"role": "user", "content": [{"type": "image", "image": pictures[0]}, {"type": "text", "text": "Q"}]},
+        {"role": "assistant", "content": "A" * 40},
+    ]
+    full = processor.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"][0]
+    cut = PVCDataCollator(processor, max_length=len(full) - 20).encode(record)  # through the answer
+    assert (
+        cut["input_ids"] == full[:-20]
+        and processor.tokenizer.decode(
+            [token for token, label in zip(cut["input_ids"], cut["labels"]) if label != -100]
+        )
+        == "A" * 21
+    )

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from ..processing_pvc import assistant_mask
+
 logger = logging.getLogger(__name__)
 
 
@@ -231,7 +233,9 @@ class PVCDataCollator:
         )
 
     def encode(self, record: dict) -> dict:
-        """One record -> input ids, labels, pixel inputs and the kinds of its visuals in text order."""
+        """One record -> input ids, labels, pixel inputs and the kinds of its visuals in text order. The processor
+        itself expands and tokenizes the chat text (as `apply_chat_template` does); where each token came from
+        (its offsets) and where each placeholder went (its replacement offsets) give the spans to train on."""
         images = _as_list(record.get("images", record.get("image")))
         videos = _as_list(record.get("videos", record.get("video")))
         messages = self.messages(record, len(images), len(videos))
@@ -242,27 +246,23 @@ class PVCDataCollator:
                 f"A record has {kinds.count('<image>')} <image> and {kinds.count('<video>')} <video> placeholders but "
                 f"{len(images)} images and {len(videos)} videos: {str(record)[:200]}"
             )
-        visual = {}
-        if images or videos:
-            frames = self.max_num_frames
-            if isinstance(frames, (tuple, list)):  # a range: torch's generator, which Trainer seeds
-                frames = int(torch.randint(frames[0], frames[1] + 1, ()).item())
-            options = {"max_tiles": self.max_tiles, "num_frames": frames}
-            visual = dict(
-                self.processor.image_processor(
-                    images=[self._path(image) for image in images] or None,
-                    videos=[self._path(video) for video in videos] or None,
-                    **{key: value for key, value in options.items() if value is not None},
-                )
-            )
-        text, spans = self.expand(text, spans, kinds, visual)
-        encoding = self.processor.tokenizer(text, return_offsets_mapping=True)
-        ids = encoding["input_ids"]
-        labels = [
-            token if token != self.image_token_id and any(start <= begin < end for start, end in spans) else -100
-            for token, (begin, _) in zip(ids, encoding["offset_mapping"])
-        ]
+        frames = self.max_num_frames
+        if isinstance(frames, (tuple, list)):  # a range: torch's generator, which Trainer seeds
+            frames = int(torch.randint(frames[0], frames[1] + 1, ()).item())
+        options = {key: value for key, value in (("max_tiles", self.max_tiles), ("num_frames", frames)) if value}
+        out = self.processor(
+            text=text,
+            images=[self._path(image) for image in images] or None,
+            videos=[self._path(video) for video in videos] or None,
+            return_offsets_mapping=True,
+            return_text_replacement_offsets=True,
+            **options,
+        )
+        ids = out["input_ids"][0].tolist()
+        trained = assistant_mask(out["offset_mapping"][0].tolist(), out["text_replacement_offsets"][0], spans)
+        labels = [token if keep and token != self.image_token_id else -100 for token, keep in zip(ids, trained)]
         ids, labels = self.truncate(ids, labels)
+        visual = {key: out[key] for key in self.pixel_input_names if key in out}
         return {"input_ids": ids, "labels": labels, "kinds": kinds, **visual}
 
     def messages(self, record: dict, num_images: int, num_videos: int) -> list[dict]:
@@ -289,22 +289,6 @@ class PVCDataCollator:
                 start = len(render(messages[:index], True))
                 spans.append((start, len(render(messages[: index + 1], False))))
         return render(messages, False), spans
-
-    def expand(self, text, spans, kinds, visual):
-        """Expand the placeholders as the processor does, moving the spans with the text."""
-        expansions = iter(self.processor.expansions(kinds, visual))
-        pieces, shifts, position = [], [], 0
-        for match in PLACEHOLDER.finditer(text):
-            replacement = next(expansions)
-            pieces += [text[position : match.start()], replacement]
-            shifts.append((match.end(), len(replacement) - (match.end() - match.start())))
-            position = match.end()
-        pieces.append(text[position:])
-
-        def moved(index):
-            return index + sum(delta for end, delta in shifts if end <= index)
-
-        return "".join(pieces), [(moved(start), moved(end)) for start, end in spans]
 
     def truncate(self, ids, labels):
         if self.max_length is None or len(ids) <= self.max_length:

@@ -308,6 +308,18 @@ class PVCImageProcessor(ImageProcessingMixin):
             tiles.append(image.resize((size, size), Image.BICUBIC))
         return tiles
 
+    def num_tiles(self, width: int, height: int, max_tiles: int | None = None) -> int:
+        """How many tiles `tiles` cuts an image of this size into (the grid, and the thumbnail when the grid has
+        more than one tile), without reading it."""
+        max_tiles = self.max_tiles if max_tiles is None else max_tiles
+        columns, rows = tile_grid(width, height, self.min_tiles, max_tiles, self.image_size)
+        return columns * rows + int(self.use_thumbnail and columns * rows > 1)
+
+    def num_frame_tiles(self, width: int, height: int, max_tiles: int | None = None) -> int:
+        """How many tiles a video frame of this size becomes (`video_max_tiles` by default; 1: one resized tile)."""
+        max_tiles = self.video_max_tiles if max_tiles is None else max_tiles
+        return 1 if max_tiles == 1 else self.num_tiles(width, height, max_tiles)
+
     def to_tensor(self, tiles: list[Image.Image], **normalisation) -> torch.Tensor:
         """RGB tiles -> [len, 3, size, size] float32, rescaled and normalised (the settings, or `normalisation`:
         do_rescale, rescale_factor, do_normalize, image_mean, image_std)."""

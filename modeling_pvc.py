@@ -31,10 +31,10 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
 from .configuration_pvc import PVCConfig, PVCVisionConfig, _as_pair
+from .visuals_pvc import IMAGE, VIDEO, counts_from_grids, in_text_order, items_per_sample, visual_tokens
 
 logger = logging.get_logger(__name__)
 
-IMAGE, VIDEO = 0, 1  # values of `visual_order`
 # What the installed transformers calls the language model's cache argument: `past_key_values` (5.0) or `cache`.
 CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 # Names of the modules PVC adds to InternVL2: the new parts of the progressive layers, the temporal embeddings and
@@ -1039,11 +1039,13 @@ class PVCForConditionalGeneration(PVCPreTrainedModel, GenerationMixin):
         if pixel_values is not None:
             tiles = _counts(image_num_tiles, pixel_values.shape[0], "image_num_tiles", "pixel_values")
             for rows, count in zip(pixel_values.split(tiles), tiles):
-                images.append(VisualItem(IMAGE, rows, config.image_repeat, count, visual_tokens(config, IMAGE, count)))
+                tokens = visual_tokens(config.tokens_per_frame, config.image_repeat, IMAGE, count)
+                images.append(VisualItem(IMAGE, rows, config.image_repeat, count, tokens))
         if pixel_values_videos is not None:
             frames, tiles, rows = video_layout(pixel_values_videos, video_num_frames, video_num_tiles)
             for clip, count, tile in zip(pixel_values_videos.split(rows), frames, tiles):
-                videos.append(VisualItem(VIDEO, clip, count, tile, visual_tokens(config, VIDEO, tile, count)))
+                tokens = visual_tokens(config.tokens_per_frame, config.image_repeat, VIDEO, tile, count)
+                videos.append(VisualItem(VIDEO, clip, count, tile, tokens))
         ordered = in_text_order(images, videos, visual_order)
         placeholders = (input_ids == config.image_token_id).sum(1).tolist()
         per_sample = items_per_sample(ordered, placeholders, [item.tokens for item in ordered])
@@ -1072,59 +1074,6 @@ class VisualItem(NamedTuple):
     frames: int
     tiles: int
     tokens: int
-
-
-def visual_tokens(config: PVCConfig, kind: int, tiles: int, frames: int | None = None) -> int:
-    """The `<IMG_CONTEXT>` tokens an image of `tiles` tiles (a static clip of `image_repeat` frames) or a video of
-    `frames` frames of `tiles` tiles fills."""
-    frames = config.image_repeat if kind == IMAGE else frames
-    return config.tokens_per_frame * frames * tiles
-
-
-def items_per_sample(items: list, placeholders: list[int], tokens: list[int]) -> list[list]:
-    """`items` (in text order, filling `tokens` each) dealt to the samples of a batch by their `placeholders`
-    (context tokens per sample): each sample takes whole items until its count is filled. A count that does not
-    end on an item's boundary, or items left over, is an error: features would go to the wrong sample."""
-    groups, position = [], 0
-    for sample, wanted in enumerate(placeholders):
-        start, filled = position, 0
-        while filled < wanted and position < len(items):
-            filled += tokens[position]
-            position += 1
-        if filled != wanted:
-            raise ValueError(
-                f"Sample {sample} holds {wanted} image tokens, but the images and videos that come next in text "
-                f"order (visual_order) fill {filled}: {tokens[start:position]}. Each sample's <image>/<video> "
-                "placeholders must be expanded for its own items, in order, as PVCProcessor does."
-            )
-        groups.append(items[start:position])
-    if position != len(items):
-        raise ValueError(
-            f"The batch's text holds {sum(placeholders)} image tokens, which its first {position} images and videos "
-            f"fill; {len(items) - position} more were given."
-        )
-    return groups
-
-
-def in_text_order(images: list, videos: list, visual_order=None) -> list:
-    """Per-image and per-video items interleaved as `visual_order` says (0 image, 1 video, in text order); a batch
-    of one kind needs no order, a batch of both cannot do without."""
-    if visual_order is None:
-        if images and videos:
-            raise ValueError(
-                "This batch holds both images and videos, whose placeholders share the <IMG_CONTEXT> token, so "
-                "their order in the text is ambiguous. Pass `visual_order` (0 = image, 1 = video, one entry "
-                "per visual in text order), as PVCProcessor returns it."
-            )
-        return images + videos
-    order = [int(kind) for kind in visual_order]
-    if sorted(order) != [IMAGE] * len(images) + [VIDEO] * len(videos):
-        raise ValueError(
-            f"visual_order {order} must hold one 0 per image ({len(images)} given) and one 1 per video "
-            f"({len(videos)} given)."
-        )
-    images, videos = iter(images), iter(videos)
-    return [next(videos) if kind == VIDEO else next(images) for kind in order]
 
 
 def _per_item(layers, counts):
@@ -1173,22 +1122,6 @@ def video_layout(pixel_values_videos, video_num_frames, video_num_tiles=None):
     rows = [count * tile for count, tile in zip(frames, tiles)]
     _counts(rows, pixel_values_videos.shape[0], "video_num_frames (x video_num_tiles)", "pixel_values_videos")
     return frames, tiles, rows
-
-
-def counts_from_grids(inputs: dict | None = None, **grids) -> dict:
-    """`image_num_tiles`, `video_num_frames` and `video_num_tiles` from the grid layout's `image_grid_thw` (1, 1,
-    tiles) and `video_grid_thw` (frames, 1, tiles) rows; the grids are popped from `inputs` when given."""
-    grids = {name: (inputs.pop(name, None) if inputs is not None else grids.get(name)) for name in GRID_INPUTS}
-    counts = {}
-    if grids["image_grid_thw"] is not None:
-        counts["image_num_tiles"] = grids["image_grid_thw"].prod(-1)
-    if grids["video_grid_thw"] is not None:
-        counts["video_num_frames"] = grids["video_grid_thw"][:, 0]
-        counts["video_num_tiles"] = grids["video_grid_thw"][:, 1:].prod(-1)
-    return counts
-
-
-GRID_INPUTS = ("image_grid_thw", "video_grid_thw")
 
 
 def _counts(counts, total: int, counts_name: str, tensor_name: str) -> list[int]:

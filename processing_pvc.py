@@ -21,7 +21,8 @@ from transformers.processing_utils import ImagesKwargs, ProcessingKwargs, Videos
 from transformers.utils.chat_template_utils import render_jinja_template
 from transformers.video_utils import VideoInput
 
-from .image_processing_pvc import PVCVideoProcessor, _flatten, _flatten_videos, tile_grid
+from .image_processing_pvc import PVCVideoProcessor, _flatten, _flatten_videos
+from .visuals_pvc import IMAGE, VIDEO, as_grids, visual_order, visual_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -156,10 +157,12 @@ class PVCProcessor(ProcessorMixin):
         return token_id
 
     def image_prompt(self, num_tiles: int) -> str:
-        return IMAGE_START + IMAGE_CONTEXT * (self.tokens_per_frame * self.image_repeat * num_tiles) + IMAGE_END
+        tokens = visual_tokens(self.tokens_per_frame, self.image_repeat, IMAGE, num_tiles)
+        return IMAGE_START + IMAGE_CONTEXT * tokens + IMAGE_END
 
     def video_prompt(self, num_frames: int, num_tiles: int = 1) -> str:
-        frame = IMAGE_START + IMAGE_CONTEXT * (self.tokens_per_frame * num_tiles) + IMAGE_END
+        tokens = visual_tokens(self.tokens_per_frame, self.image_repeat, VIDEO, num_tiles)  # one frame's
+        frame = IMAGE_START + IMAGE_CONTEXT * tokens + IMAGE_END
         return "\n".join(f"Frame{index + 1}: {frame}" for index in range(num_frames))
 
     def __call__(
@@ -220,7 +223,7 @@ class PVCProcessor(ProcessorMixin):
         if videos is not None:
             visual.update(self.video_processor(videos=videos, **options["videos_kwargs"], return_tensors="pt"))
         if images and videos and text is not None:
-            visual["visual_order"] = torch.tensor([int(kind == VIDEO_PLACEHOLDER) for kind in kinds])
+            visual["visual_order"] = visual_order(kinds)
         if text is not None:
             for token in (IMAGE_START, IMAGE_END, IMAGE_CONTEXT):
                 self.token_id(token)
@@ -235,7 +238,7 @@ class PVCProcessor(ProcessorMixin):
             if output_options.get("return_text_replacement_offsets"):
                 visual["text_replacement_offsets"] = list(offsets)
         if grid_layout:
-            visual = _as_grids(visual)
+            visual = as_grids(visual)
         if return_tensors is None:  # lists, as a tokenizer gives them (pixels: one array per tile or frame)
             visual = {key: _as_list(value) for key, value in visual.items()}
         return BatchFeature(
@@ -302,25 +305,22 @@ class PVCProcessor(ProcessorMixin):
         `video_max_tiles`, `do_sample_frames`); a video becomes `num_frames` frames whatever its length, as
         `sample_frames` gives, or keeps its own frames with `do_sample_frames=False`.
         """
-        settings = self.image_processor
-        size, tokens = settings.image_size, self.tokens_per_frame
-        data = {}
+        pixels, data = self.image_processor, {}
+        counted = dict(tokens_per_frame=self.tokens_per_frame, image_repeat=self.image_repeat)
         if image_sizes is not None:
-            max_tiles = kwargs.get("max_tiles") or settings.max_tiles
-            tiles = [
-                _num_tiles(width, height, settings.min_tiles, max_tiles, size, settings.use_thumbnail)
-                for height, width in image_sizes
-            ]
-            data["num_image_tokens"] = [tokens * self.image_repeat * count for count in tiles]
+            max_tiles = kwargs.get("max_tiles")
+            tiles = [pixels.num_tiles(width, height, max_tiles) for height, width in image_sizes]
+            data["num_image_tokens"] = [visual_tokens(**counted, kind=IMAGE, tiles=count) for count in tiles]
             data["num_image_patches"] = tiles
         if video_sizes is not None:
-            max_tiles = kwargs.get("video_max_tiles") or settings.video_max_tiles
-            sampled = kwargs.get("num_frames") or settings.num_frames
-            tiling = (settings.min_tiles, max_tiles, size, settings.use_thumbnail)  # as `_tile_frame`
+            max_tiles, sampled = kwargs.get("video_max_tiles"), kwargs.get("num_frames") or pixels.num_frames
             data["num_video_tokens"] = [
-                tokens
-                * (sampled if kwargs.get("do_sample_frames", True) else frames)
-                * (1 if max_tiles == 1 else _num_tiles(width, height, *tiling))
+                visual_tokens(
+                    **counted,
+                    kind=VIDEO,
+                    tiles=pixels.num_frame_tiles(width, height, max_tiles),
+                    frames=sampled if kwargs.get("do_sample_frames", True) else frames,
+                )
                 for frames, height, width in video_sizes
             ]
         return data
@@ -546,23 +546,6 @@ def _replaced(text: str, replacements) -> tuple[str, list[dict]]:
         )
         end = match.end()
     return "".join(pieces) + text[end:], offsets
-
-
-def _as_grids(visual: dict) -> dict:
-    """The per-item counts as one (t, h, w) row per image, (1, 1, tiles), and per video, (frames, 1, tiles)."""
-    visual = dict(visual)
-    if "pixel_values" in visual:
-        tiles = visual.pop("image_num_tiles")
-        visual["image_grid_thw"] = torch.stack([torch.ones_like(tiles), torch.ones_like(tiles), tiles], dim=1)
-    if "pixel_values_videos" in visual:
-        frames, tiles = visual.pop("video_num_frames"), visual.pop("video_num_tiles")
-        visual["video_grid_thw"] = torch.stack([frames, torch.ones_like(frames), tiles], dim=1)
-    return visual
-
-
-def _num_tiles(width, height, min_tiles, max_tiles, size, use_thumbnail) -> int:
-    columns, rows = tile_grid(width, height, min_tiles, max_tiles, size)
-    return columns * rows + int(use_thumbnail and columns * rows > 1)
 
 
 def _normalized_content(content):

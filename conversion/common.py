@@ -30,9 +30,8 @@ import pvc
 from pvc import PVCConfig, PVCForConditionalGeneration, PVCImageProcessor, PVCProcessor, build_chat_template
 from pvc.modeling_pvc import is_pvc_parameter
 
-from .options import DTYPE_NAMES, missing_folder_message
+from .options import CODE_FILES, DTYPE_NAMES, missing_folder_message
 
-CODE_FILES = ("configuration_pvc.py", "modeling_pvc.py", "image_processing_pvc.py", "processing_pvc.py")
 DTYPES = {name: getattr(torch, dtype) for name, dtype in DTYPE_NAMES.items()}
 
 

@@ -9,6 +9,14 @@ ABLATIONS = {
     "c": dict(temporal=True, downsample_ratio=0.25, image_repeat=4, projector_adaln=False),
     "pvc": dict(temporal=True, downsample_ratio=0.25, image_repeat=4, projector_adaln=True),
 }
+# The Hub code files a checkpoint carries (remote code), copied beside the weights.
+CODE_FILES = (
+    "configuration_pvc.py",
+    "visuals_pvc.py",
+    "modeling_pvc.py",
+    "image_processing_pvc.py",
+    "processing_pvc.py",
+)
 # --dtype's names -> torch dtype names
 DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 

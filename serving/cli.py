@@ -10,7 +10,7 @@ import importlib.util
 import os
 import sys
 
-from ..conversion.options import missing_folder_message
+from ..conversion.options import CODE_FILES, missing_folder_message
 from . import server_arguments
 
 USAGE = "usage: pvc-serve PATH [vLLM server options]   (pvc-serve --help for vLLM's own options)"
@@ -27,7 +27,7 @@ def code_problem(path: str) -> str | None:
     why, or None. Hub ids and folders without code files are left to vLLM."""
     code = os.path.join(path, "processing_pvc.py")
     if os.path.isfile(code) and "grid_layout" not in open(code, encoding="utf-8").read():
-        files = "configuration_pvc.py modeling_pvc.py processing_pvc.py image_processing_pvc.py"
+        files = " ".join(CODE_FILES)
         return (
             f"the code files in {path} predate serving with vLLM. Copy this repo's {files} into it (the weights "
             "and configs stay as they are), or convert the checkpoint again with pvc-convert."

@@ -198,6 +198,7 @@ def test_output_is_a_complete_repo(converted):
         "configuration_pvc.py",
         "processing_pvc.py",
         "image_processing_pvc.py",
+        "visuals_pvc.py",
     ):
         assert (folder / name).exists(), name
     config = json.loads((folder / "config.json").read_text())

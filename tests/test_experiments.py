@@ -88,7 +88,7 @@ def test_z_order_reads_blocks_whole():
 def test_demo_model_code_files_are_links_to_the_root_files():
     """The demo checkpoint runs the repository's own code: its code files are links to the root files, not copies
     that could drift from them."""
-    from pvc.conversion.common import CODE_FILES
+    from pvc.conversion.options import CODE_FILES
 
     for name in CODE_FILES:
         path = ROOT / "demo_model" / name

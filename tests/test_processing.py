@@ -793,7 +793,7 @@ def test_remote_code_files_need_only_the_core_requirements():
     optional, so that a user with images only can load the processor."""
     from transformers.dynamic_module_utils import get_imports
 
-    from pvc.conversion.common import CODE_FILES
+    from pvc.conversion.options import CODE_FILES
 
     root = Path(__file__).resolve().parents[1]
     core = {"torch", "transformers", "numpy", "PIL", "einops"}

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..processing_pvc import assistant_mask
+from ..visuals_pvc import visual_order
 
 logger = logging.getLogger(__name__)
 
@@ -199,7 +200,7 @@ class PVCDataCollator:
                 batch[key] = torch.cat(parts)
         kinds = [kind for s in samples for kind in s["kinds"]]
         if "<image>" in kinds and "<video>" in kinds:
-            batch["visual_order"] = torch.tensor([int(kind == "<video>") for kind in kinds])
+            batch["visual_order"] = visual_order(kinds)
         return batch
 
     def _encode_or_skip(self, record: dict) -> dict | None:

@@ -1,0 +1,1 @@
+../visuals_pvc.py

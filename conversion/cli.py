@@ -81,7 +81,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from .common import ConversionError, Interrupted, termination_unwinds
+    from .reading import ConversionError
+    from .signals import Interrupted, termination_unwinds
 
     try:
         with termination_unwinds():
@@ -105,7 +106,8 @@ def main(argv=None) -> int:
 def _convert(args):
     import importlib
 
-    from .common import DTYPES, ConversionError, resolve_source, write_repo
+    from .reading import ConversionError, resolve_source
+    from .writing import DTYPES, write_repo
 
     source = resolve_source(args.src)
     config_path = source / "config.json"

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from transformers import AutoConfig
 
-from pvc import PVCImageProcessor
-
-from .common import Conversion, ConversionError, build_config, rule, split_rows
+from .. import PVCImageProcessor
+from .reading import ConversionError
+from .rules import Conversion, build_config, rule, split_rows
 from .tokenizer_conversion import load_tokenizer
 
 # Chat template of each InternVL2 conversation template name.

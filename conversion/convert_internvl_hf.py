@@ -8,10 +8,10 @@ are added. Both the current layout (`model.vision_tower...`) and the older one (
 import json
 from pathlib import Path
 
-from pvc import PVCImageProcessor
-
-from .common import Checkpoint, Conversion, ConversionError, build_config, rule
+from .. import PVCImageProcessor
 from .convert_internvl2 import generation_config
+from .reading import Checkpoint, ConversionError
+from .rules import Conversion, build_config, rule
 from .tokenizer_conversion import load_tokenizer
 
 RULES = [

@@ -9,11 +9,11 @@ settings are kept as they are.
 import json
 from pathlib import Path
 
-from pvc import PVCImageProcessor
-
-from .common import Conversion, ConversionError, build_config
+from .. import PVCImageProcessor
 from .convert_internvl2 import END_OF_TURN, generation_config
 from .convert_internvl_hf import PROJECTOR_NAMES, RULES
+from .reading import ConversionError
+from .rules import Conversion, build_config
 from .tokenizer_conversion import load_tokenizer
 
 # The switches of row (a); a source with any other value already holds PVC modules or PVC's token layout.

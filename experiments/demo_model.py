@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from ..conversion.common import set_output_modes
 from ..conversion.options import CODE_FILES
+from ..conversion.writing import set_output_modes
 from .toy_ablation import Task, build_model, build_processor, evaluate, train
 from .toy_task import DEMO_FRAMES, ToyConfig, tiny_tokenizer
 

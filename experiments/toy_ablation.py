@@ -38,8 +38,8 @@ import torch
 from transformers import PreTrainedModel
 
 from ..configuration_pvc import PVCConfig
-from ..conversion.common import init_seeded
 from ..conversion.options import ABLATIONS
+from ..conversion.rules import init_seeded
 from ..image_processing_pvc import PVCImageProcessor
 from ..modeling_pvc import PVCForConditionalGeneration, relative_timestamps
 from ..processing_pvc import PVCProcessor, build_chat_template

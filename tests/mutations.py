@@ -123,7 +123,7 @@ MUTATIONS = [
     # conversion
     (
         "--projector-init random does the warm start",
-        "conversion/common.py",
+        "conversion/rules.py",
         "init: str) -> dict[str, torch.Tensor]:\n",
         'init: str) -> dict[str, torch.Tensor]:\n    init = "warm"\n',
         "tests/test_conversion.py",
@@ -159,14 +159,14 @@ MUTATIONS = [
     # conversion, fine-tuning and inputs (issue 19 and 22)
     (
         "conversion: the new modules ignore --seed",
-        "conversion/common.py",
+        "conversion/rules.py",
         "init_seeded(init_owner, module, seed, owner)",
         "init_seeded(init_owner, module, 0, owner)",
         "tests/test_conversion.py -k reproducible",
     ),
     (
         "conversion: --overwrite misses a file changed in place",
-        "conversion/common.py",
+        "conversion/writing.py",
         'if entry is None or (stat.st_size, stat.st_mtime_ns) != (entry["size"], entry["mtime_ns"]):',
         "if entry is None:",
         "tests/test_conversion.py -k overwrite",

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
 from pvc.conversion.cli import main as convert
-from pvc.conversion.common import convert_projector
+from pvc.conversion.rules import convert_projector
 
 # Tiny checkpoints in the original InternVL2 layout with the original code's outputs, beside this checkout.
 DEFAULT_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "internvl2"
@@ -396,7 +396,7 @@ def test_a_full_disk_or_an_unknown_source_fails_cleanly(tmp_path, capsys, monkey
         raise OSError(28, "No space left on device")
 
     with monkeypatch.context() as patch:
-        patch.setattr("pvc.conversion.common.save_file", full_disk)
+        patch.setattr("pvc.conversion.writing.save_file", full_disk)
         assert_fails_cleanly(fixture("qwen2"), tmp_path, capsys, "No space left on device")
     # A Hub id (no such folder here); the tests run offline (HF_HUB_OFFLINE), so it cannot be fetched.
     assert_fails_cleanly("someone/no-such-model", tmp_path, capsys, "is not a local folder")
@@ -405,7 +405,7 @@ def test_a_full_disk_or_an_unknown_source_fails_cleanly(tmp_path, capsys, monkey
 def test_hub_sources_fetch_bin_weights_only_without_safetensors(tmp_path, monkeypatch):
     import huggingface_hub
 
-    from pvc.conversion.common import resolve_source
+    from pvc.conversion.reading import resolve_source
 
     repos = {"has/safetensors": ["model.safetensors", "pytorch_model.bin"], "has/bin-only": ["pytorch_model.bin"]}
     asked = {}
@@ -551,10 +551,10 @@ def test_a_stopped_conversion_leaves_nothing(tmp_path, signum):
     """kill/timeout/batch schedulers send SIGTERM, Ctrl-C SIGINT: the staging folder goes, and one line says so."""
     destination = tmp_path / "out" / "converted"
     slow_conversion = (
-        "import sys, time; import pvc.conversion.common as common\n"
-        "add = common.ShardWriter.add\n"
+        "import sys, time; import pvc.conversion.writing as writing\n"
+        "add = writing.ShardWriter.add\n"
         "def slow(self, *args):\n    time.sleep(0.05); add(self, *args)\n"
-        "common.ShardWriter.add = slow\n"
+        "writing.ShardWriter.add = slow\n"
         "from pvc.conversion.cli import main\n"
         f"sys.exit(main(['--src', {str(fixture('qwen2'))!r}, '--dst', {str(destination)!r}]))\n"
     )

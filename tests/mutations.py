@@ -242,6 +242,28 @@ MUTATIONS = [
         "    return (math.isqrt(max_tiles),) * 2",
         "tests/test_serving.py",
     ),
+    # one home for the visual bookkeeping (issue 23)
+    (
+        "a sample may take more visual tokens than it holds",
+        "visuals_pvc.py",
+        "        if filled != wanted:",
+        "        if filled < wanted:",
+        "tests/test_modeling.py",
+    ),
+    (
+        "collator labels from the wrong spans",
+        "training/data.py",
+        "start = len(render(messages[:index], True))",
+        "start = len(render(messages[:index], False))",
+        "tests/test_training.py",
+    ),
+    (
+        "tile count without the thumbnail",
+        "image_processing_pvc.py",
+        "        return columns * rows + int(self.use_thumbnail and columns * rows > 1)",
+        "        return columns * rows",
+        "tests/test_serving.py tests/test_processing.py",
+    ),
 ]
 
 

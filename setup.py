@@ -54,6 +54,16 @@ setup(
         "flash": ["flash-attn>=2.6"],
         "convert": ["sentencepiece", "protobuf"],
         "plots": ["matplotlib"],
-        "test": ["pytest", "hypothesis", "av>=12", "accelerate>=1.0", "peft>=0.15", "sentencepiece", "protobuf"],
+        # parameterized: transformers' common test mixins (tests/transformers_suite.py) import it
+        "test": [
+            "pytest",
+            "hypothesis",
+            "parameterized",
+            "av>=12",
+            "accelerate>=1.0",
+            "peft>=0.15",
+            "sentencepiece",
+            "protobuf",
+        ],
     },
 )

@@ -203,7 +203,8 @@ class PVCImageProcessorKwargs(TypedDict, total=False):
 
 # transformers' standard pixel options that PVC honours, at construction and in a call (see `PVCImageProcessor`)
 NORMALISATION = ("do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std")
-STANDARD_OPTIONS = (*NORMALISATION, "do_convert_rgb", "input_data_format", "device")
+LOADING = ("do_convert_rgb", "input_data_format")  # how an image is read (see `PVCImageProcessor.load`)
+STANDARD_OPTIONS = (*NORMALISATION, *LOADING, "device")
 # transformers' standard options that tiling replaces: refused, never silently ignored
 TILING_REPLACES = (
     "do_resize",
@@ -293,27 +294,31 @@ class PVCImageProcessor(ImageProcessingMixin):
 
     def tiles(self, image: Image.Image, max_tiles: int | None = None) -> list[Image.Image]:
         """The tiles of one RGB image: the grid row by row, then the thumbnail (when there is more than one)."""
-        max_tiles = self.max_tiles if max_tiles is None else max_tiles
-        if not 1 <= self.min_tiles <= max_tiles:
-            raise ValueError(f"Need 1 <= min_tiles ({self.min_tiles}) <= max_tiles ({max_tiles}).")
         size = self.image_size
-        columns, rows = tile_grid(image.width, image.height, self.min_tiles, max_tiles, size)
+        columns, rows, thumbnail = self.layout(image.width, image.height, max_tiles)
         resized = image.resize((columns * size, rows * size), Image.BICUBIC)
         tiles = [
             resized.crop((c * size, r * size, (c + 1) * size, (r + 1) * size))
             for r in range(rows)
             for c in range(columns)
         ]
-        if self.use_thumbnail and len(tiles) > 1:
+        if thumbnail:
             tiles.append(image.resize((size, size), Image.BICUBIC))
         return tiles
 
-    def num_tiles(self, width: int, height: int, max_tiles: int | None = None) -> int:
-        """How many tiles `tiles` cuts an image of this size into (the grid, and the thumbnail when the grid has
-        more than one tile), without reading it."""
+    def layout(self, width: int, height: int, max_tiles: int | None = None) -> tuple[int, int, bool]:
+        """The (columns, rows) tile grid of an image of this size, and whether a thumbnail follows it (with
+        `use_thumbnail`, when the grid has more than one tile): what `tiles` cuts and `num_tiles` counts."""
         max_tiles = self.max_tiles if max_tiles is None else max_tiles
+        if not 1 <= self.min_tiles <= max_tiles:
+            raise ValueError(f"Need 1 <= min_tiles ({self.min_tiles}) <= max_tiles ({max_tiles}).")
         columns, rows = tile_grid(width, height, self.min_tiles, max_tiles, self.image_size)
-        return columns * rows + int(self.use_thumbnail and columns * rows > 1)
+        return columns, rows, self.use_thumbnail and columns * rows > 1
+
+    def num_tiles(self, width: int, height: int, max_tiles: int | None = None) -> int:
+        """How many tiles `tiles` cuts an image of this size into, without reading it."""
+        columns, rows, thumbnail = self.layout(width, height, max_tiles)
+        return columns * rows + int(thumbnail)
 
     def num_frame_tiles(self, width: int, height: int, max_tiles: int | None = None) -> int:
         """How many tiles a video frame of this size becomes (`video_max_tiles` by default; 1: one resized tile)."""
@@ -340,7 +345,7 @@ class PVCImageProcessor(ImageProcessingMixin):
     def preprocess_images(self, images, max_tiles: int | None = None, **options) -> dict:
         """`pixel_values` [total_tiles, 3, S, S] and `image_num_tiles` [num_images]; `options`: the standard ones of
         `STANDARD_OPTIONS` (see the class)."""
-        loading = {key: options.pop(key) for key in ("do_convert_rgb", "input_data_format") if key in options}
+        loading = {key: options.pop(key) for key in LOADING if key in options}
         tiles_per_image = [self.tiles(self.load(image, **loading), max_tiles) for image in _flatten(images)]
         return {
             "pixel_values": self.to_tensor([tile for tiles in tiles_per_image for tile in tiles], **options),
@@ -366,7 +371,7 @@ class PVCImageProcessor(ImageProcessingMixin):
         `do_sample_frames=False` a video given as frames keeps every frame. `options`: the standard ones of
         `STANDARD_OPTIONS` (see the class)."""
         max_tiles = self.video_max_tiles if max_tiles is None else max_tiles
-        loading = {key: options.pop(key) for key in ("do_convert_rgb", "input_data_format") if key in options}
+        loading = {key: options.pop(key) for key in LOADING if key in options}
         pixels, frame_counts, tile_counts = [], [], []
         for video in _flatten_videos(videos):
             if do_sample_frames:

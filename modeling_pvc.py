@@ -783,9 +783,9 @@ class PVCModel(PVCPreTrainedModel):
                 return_dict=True,
             )
             features = self.multi_modal_projector(vision.last_hidden_state, num_frames)  # [videos * P, T, M, D]
-            for position, index in enumerate(same):
+            for position, (index, clip_features) in enumerate(zip(same, features.split(num_tiles))):
                 per_video[index] = (
-                    rearrange(features.split(num_tiles)[position], "p t m d -> (t p m) d"),
+                    rearrange(clip_features, "p t m d -> (t p m) d"),
                     _stream_rows(vision, position, num_frames, num_tiles),
                 )
         outputs = [output for _, output in per_video]

@@ -274,7 +274,7 @@ class PVCProcessor(ProcessorMixin):
                 for key in OUTPUT_OPTIONS:
                     if key in nested:
                         output.setdefault(key, nested.pop(key))
-        valid = _valid_options()
+        valid = VALID_OPTIONS
         everything = set().union(*valid.values())
         problems = sorted(set(kwargs) - everything - set(MODALITIES) - {"common_kwargs"})
         for modality in (*MODALITIES, "common_kwargs"):
@@ -390,7 +390,7 @@ class PVCProcessor(ProcessorMixin):
         assistant-only loss reads it.
         """
         options = dict(processor_kwargs or {})
-        names = option_names()
+        names = OPTION_NAMES
         template = chat_template if chat_template is not None else self.chat_template
         template_variables = {key: value for key, value in kwargs.items() if key not in names}
         _check_template_variables(template_variables, template, names)
@@ -473,16 +473,16 @@ def _check_template_variables(variables: dict, template: str, options: set):
         )
 
 
-def option_names() -> set:
-    """Every keyword `PVCProcessor.__call__` takes as an option (see `_valid_options`)."""
-    return {*set().union(*_valid_options().values()), *MODALITIES, "common_kwargs", *OUTPUT_OPTIONS, "audio", "audios"}
-
-
 def _valid_options() -> dict:
     """The options of each sub-processor: `PVCProcessorKwargs`' typed dicts, less those PVC refuses."""
     valid = {modality: set(PVCProcessorKwargs.__annotations__[modality].__annotations__) for modality in MODALITIES}
     valid["audio_kwargs"] = set()  # PVC takes no audio
     return {modality: keys - set(OUTPUT_OPTIONS) - set(REFUSED_TEXT_OPTIONS) for modality, keys in valid.items()}
+
+
+VALID_OPTIONS = _valid_options()
+# Every keyword `PVCProcessor.__call__` takes as an option.
+OPTION_NAMES = {*set().union(*VALID_OPTIONS.values()), *MODALITIES, "common_kwargs", *OUTPUT_OPTIONS, "audio", "audios"}
 
 
 def assistant_mask(offsets, replacements: list[dict], spans) -> list[int]:

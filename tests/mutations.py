@@ -79,8 +79,8 @@ MUTATIONS = [
     (
         "video tokens tile-major",
         "modeling_pvc.py",
-        '                features[index] = rearrange(clip_features, "p t m d -> (t p m) d")',
-        '                features[index] = rearrange(clip_features, "p t m d -> (p t m) d")',
+        '                    rearrange(clip_features, "p t m d -> (t p m) d"),',
+        '                    rearrange(clip_features, "p t m d -> (p t m) d"),',
         "tests/test_modeling.py tests/test_processing.py",
     ),
     # position embeddings
@@ -116,8 +116,8 @@ MUTATIONS = [
     (
         "video prompt ignores tiles per frame",
         "processing_pvc.py",
-        "frame = IMAGE_START + IMAGE_CONTEXT * (self.tokens_per_frame * num_tiles) + IMAGE_END",
-        "frame = IMAGE_START + IMAGE_CONTEXT * self.tokens_per_frame + IMAGE_END",
+        "tokens = visual_tokens(self.tokens_per_frame, self.image_repeat, VIDEO, num_tiles)  # one frame's",
+        "tokens = visual_tokens(self.tokens_per_frame, self.image_repeat, VIDEO, 1)  # one frame's",
         "tests/test_processing.py tests/test_modeling.py",
     ),
     # conversion
@@ -144,7 +144,7 @@ MUTATIONS = [
     ),
     (
         "grid layout: one tile per image",
-        "processing_pvc.py",
+        "visuals_pvc.py",
         "torch.stack([torch.ones_like(tiles), torch.ones_like(tiles), tiles], dim=1)",
         "torch.stack([torch.ones_like(tiles), torch.ones_like(tiles), torch.ones_like(tiles)], dim=1)",
         "tests/test_serving.py",
@@ -260,7 +260,7 @@ MUTATIONS = [
     (
         "tile count without the thumbnail",
         "image_processing_pvc.py",
-        "        return columns * rows + int(self.use_thumbnail and columns * rows > 1)",
+        "        return columns * rows + int(thumbnail)",
         "        return columns * rows",
         "tests/test_serving.py tests/test_processing.py",
     ),

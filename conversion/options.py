@@ -14,6 +14,7 @@ CODE_FILES = (
     "configuration_pvc.py",
     "visuals_pvc.py",
     "modeling_pvc.py",
+    "video_decoding_pvc.py",
     "image_processing_pvc.py",
     "processing_pvc.py",
 )

@@ -130,14 +130,14 @@ MUTATIONS = [
     ),
     (
         "display matrix read as a rotation only",
-        "image_processing_pvc.py",
+        "video_decoding_pvc.py",
         "    return ImageOps.mirror(image) if mirrored else image\n",
         "    return image\n",
         "tests/test_processing.py",
     ),
     (
         "variable frame rate: the frame after each instant",
-        "image_processing_pvc.py",
+        "video_decoding_pvc.py",
         "        if after == len(seconds) or (after > 0 and instant - seconds[after - 1] <= seconds[after] - instant):\n",
         "        if after == len(seconds):\n",
         "tests/test_processing.py",

@@ -199,6 +199,7 @@ def test_output_is_a_complete_repo(converted):
         "processing_pvc.py",
         "image_processing_pvc.py",
         "visuals_pvc.py",
+        "video_decoding_pvc.py",
     ):
         assert (folder / name).exists(), name
     config = json.loads((folder / "config.json").read_text())

@@ -418,12 +418,14 @@ def test_end_to_end_batch_with_left_padding_matches_single_prompts(video_files):
     assert torch.equal(batched[1:2], generate([second])[1])
 
 
-def test_processor_round_trip_with_remote_code(tmp_path):
+def test_processor_round_trip_with_remote_code(tmp_path, video_files):
     from transformers import AutoProcessor
 
     processor = tiny_processor()
     processor.save_pretrained(tmp_path)
-    assert (tmp_path / "processing_pvc.py").exists() and (tmp_path / "image_processing_pvc.py").exists()
+    # The processor's files and those they import relatively (the visual bookkeeping, video decoding)
+    for name in ("processing_pvc.py", "image_processing_pvc.py", "visuals_pvc.py", "video_decoding_pvc.py"):
+        assert (tmp_path / name).exists(), name
     loaded = AutoProcessor.from_pretrained(tmp_path, trust_remote_code=True)
     assert type(loaded).__name__ == "PVCProcessor" and type(loaded).__module__ != type(processor).__module__
     assert loaded.tokens_per_frame == 4 and loaded.image_repeat == 4
@@ -433,6 +435,9 @@ def test_processor_round_trip_with_remote_code(tmp_path):
     for key in expected:
         assert torch.equal(expected[key], actual[key]), key
     assert loaded.batch_decode(actual["input_ids"][:, -1:]) == ["x"]
+    video = str(video_files / "long.mp4")
+    expected, actual = processor(text="<video>x", videos=video), loaded(text="<video>x", videos=video)
+    assert torch.equal(expected["pixel_values_videos"], actual["pixel_values_videos"])
 
 
 @settings(max_examples=60, deadline=None)

@@ -19,13 +19,14 @@ setup(
     description="PVC: Progressive Visual Token Compression for image and video VLMs, for Hugging Face Transformers",
     license="MIT",
     python_requires=">=3.10",
-    packages=["pvc", "pvc.conversion", "pvc.training", "pvc.experiments", "pvc.serving"],
+    packages=["pvc", "pvc.conversion", "pvc.training", "pvc.experiments", "pvc.serving", "pvc.evaluation"],
     package_dir={
         "pvc": ".",
         "pvc.conversion": "conversion",
         "pvc.training": "training",
         "pvc.experiments": "experiments",
         "pvc.serving": "serving",
+        "pvc.evaluation": "evaluation",
     },
     entry_points={
         "console_scripts": [
@@ -33,7 +34,9 @@ setup(
             "pvc-finetune=pvc.training.finetune:main",
             "pvc-demo=pvc.demo:main",
             "pvc-serve=pvc.serving.cli:main",
-        ]
+        ],
+        # `lmms-eval --model pvc` (lmms-eval >= 0.6 finds models through this group)
+        "lmms_eval.models": ["pvc=pvc.evaluation:lmms_eval_models"],
     },
     package_data={"pvc": ["demo_model/*"]},  # the demo's trained toy model (its code files are links, copied as files)
     cmdclass={"build_py": BuildPy},
@@ -54,6 +57,8 @@ setup(
         "flash": ["flash-attn>=2.6"],
         "convert": ["sentencepiece", "protobuf"],
         "plots": ["matplotlib"],
+        # lmms-eval 0.7.3 breaks with filelock >= 4; scripts/setup_lmms_eval.sh makes a working CPU environment
+        "eval": ["lmms-eval==0.7.3", "filelock<4"],
         # parameterized: transformers' common test mixins (tests/transformers_suite.py) import it
         "test": [
             "pytest",

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test suite, twice: on the lowest transformers this repo supports and on the newest 5.x release; then serving
-# with vLLM in its own environment (scripts/test_vllm.sh; PVC_SKIP_VLLM=1 leaves it out).
+# with vLLM and evaluating with lmms-eval, each in its own environment (scripts/test_vllm.sh and
+# scripts/test_lmms_eval.sh; PVC_SKIP_VLLM=1 and PVC_SKIP_LMMS_EVAL=1 leave them out).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 status=0
@@ -13,5 +14,9 @@ done
 if [ -z "${PVC_SKIP_VLLM:-}" ]; then
     echo "=== vLLM (.venv-vllm)"
     bash scripts/test_vllm.sh || status=$?
+fi
+if [ -z "${PVC_SKIP_LMMS_EVAL:-}" ]; then
+    echo "=== lmms-eval (.venv-lmms)"
+    bash scripts/test_lmms_eval.sh || status=$?
 fi
 exit $status

@@ -4,7 +4,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDERS = ("", "conversion", "training", "serving", "experiments")
+FOLDERS = ("", "conversion", "training", "serving", "experiments", "evaluation")
 
 
 def package_modules() -> dict[str, Path]:

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .visuals_pvc import IMAGE, VIDEO, visual_tokens
+
 DEMO_MODEL = Path(__file__).resolve().parent / "demo_model"
 
 
@@ -161,15 +163,15 @@ def main(argv=None):
             seconds = time.perf_counter() - started
             answer = processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
             visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
-            # InternVL2 keeps 1/4 of the patch tokens (2x2 pixel shuffle) and sees an image once
-            per_tile = round(model.config.tokens_per_frame * 0.25 / model.config.downsample_ratio**2)
+            # InternVL2 by PVC's counting rule: 1/4 of the patch tokens per frame (2x2 pixel shuffle), an image once
+            per_frame = round(model.config.tokens_per_frame * 0.25 / model.config.downsample_ratio**2)
             if kind == "image":
                 units = int(inputs["image_num_tiles"].sum())
-                internvl2 = per_tile * units
+                internvl2 = visual_tokens(per_frame, 1, IMAGE, tiles=units)
                 shape = f"{units} tiles x {model.config.image_repeat} frames"
             else:
                 units = int(inputs["video_num_frames"].sum())
-                internvl2 = per_tile * units
+                internvl2 = visual_tokens(per_frame, 1, VIDEO, tiles=1, frames=units)
                 shape = f"{units} frames"
             rows.append((kind, shape, visual, internvl2, preprocess, seconds))
             print(f"[{kind}] {answer!r}")

@@ -16,7 +16,7 @@ and at the task's `until` strings. The model options:
     dtype                auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16 or float16
     attn_implementation  sdpa, eager or flash_attention_2 (default: transformers' choice)
     device_map           passed to from_pretrained (e.g. auto, to spread a large model over GPUs)
-    max_new_tokens       overrides the task's
+    max_new_tokens       overrides the task's (without either: the generation config's, else 256)
     num_beams            overrides the task's and the preset's
 
 lmms-eval's `--device` and `--batch_size` are honoured. Only generation tasks are answered (`generate_until`).
@@ -210,7 +210,7 @@ class PVCLmmsEval(lmms):
         options["do_sample"] = sampling
         if sampling:
             options.update({key: task_options[key] for key in SAMPLING_OPTIONS if task_options.get(key) is not None})
-        options.setdefault("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
+        options.setdefault("max_new_tokens", self.model.generation_config.max_new_tokens or DEFAULT_MAX_NEW_TOKENS)
         if self.max_new_tokens is not None:
             options["max_new_tokens"] = self.max_new_tokens
         if self.num_beams is not None:

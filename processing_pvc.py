@@ -22,6 +22,10 @@ from transformers.utils.chat_template_utils import render_jinja_template
 from transformers.video_utils import VideoInput
 
 from .image_processing_pvc import PVCVideoProcessor, _flatten, _flatten_videos
+
+# transformers 5.0 copies a local checkpoint's remote-code file with only the files it imports itself (later 5.x
+# follow the imports of those too): what image_processing_pvc.py imports must be imported here as well.
+from .video_decoding_pvc import check_sampling  # noqa: F401
 from .visuals_pvc import IMAGE, VIDEO, as_grids, visual_order, visual_tokens
 
 logger = logging.getLogger(__name__)

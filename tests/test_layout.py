@@ -44,3 +44,31 @@ def test_no_two_modules_import_each_other():
     graph = {name: targets - {"pvc"} for name, targets in graph.items()}  # the package's lazy front door
     mutual = sorted({tuple(sorted((a, b))) for a, targets in graph.items() for b in targets if a in graph.get(b, ())})
     assert not mutual, f"modules that import each other: {mutual}"
+
+
+def test_each_remote_code_entry_imports_all_it_needs_itself():
+    """transformers 5.0 copies a local checkpoint's remote-code file (an `auto_map` target) with only the files it
+    imports relatively itself, not those they import in turn: each target must import its whole closure."""
+    from pvc.configuration_pvc import AUTO_MAP
+    from pvc.conversion.options import CODE_FILES
+
+    def direct(name: str) -> set[str]:
+        found = set()
+        for node in ast.walk(ast.parse((ROOT / name).read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+                found.add(f"{node.module}.py")
+        return found
+
+    assert {needed for name in CODE_FILES for needed in direct(name)} <= set(CODE_FILES)  # all carried
+    entries = {value.split(".")[0] + ".py" for value in AUTO_MAP.values()} | {
+        "image_processing_pvc.py",
+        "processing_pvc.py",
+    }
+    for entry in sorted(entries):
+        closure, todo = set(), list(direct(entry))
+        while todo:
+            name = todo.pop()
+            if name not in closure:
+                closure.add(name)
+                todo += direct(name)
+        assert closure == direct(entry), f"{entry} must import {sorted(closure - direct(entry))} itself"

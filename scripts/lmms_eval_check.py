@@ -38,6 +38,28 @@ MVBENCH_OFFICIAL = (
 )
 
 
+def task_yaml(task: str, split: str, data: Path, benchmark: str, target: str) -> str:
+    """The start of a task YAML: local parquet data, the benchmark's `doc_to_visual` / `doc_to_text` (from the
+    folder's utils.py) and `GENERATION`."""
+    generation = "".join(f"  {key}: {json.dumps(value)}\n" for key, value in GENERATION.items())
+    return (
+        textwrap.dedent(f"""\
+            task: {task}
+            dataset_path: parquet
+            dataset_kwargs:
+              data_files:
+                {split}: {data}
+            test_split: {split}
+            output_type: generate_until
+            doc_to_visual: !function utils.{benchmark}_doc_to_visual
+            doc_to_text: !function utils.{benchmark}_doc_to_text
+            doc_to_target: {target}
+            generation_kwargs:
+            """)
+        + generation
+    )
+
+
 def write_tasks(folder: Path, docvqa_answers=None) -> dict:
     """The two tasks (YAML, utils.py, parquet data, mp4 files) in `folder`; their records by task name.
     `docvqa_answers(index, picture, truth)` gives a DocVQA record's reference answers (default: the truth)."""
@@ -91,23 +113,9 @@ def write_tasks(folder: Path, docvqa_answers=None) -> dict:
         mvbench.append(dict(video=name, question=VIDEO_QUESTION, candidates=candidates, answer=truth))
     Dataset.from_list(mvbench).to_parquet(folder / "mvbench.parquet")
 
-    generation = "\n".join(f"  {key}: {json.dumps(value)}" for key, value in GENERATION.items())
     (folder / "pvc_check_docvqa.yaml").write_text(
-        textwrap.dedent(f"""\
-            task: pvc_check_docvqa
-            dataset_path: parquet
-            dataset_kwargs:
-              data_files:
-                validation: {folder / "docvqa.parquet"}
-            test_split: validation
-            output_type: generate_until
-            doc_to_visual: !function utils.docvqa_doc_to_visual
-            doc_to_text: !function utils.docvqa_doc_to_text
-            doc_to_target: answers
-            generation_kwargs:
-            """)
-        + generation
-        + textwrap.dedent(f"""
+        task_yaml("pvc_check_docvqa", "validation", folder / "docvqa.parquet", "docvqa", "answers")
+        + textwrap.dedent(f"""\
             lmms_eval_specific_kwargs:
               default:
                 pre_prompt: ""
@@ -119,21 +127,8 @@ def write_tasks(folder: Path, docvqa_answers=None) -> dict:
             """)
     )
     (folder / "pvc_check_mvbench.yaml").write_text(
-        textwrap.dedent(f"""\
-            task: pvc_check_mvbench
-            dataset_path: parquet
-            dataset_kwargs:
-              data_files:
-                train: {folder / "mvbench.parquet"}
-            test_split: train
-            output_type: generate_until
-            doc_to_visual: !function utils.mvbench_doc_to_visual
-            doc_to_text: !function utils.mvbench_doc_to_text
-            doc_to_target: answer
-            generation_kwargs:
-            """)
-        + generation
-        + textwrap.dedent(f"""
+        task_yaml("pvc_check_mvbench", "train", folder / "mvbench.parquet", "mvbench", "answer")
+        + textwrap.dedent(f"""\
             lmms_eval_specific_kwargs:
               default:
                 sub_task: action_sequence
@@ -206,11 +201,10 @@ def demo():
     return model, AutoProcessor.from_pretrained(DEMO, trust_remote_code=True)
 
 
-def direct_answer(demo, media: dict, text: str, num_beams: int = 1, num_frames=None) -> str:
-    """What `apply_chat_template` + `generate` answer for one visual and a prompt."""
+def direct_answer(demo, media: dict, text: str, num_beams: int = 1, **options) -> str:
+    """What `apply_chat_template` + `generate` answer for one visual and a prompt (`options`: the processor's)."""
     model, processor = demo
     conversation = [{"role": "user", "content": [media, {"type": "text", "text": text}]}]
-    options = {} if num_frames is None else {"num_frames": num_frames}
     inputs = processor.apply_chat_template(
         conversation, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt", **options
     )
@@ -437,22 +431,7 @@ def test_a_time_window_of_a_video(plugin, demo, tasks):
         {"type": "text", "text": "Colours?"},
     ]
     (answer,) = plugin.generate_until(requests_for(plugin, [content]))
-    model, processor = demo
-    conversation = [
-        {"role": "user", "content": [{"type": "video", "video": path}, {"type": "text", "text": "Colours?"}]}
-    ]
-    inputs = processor.apply_chat_template(
-        conversation,
-        add_generation_prompt=True,
-        tokenize=True,
-        return_dict=True,
-        return_tensors="pt",
-        start=0.5,
-        end=1.25,
-    )
-    with torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=GENERATION["max_new_tokens"], do_sample=False)
-    assert answer == processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0]
+    assert answer == direct_answer(demo, {"type": "video", "video": path}, "Colours?", start=0.5, end=1.25)
 
 
 def test_unsupported_requests_are_named(plugin):
@@ -474,14 +453,6 @@ def test_a_checkpoint_that_is_not_pvc_is_named(tmp_path):
 # ------------------------------------------------------------------------------------ the serving route
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.skipif(
     not os.environ.get("PVC_SERVE"),
     reason="needs pvc-serve from .venv-vllm (PVC_SERVE; scripts/test_lmms_eval.sh sets it)",
@@ -491,14 +462,11 @@ def test_openai_compatible_against_pvc_serve(tasks, tmp_path):
     answered as direct `generate` answers them; videos sent as file:// paths (`pass_video_url=True`), read by the
     server under `--allowed-local-media-path`, answered. The model is scripts/vllm_check.py's small random PVC
     (vLLM's CPU attention takes its head size, not the demo model's)."""
-    import signal
-    import time
-    import urllib.request
-
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     sys.path.insert(0, str(ROOT / "scripts"))
     from vllm_check import build
+    from vllm_server_check import free_port, stop, wait_until_ready
 
     folder, records = tasks
     checkpoint = build(tmp_path)
@@ -519,15 +487,7 @@ def test_openai_compatible_against_pvc_serve(tasks, tmp_path):
         stdout=subprocess.DEVNULL,
     )
     try:
-        deadline = time.time() + 600
-        while True:
-            assert server.poll() is None, f"pvc-serve exited with status {server.returncode}"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5):
-                    break
-            except OSError:
-                assert time.time() < deadline, "pvc-serve was not ready after 600 s"
-                time.sleep(2)
+        wait_until_ready(server, f"http://127.0.0.1:{port}")
         command = [sys.executable, "-m", "lmms_eval", "--model", "openai_compatible", "--model_args"]
         command += [
             f"model_version={checkpoint},base_url=http://127.0.0.1:{port}/v1,api_key=unused,pass_video_url=True,max_frames_num=4"
@@ -537,11 +497,7 @@ def test_openai_compatible_against_pvc_serve(tasks, tmp_path):
         offline = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(folder / "hf"))
         result = subprocess.run(command, capture_output=True, text=True, env=offline, timeout=900)
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+        stop(server)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     answers, _ = logged(tmp_path / "out")
     # lmms-eval logs a request that failed as an answer (and exits 0): none may look like one

@@ -46,6 +46,15 @@ def wait_until_ready(server, url: str, seconds: float = 600):
     raise RuntimeError(f"the server was not ready after {seconds:.0f} s")
 
 
+def stop(server):
+    """End a server started in its own session, and what it started."""
+    os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+
+
 def png_data_url(image: Image.Image) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
@@ -131,11 +140,7 @@ def main(model_dir: str) -> int:
             f"{expected_tokens}), answer {reply.choices[0].message.content!r}"
         )
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+        stop(server)
     return 0 if ok else 1
 
 

@@ -86,9 +86,9 @@ class PVCLmmsEval(lmms):
         self.model = AutoModelForImageTextToText.from_pretrained(pretrained, trust_remote_code=True, **loading).eval()
         self.processor = AutoProcessor.from_pretrained(pretrained, trust_remote_code=True)
         self._device = self.model.device
-        given = dict(num_frames=num_frames, max_tiles=max_tiles, video_max_tiles=video_max_tiles)
+        given = dict(num_frames=num_frames, max_tiles=max_tiles, video_max_tiles=video_max_tiles, num_beams=num_beams)
         settings = {**(self.preset.settings if self.preset else {})}
-        settings.update({key: value for key, value in {**given, "num_beams": num_beams}.items() if value is not None})
+        settings.update({key: value for key, value in given.items() if value is not None})  # the user's win
         self.processor_options = {key: settings[key] for key in PROCESSOR_OPTIONS if key in settings}
         self.num_beams = settings.get("num_beams")
         self.max_new_tokens = max_new_tokens

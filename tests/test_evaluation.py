@@ -51,12 +51,14 @@ def test_an_unknown_preset_is_named():
 
 
 def test_the_readme_table_matches_the_presets():
-    """Each preset's row in the README's benchmark table names its tasks and settings as the code has them."""
+    """Each preset's row in the README's benchmark table names its benchmark, tasks and settings as the code has
+    them."""
     text = (ROOT / "README.md").read_text()
     for name, preset in PRESETS.items():
         rows = [line for line in text.splitlines() if line.startswith("|") and f"| `{name}` |" in line]
         assert len(rows) == 1, name
         cells = [cell.strip() for cell in rows[0].strip("|").split("|")]
+        assert cells[0] == preset.benchmark, (name, cells[0])
         assert cells[3] == preset.describe(), (name, cells[3])
         assert set(re.findall(r"`([^`]+)`", cells[1])) == set(preset.tasks), name
         assert f"preset={name}" in cells[4]

@@ -288,8 +288,6 @@ def run(name_filter: str = "") -> int:
         copy = copy_repository(Path(folder))
         # `import pvc` must find the copy, not the installed checkout: the copy's folder is named pvc
         env = dict(os.environ, PYTHONPATH=folder, OMP_NUM_THREADS="1")
-        # the conversion fixtures are found beside the checkout, not beside the copy
-        env.setdefault("PVC_FIXTURES", str(ROOT.parent / "shared" / "fixtures" / "internvl2"))
         for name, path, old, new, tests in chosen:
             original = (copy / path).read_text()
             if original.count(old) != 1:

@@ -19,18 +19,25 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokeniz
 from pvc.conversion.cli import main as convert
 from pvc.conversion.rules import convert_projector
 
-# Tiny checkpoints in the original InternVL2 layout with the original code's outputs, beside this checkout.
-DEFAULT_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "internvl2"
+# Tiny checkpoints in the original InternVL2 layout with the original code's outputs, kept in the repo (how they were
+# made: fixtures/internvl2/README.md); $PVC_FIXTURES points elsewhere.
+DEFAULT_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "internvl2"
 FIXTURES = Path(os.environ.get("PVC_FIXTURES", DEFAULT_FIXTURES))
 VARIANTS = ["internlm2", "qwen2", "phi3"]
 
 
 def fixture(variant: str) -> Path:
-    """A fixture checkpoint's folder; the test that asks for it is skipped where the fixtures are missing (the tests
-    that need none still run)."""
-    if not FIXTURES.is_dir():
-        pytest.skip(f"the InternVL2 fixtures are not at {FIXTURES}")
-    return FIXTURES / variant
+    """A fixture checkpoint's folder. A missing one fails the test that asks for it, never skips it: these are the
+    converter's strongest check, and a suite that passes without them has not checked the converter."""
+    folder = FIXTURES / variant
+    if not (folder / "config.json").is_file() or not (folder / "reference.safetensors").is_file():
+        where = "$PVC_FIXTURES" if "PVC_FIXTURES" in os.environ else "the checkout"
+        pytest.fail(
+            f"The InternVL2 fixture {variant!r} is missing at {folder} (from {where}): tests/fixtures/internvl2 is "
+            "part of the repository; restore it (git checkout -- tests/fixtures) or point $PVC_FIXTURES at a copy.",
+            pytrace=False,
+        )
+    return folder
 
 
 @pytest.fixture(scope="module")

@@ -554,9 +554,11 @@ def test_output_permissions_follow_the_umask(tmp_path):
         os.umask(old)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_stopped_conversion_leaves_nothing(tmp_path, signum):
-    """kill/timeout/batch schedulers send SIGTERM, Ctrl-C SIGINT: the staging folder goes, and one line says so."""
+def start_slow_conversion(tmp_path, ignored=()):
+    """A conversion in a child process, slowed down so that signals reach it mid-write; returned once it has started
+    writing. The child starts with every stopping signal at its default disposition except those in `ignored`
+    (SIG_IGN, as `nohup` or a background job of a shell would start it), whatever the suite inherited: a suite run in
+    the background has SIGINT ignored, and its children would inherit that."""
     destination = tmp_path / "out" / "converted"
     slow_conversion = (
         "import sys, time; import pvc.conversion.writing as writing\n"
@@ -566,15 +568,43 @@ def test_a_stopped_conversion_leaves_nothing(tmp_path, signum):
         "from pvc.conversion.cli import main\n"
         f"sys.exit(main(['--src', {str(fixture('qwen2'))!r}, '--dst', {str(destination)!r}]))\n"
     )
-    process = subprocess.Popen([sys.executable, "-c", slow_conversion], stderr=subprocess.PIPE, text=True)
+
+    def dispositions():
+        for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(number, signal.SIG_IGN if number in ignored else signal.SIG_DFL)
+
+    process = subprocess.Popen(
+        [sys.executable, "-c", slow_conversion], stderr=subprocess.PIPE, text=True, preexec_fn=dispositions
+    )
     deadline = time.monotonic() + 120
     while not any((tmp_path / "out").glob(".converted.partial-*")):
         assert process.poll() is None and time.monotonic() < deadline, "the conversion never started writing"
         time.sleep(0.02)
+    return process
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stopped_conversion_leaves_nothing(tmp_path, signum):
+    """kill/timeout/batch schedulers send SIGTERM, Ctrl-C SIGINT: the staging folder goes, and one line says so."""
+    process = start_slow_conversion(tmp_path)
     process.send_signal(signum)
     _, error = process.communicate(timeout=60)
     assert process.returncode == 128 + signum, error
     assert signal.Signals(signum).name in error and "Traceback" not in error
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_conversion_started_with_sigint_and_sighup_ignored_keeps_them_ignored(tmp_path):
+    """Started as a background job (SIGINT ignored) or under nohup (SIGHUP ignored), a conversion is not stopped by
+    Ctrl-C or a closing terminal, as POSIX asks; kill (SIGTERM) still stops it, leaving nothing."""
+    process = start_slow_conversion(tmp_path, ignored=(signal.SIGINT, signal.SIGHUP))
+    process.send_signal(signal.SIGINT)
+    process.send_signal(signal.SIGHUP)
+    time.sleep(0.5)
+    assert process.poll() is None, process.communicate()[1]
+    process.send_signal(signal.SIGTERM)
+    _, error = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM and "SIGTERM" in error, error
     assert list((tmp_path / "out").iterdir()) == []
 
 

@@ -9,6 +9,7 @@ equal segments), one tile per frame by default; video files are decoded in `vide
 import io
 import math
 import os
+from collections.abc import Mapping
 from typing import TypedDict
 
 import numpy as np
@@ -182,6 +183,7 @@ class PVCImageProcessorKwargs(TypedDict, total=False):
     image_size: int
     min_tiles: int
     max_tiles: int
+    size: dict
     use_thumbnail: bool
     do_convert_rgb: bool
     do_rescale: bool
@@ -197,10 +199,10 @@ class PVCImageProcessorKwargs(TypedDict, total=False):
 NORMALISATION = ("do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std")
 LOADING = ("do_convert_rgb", "input_data_format")  # how an image is read (see `PVCImageProcessor.load`)
 STANDARD_OPTIONS = (*NORMALISATION, *LOADING, "device")
-# transformers' standard options that tiling replaces: refused, never silently ignored
+# transformers' standard options that tiling replaces: refused, never silently ignored (`size` is honoured as a tile
+# budget, see `PVCImageProcessor.size`)
 TILING_REPLACES = (
     "do_resize",
-    "size",
     "default_to_square",
     "resample",
     "do_center_crop",
@@ -229,6 +231,9 @@ class PVCImageProcessor(ImageProcessingMixin):
     Args:
         image_size (`int`, defaults to 448): tile side.
         min_tiles, max_tiles (`int`, defaults to 1 and 12): bounds of the tile grid of an image.
+        size (`dict`, *optional*): `max_tiles` given as transformers' `size`, the largest shape an image is resized to
+            before tiling: `{"height": rows * image_size, "width": columns * image_size}` allows rows x columns tiles
+            (see the `size` property). Give `size` or `max_tiles`, not both.
         use_thumbnail (`bool`, defaults to `True`): append a whole-image tile when an image has several tiles.
         do_convert_rgb (`bool`, defaults to `True`): convert every image to RGB; with `False` an image that is not
             RGB already is an error (the model takes 3 channels).
@@ -247,7 +252,7 @@ class PVCImageProcessor(ImageProcessingMixin):
         self,
         image_size=448,
         min_tiles=1,
-        max_tiles=12,
+        max_tiles=None,
         use_thumbnail=True,
         image_mean=IMAGENET_MEAN,
         image_std=IMAGENET_STD,
@@ -260,10 +265,11 @@ class PVCImageProcessor(ImageProcessingMixin):
         **kwargs,
     ):
         refuse_tiling_options(kwargs, type(self).__name__)
+        size = kwargs.pop("size", None)
         super().__init__(**kwargs)
         self.image_size = image_size
         self.min_tiles = min_tiles
-        self.max_tiles = max_tiles
+        self.max_tiles = self.tile_limit(max_tiles, size, default=12)
         self.use_thumbnail = use_thumbnail
         self.do_convert_rgb = do_convert_rgb
         self.do_rescale = do_rescale
@@ -274,13 +280,41 @@ class PVCImageProcessor(ImageProcessingMixin):
         self.num_frames = num_frames
         self.video_max_tiles = video_max_tiles
 
+    @classmethod
+    def from_dict(cls, image_processor_dict: dict, **kwargs):
+        """As transformers' `from_dict`; a `size` given here replaces the saved `max_tiles` (it is another way to
+        give it)."""
+        if kwargs.get("size") is not None:
+            image_processor_dict = {key: value for key, value in image_processor_dict.items() if key != "max_tiles"}
+        return super().from_dict(image_processor_dict, **kwargs)
+
     @property
     def size(self) -> dict:
         """The largest size an image is resized to before it is cut into tiles, `{"height", "width"}`: the grid of
         at most `max_tiles` tiles that holds the most (`largest_grid`; 1344 x 1792 for 12 tiles of 448). It follows
-        from `image_size` and `max_tiles` (read-only, not saved). vLLM profiles its largest image at this size and
-        sizes its memory for image features from it; a square image would give fewer tiles (3 x 3 of 12)."""
+        from `image_size` and `max_tiles` and is not saved. vLLM profiles its largest image at this size and sizes its
+        memory for image features from it; a square image would give fewer tiles (3 x 3 of 12).
+
+        Setting it (or `from_pretrained(..., size=...)`, or `size=` in a call) sets the tile budget: a shape of
+        rows x columns whole tiles allows rows * columns tiles, whichever way round an image is cut."""
         return _grid_size(self.max_tiles, self.image_size)
+
+    @size.setter
+    def size(self, size: dict):
+        self.max_tiles = tiles_in(size, self.image_size)
+
+    def tile_limit(self, max_tiles: int | None = None, size: dict | None = None, default: int | None = None) -> int:
+        """The tile limit a call (or the constructor) asks for: `max_tiles`, or `size` as a tile budget (see the
+        `size` property), or `default` (the processor's `max_tiles`)."""
+        if size is not None:
+            budget = tiles_in(size, self.image_size)
+            if max_tiles is not None and max_tiles != budget:
+                raise ValueError(
+                    f"size={dict(size)} allows {budget} tiles of {self.image_size}px but max_tiles={max_tiles}: give "
+                    "one of them."
+                )
+            return budget
+        return default if max_tiles is None else max_tiles
 
     # ---------------------------------------------------------------------------------------------------- images
 
@@ -366,12 +400,17 @@ class PVCImageProcessor(ImageProcessingMixin):
         loading = {key: options.pop(key) for key in LOADING if key in options}
         pixels, frame_counts, tile_counts = [], [], []
         for video in _flatten_videos(videos):
+            # Each frame is tiled as soon as it is decoded: full-resolution frames are not kept.
+            def prepare(frame):
+                return self._tile_frame(self.load(frame, **loading), max_tiles)
+
             if do_sample_frames:
-                frames = self.sample_frames(video, num_frames, fps, max_frames, start, end)
+                frames = self.sample_frames(video, num_frames, fps, max_frames, start, end, transform=prepare)
             else:
-                frames = self._given_frames(video, num_frames, fps, max_frames, start, end)
-            frames = [self.load(frame, **loading) for frame in frames]
-            tiles = [tile for frame in frames for tile in self._tile_frame(frame, max_tiles)]
+                frames = [
+                    prepare(frame) for frame in self._given_frames(video, num_frames, fps, max_frames, start, end)
+                ]
+            tiles = [tile for frame in frames for tile in frame]
             pixels.append(self.to_tensor(tiles, **options))
             frame_counts.append(len(frames))
             tile_counts.append(len(tiles) // len(frames))
@@ -401,7 +440,7 @@ class PVCImageProcessor(ImageProcessingMixin):
             return [frame.resize((self.image_size, self.image_size), Image.BICUBIC)]
         return self.tiles(frame, max_tiles)
 
-    def sample_frames(self, video, num_frames=None, fps=None, max_frames=None, start=None, end=None):
+    def sample_frames(self, video, num_frames=None, fps=None, max_frames=None, start=None, end=None, transform=None):
         """RGB frames of one video (a path, an http(s) or base64 data: URL, a list of frames, or an array/tensor
         [T, H, W, 3]).
 
@@ -414,39 +453,45 @@ class PVCImageProcessor(ImageProcessingMixin):
         the frames nearest those times (at a constant rate, round(start * rate) .. round(end * rate), as `load_video`).
         A variable-frame-rate file is sampled evenly in time (see `read_video`). Asked for as many frames as the video
         (or window) has, each frame comes once; asked for more, frames repeat evenly, in order. Frames given in memory
-        are sampled by the same rule as a file; pass `num_frames=len(frames)` to keep them all.
+        are sampled by the same rule as a file; pass `num_frames=len(frames)` to keep them all. With `transform`, its
+        result for each frame instead of the frame, computed as the frame is decoded (see `read_video`).
         """
         num_frames = self.num_frames if num_frames is None else num_frames
         check_sampling(num_frames, fps, max_frames, start, end)
         if isinstance(video, (str, os.PathLike)):
-            return read_video(str(video), num_frames, fps, max_frames, start, end)
+            return read_video(str(video), num_frames, fps, max_frames, start, end, transform)
         frames = _frames_in_memory(video)
         if start is not None or end is not None:
             raise ValueError("start/end select a time window of a video file; slice frames given in memory instead.")
         indices = sample_indices(len(frames), num_frames, None, None, max_frames)
-        return [to_pil(frames[index]) for index in indices]
+        show, picked = transform or (lambda frame: frame), {}
+        for index in indices:  # a frame picked twice is read once
+            if index not in picked:
+                picked[index] = show(to_pil(frames[index]))
+        return [picked[index] for index in indices]
 
     # ---------------------------------------------------------------------------------------------------- call
 
     def __call__(self, images=None, videos=None, return_tensors="pt", **kwargs) -> BatchFeature:
         """Images and/or videos -> a `BatchFeature` of the model's pixel inputs. Options: `max_tiles` for images;
-        `num_frames`, `fps`, `max_frames`, `start`, `end`, `video_max_tiles`, `do_sample_frames` for videos; and
-        transformers' standard `do_convert_rgb`, `input_data_format`, `do_rescale`, `rescale_factor`,
-        `do_normalize`, `image_mean`, `image_std`, `device` for both. Any other option is an error."""
+        `num_frames`, `fps`, `max_frames`, `start`, `end`, `video_max_tiles`, `do_sample_frames` for videos;
+        `size`, the tile limit as a shape (see the `size` property), for both kinds; and transformers' standard
+        `do_convert_rgb`, `input_data_format`, `do_rescale`, `rescale_factor`, `do_normalize`, `image_mean`,
+        `image_std`, `device` for both. Any other option is an error."""
         refuse_tiling_options(kwargs, type(self).__name__)
-        known = {"max_tiles", *VIDEO_OPTIONS, *STANDARD_OPTIONS}
+        known = {"max_tiles", "size", *VIDEO_OPTIONS, *STANDARD_OPTIONS}
         if set(kwargs) - known:
             raise TypeError(
                 f"Unexpected arguments: {sorted(set(kwargs) - known)}; options: {', '.join(sorted(known))}."
             )
         device = kwargs.pop("device", None)
         standard = {key: kwargs.pop(key) for key in STANDARD_OPTIONS if key in kwargs}
-        max_tiles = kwargs.pop("max_tiles", None)
+        max_tiles, size = kwargs.pop("max_tiles", None), kwargs.pop("size", None)
         data = {}
         if images is not None:
-            data.update(self.preprocess_images(images, max_tiles, **standard))
+            data.update(self.preprocess_images(images, self.tile_limit(max_tiles, size), **standard))
         if videos is not None:
-            video_max_tiles = kwargs.pop("video_max_tiles", None)
+            video_max_tiles = self.tile_limit(kwargs.pop("video_max_tiles", None), size)
             data.update(self.preprocess_videos(videos, max_tiles=video_max_tiles, **kwargs, **standard))
         output = BatchFeature(data=data, tensor_type=return_tensors)
         return output.to(device) if device is not None else output
@@ -473,6 +518,8 @@ class PVCVideoProcessor:
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
     def __setattr__(self, name, value):
+        if name == "size":  # the frames' tile budget as a shape (see `PVCImageProcessor.size`)
+            name, value = "video_max_tiles", tiles_in(value, self.image_size)
         if name not in VIDEO_SETTINGS:
             raise AttributeError(f"{type(self).__name__} settings are {', '.join(VIDEO_SETTINGS)}; not {name!r}.")
         setattr(self.image_processor, name, value)
@@ -484,10 +531,10 @@ class PVCVideoProcessor:
     @property
     def size(self) -> dict:
         """The largest size a frame is resized to before it is cut into tiles (see `PVCImageProcessor.size`), by
-        `video_max_tiles`."""
+        `video_max_tiles`; setting it sets `video_max_tiles`."""
         return _grid_size(self.video_max_tiles, self.image_size)
 
-    def sample_frames(self, video, num_frames=None, fps=None, max_frames=None, start=None, end=None):
+    def sample_frames(self, video, num_frames=None, fps=None, max_frames=None, start=None, end=None, transform=None):
         """RGB frames of one video; see `PVCImageProcessor.sample_frames`."""
         return self.image_processor.sample_frames(video, num_frames, fps, max_frames, start, end)
 
@@ -508,6 +555,23 @@ class PVCVideoProcessor:
 # The image processor's settings that a PVCVideoProcessor uses, and the options of one call.
 VIDEO_SETTINGS = ("image_size", "num_frames", "video_max_tiles", "image_mean", "image_std")
 VIDEO_OPTIONS = ("num_frames", "fps", "max_frames", "start", "end", "video_max_tiles", "do_sample_frames")
+
+
+def tiles_in(size, tile_size: int) -> int:
+    """The number of tiles a `size` `{"height", "width"}` of whole tiles holds (the inverse of `_grid_size`)."""
+    if not (isinstance(size, Mapping) and set(size) == {"height", "width"}):
+        raise ValueError(
+            f"size must be {{'height': ..., 'width': ...}} in pixels (the largest shape an image is tiled at); got "
+            f"{size!r}. Or set max_tiles."
+        )
+    height, width = size["height"], size["width"]
+    if not all(isinstance(side, int) and side >= tile_size and side % tile_size == 0 for side in (height, width)):
+        raise ValueError(
+            f"size={dict(size)}: PVC cuts images into square tiles of {tile_size}px, so height and width must be whole "
+            f"multiples of {tile_size} (rows x columns tiles: {{'height': 2 * {tile_size}, 'width': 3 * {tile_size}}} "
+            "allows 6). Or set max_tiles."
+        )
+    return (height // tile_size) * (width // tile_size)
 
 
 def _grid_size(max_tiles: int, tile_size: int) -> dict:

@@ -305,25 +305,28 @@ class PVCProcessor(ProcessorMixin):
         r"""
         What the given media become, without reading any (transformers' processor convention, which vLLM uses):
         `num_image_tokens` and `num_image_patches` (tiles) per image size (height, width), and `num_video_tokens`
-        per video size (frames, height, width). Options as in `__call__` (`max_tiles`, `num_frames`,
-        `video_max_tiles`, `do_sample_frames`); a video becomes `num_frames` frames whatever its length, as
+        per video size (frames, height, width). Options as in `__call__`, flat or per sub-processor (`max_tiles`,
+        `size`, `num_frames`, `video_max_tiles`, `do_sample_frames`); a video becomes `num_frames` frames whatever its length, as
         `sample_frames` gives, or keeps its own frames with `do_sample_frames=False`.
         """
         pixels, data = self.image_processor, {}
+        _, options = self._routed_options(kwargs)  # flat or per sub-processor, as `__call__` takes them
+        images, videos = options["images_kwargs"], options["videos_kwargs"]
         counted = dict(tokens_per_frame=self.tokens_per_frame, image_repeat=self.image_repeat)
         if image_sizes is not None:
-            max_tiles = kwargs.get("max_tiles")
+            max_tiles = pixels.tile_limit(images.get("max_tiles"), images.get("size"))
             tiles = [pixels.num_tiles(width, height, max_tiles) for height, width in image_sizes]
             data["num_image_tokens"] = [visual_tokens(**counted, kind=IMAGE, tiles=count) for count in tiles]
             data["num_image_patches"] = tiles
         if video_sizes is not None:
-            max_tiles, sampled = kwargs.get("video_max_tiles"), kwargs.get("num_frames") or pixels.num_frames
+            max_tiles = pixels.tile_limit(videos.get("video_max_tiles"), videos.get("size"))
+            sampled = videos.get("num_frames") or pixels.num_frames
             data["num_video_tokens"] = [
                 visual_tokens(
                     **counted,
                     kind=VIDEO,
                     tiles=pixels.num_frame_tiles(width, height, max_tiles),
-                    frames=sampled if kwargs.get("do_sample_frames", True) else frames,
+                    frames=sampled if videos.get("do_sample_frames", True) else frames,
                 )
                 for frames, height, width in video_sizes
             ]

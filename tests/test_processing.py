@@ -290,7 +290,7 @@ def test_bad_videos_are_clear_errors(tmp_path, video_files):
     (tmp_path / "corrupt.mp4").write_bytes(np.random.RandomState(0).bytes(5000))
     (tmp_path / "empty.mp4").write_bytes(b"")
     for name in ("corrupt.mp4", "empty.mp4"):
-        with pytest.raises(ValueError, match="read the video|no video|no decodable"):
+        with pytest.raises(ValueError, match="read the video|no video|no decodable|is empty"):
             processor(videos=str(tmp_path / name))
     with pytest.raises(ValueError, match="not found"):
         processor(videos=str(tmp_path / "missing.mp4"))
@@ -906,12 +906,46 @@ def test_input_data_format_and_do_convert_rgb():
         processor(images=[array], input_data_format="sideways")
 
 
-@pytest.mark.parametrize("option", [{"size": {"height": 28, "width": 28}}, {"do_resize": False}, {"crop_size": 28}])
+@pytest.mark.parametrize("option", [{"do_resize": False}, {"crop_size": 28}, {"resample": 3}])
 def test_standard_options_that_tiling_replaces_are_refused(option):
     with pytest.raises(ValueError, match="tiles"):
         PVCImageProcessor(**option)
     with pytest.raises(ValueError, match="tiles"):
         tiny_processor()(text="<image>", images=[picture()], **option)
+
+
+def test_size_is_the_tile_limit_as_a_shape(tmp_path):
+    """transformers' `size` (at construction, in from_pretrained, set, or in a call) gives the tile limit as the
+    largest shape an image is tiled at: rows x columns whole tiles allow rows * columns tiles, the same inputs as that
+    `max_tiles`; anything else is an error naming the tile size. transformers 5.25 loads processors this way."""
+    photo = picture(400, 300)  # 4:3, cut into 4 x 3 = 12 tiles + thumbnail when 12 are allowed
+    limits = {(56, 56): 1, (112, 112): 4, (112, 168): 6, (168, 224): 12}
+    for (height, width), tiles in limits.items():
+        size = {"height": height, "width": width}
+        expected = PVCImageProcessor(image_size=56, max_tiles=tiles)(images=[photo])
+        built = PVCImageProcessor(image_size=56, size=size)
+        called = PVCImageProcessor(image_size=56, max_tiles=2)(images=[photo], size=size)
+        for output in (built(images=[photo]), called):
+            assert torch.equal(output["image_num_tiles"], expected["image_num_tiles"])
+            assert torch.equal(output["pixel_values"], expected["pixel_values"])
+        assert built.max_tiles == tiles
+    PVCImageProcessor(image_size=56, max_tiles=1).save_pretrained(tmp_path)
+    loaded = PVCImageProcessor.from_pretrained(tmp_path, size={"height": 112, "width": 168})
+    assert loaded.max_tiles == 6 and loaded.size == {"height": 112, "width": 168}
+    processor = tiny_processor(max_tiles=1)
+    processor.image_processor.size = {"height": 168, "width": 224}
+    assert processor.image_processor.max_tiles == 12
+    processor.video_processor.size = {"height": 112, "width": 112}
+    assert processor.image_processor.video_max_tiles == 4
+    counted = processor._get_num_multimodal_tokens(
+        image_sizes=[(100, 400)], images_kwargs={"size": {"height": 56, "width": 112}}
+    )
+    assert counted["num_image_patches"] == [3]  # 2 tiles + thumbnail (12 + 1 at the processor's limit)
+    for bad in ({"height": 100, "width": 56}, {"shortest_edge": 56}, {"height": 0, "width": 56}):
+        with pytest.raises(ValueError, match="56"):
+            PVCImageProcessor(image_size=56, size=bad)
+    with pytest.raises(ValueError, match="give one of them"):
+        PVCImageProcessor(image_size=56, max_tiles=2)(images=[photo], size={"height": 112, "width": 112}, max_tiles=2)
 
 
 def test_mm_token_type_ids_mark_images_1_and_videos_2():

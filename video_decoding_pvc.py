@@ -1,28 +1,28 @@
 """Frames of a video: which to keep (InternVL2's and PVC's sampling rule) and decoding only those with PyAV.
 
-`read_video` opens a file, an http(s) URL or a base64 data: URL, reads the packets' timestamps without decoding,
-maps the sampling rule's instants to the frames nearest in time and decodes just those, seeking to far-apart ones;
-frames come upright by the container's display matrix. PyAV is imported only when a video file is read, so the
+`read_video` opens a file, an http(s) URL (downloaded once) or a base64 data: URL, reads the packets' timestamps and
+keyframe flags without decoding, maps the sampling rule's instants to the frames nearest in time and decodes in one
+forward pass, seeking only over groups of pictures that hold no pick; frames come upright by the container's display
+matrix. PyAV is imported only when a video file is read, so the
 image half of PVC needs no video library.
 """
 
 import base64
 import binascii
 import bisect
+import contextlib
 import functools
 import io
 import itertools
 import logging
 import math
 import os
+import tempfile
 
 import numpy as np
 from PIL import Image, ImageOps
 
 logger = logging.getLogger(__name__)
-
-# Seek instead of decoding forward when the next wanted frame lies this many frames ahead or more.
-SEEK_DISTANCE = 32
 
 
 def check_sampling(num_frames, fps, max_frames, start, end):
@@ -69,67 +69,110 @@ def sample_indices(total: int, num_frames: int | None, fps: float | None, native
     return [int(segment / 2 + round(segment * k)) for k in range(num_frames)]
 
 
-def read_video(path: str, num_frames, fps=None, max_frames=None, start=None, end=None) -> list[Image.Image]:
-    """Decode only the sampled frames of a video file (or http(s) URL, read by ranges) with PyAV, seeking to
-    far-apart frames.
+def read_video(path: str, num_frames, fps=None, max_frames=None, start=None, end=None, transform=None) -> list:
+    """Decode only the sampled frames of a video file, an http(s) URL or a base64 data: URL with PyAV.
 
-    The packets' timestamps are read first (without decoding, as decord does when it opens a file): they give the
-    exact frame count, and each sampling rule's instants are mapped to the frame nearest in time. For a constant
-    frame rate that is frame index i for instant i / rate, so the picks are the authors'; for a variable frame rate
-    the picks are spread evenly in time, not in frame count (a slow-motion or screen-recorded stretch holds many
-    more frames per second than the rest)."""
+    The packets' timestamps and keyframe flags are read first, without decoding (as decord does when it opens a file):
+    they give the exact frame count, and each sampling rule's instants are mapped to the frame nearest in time. For a
+    constant frame rate that is frame index i for instant i / rate, so the picks are the authors'; for a variable frame
+    rate the picks are spread evenly in time, not in frame count (a slow-motion or screen-recorded stretch holds many
+    more frames per second than the rest). Frames are then decoded in order, seeking only where the next pick's
+    keyframe lies past the decoder's position (see `_decode_at`): never more than one linear decode, and no more than
+    the groups of pictures that hold the picks, whatever the keyframe spacing.
+
+    An http(s) URL is downloaded once, whole, into a temporary file (deleted when the frames are read), and read from
+    there: one transfer of the file, whatever the seeks. `transform`, if given, is applied to each picked frame (an
+    upright RGB PIL image) as soon as it is decoded, and its results are returned instead: the processor tiles and
+    shrinks frames this way, so full-resolution frames are not kept. A frame picked twice is transformed once."""
+    av = _av()
+    show = transform or (lambda image: image)
+    with _local_source(path) as (source, name):
+        try:
+            frames = _read(av, source, name, show, num_frames, fps, max_frames, start, end)
+        except av.error.FFmpegError as error:
+            reason = getattr(error, "strerror", None) or str(error)
+            raise ValueError(
+                f"Could not read the video {name}: {reason}. The file is damaged or not a video."
+            ) from None
+    if not frames:
+        raise ValueError(f"The video {name} has no decodable frames: it is damaged or cut short.")
+    return frames
+
+
+def _av():
+    """PyAV, imported only when a video file is read."""
     try:
         import av
     except ImportError:
         raise ImportError("Reading video files needs PyAV: pip install av") from None
-    is_url = path.startswith(("http://", "https://"))
-    source = path
-    if path.startswith("data:"):  # a data URL: data:video/mp4;base64,....
-        source, path = io.BytesIO(_data_url_bytes(path)), path[:40] + "..."
-    elif not is_url and not os.path.exists(path):
-        raise ValueError(f"Video file not found: {path}")
+    return av
+
+
+def _read(av, source, name, show, num_frames, fps, max_frames, start, end) -> list:
+    with av.open(source) as container:
+        form = container.format.name
+        if form == "image2" or form.endswith("_pipe"):  # FFmpeg's readers of single pictures
+            raise ValueError(
+                f"{name} is a picture ({form}), not a video: pass it as an image, or several frame files as a list, "
+                "which is one video."
+            )
+        if not container.streams.video:
+            kinds = ", ".join(stream.type for stream in container.streams) or "none"
+            raise ValueError(
+                f"{name} holds no video stream (container {form}, streams: {kinds}): it is damaged or not a video."
+            )
+        stream = container.streams.video[0]
+        times, keyframes, count = _index(container, stream)
+        upright = functools.partial(_upright, rotate_tag=_rotate_tag(stream))
+        if times and len(times) == count:
+            positions = _sample_by_time(times, stream.time_base, num_frames, fps, max_frames, start, end, name)
+            return _decode_at(container, stream, times, keyframes, positions, lambda frame: show(upright(frame)), name)
+        rate = float(stream.average_rate or stream.guessed_rate or 0)
+    # Timestamps missing (a raw elementary stream: .h264, .hevc, which cannot seek either) or repeated (some MPEG-PS
+    # muxers): the packets still count the frames. They are taken by position, at the nominal rate, in one pass.
+    first, last = _window(count, start, end, rate, name)
+    indices = sample_indices(last - first + 1, num_frames, fps, rate, max_frames)
+    if isinstance(source, io.BytesIO):
+        source.seek(0)
+    with av.open(source) as container:
+        decoder = _decoded(container, container.streams.video[0])
+        return _decode_in_order(decoder, [first + i for i in indices], lambda frame: show(upright(frame)))
+
+
+@contextlib.contextmanager
+def _local_source(path: str):
+    """What PyAV opens for `path`, and the name errors give it: a local file as is (checked to exist and to hold
+    bytes), a data: URL's bytes in memory, an http(s) URL downloaded once into a temporary file."""
+    if path.startswith("data:"):  # data:video/mp4;base64,....
+        yield io.BytesIO(_data_url_bytes(path)), path[:40] + "..."
+    elif path.startswith(("http://", "https://")):
+        with tempfile.TemporaryDirectory(prefix="pvc-video-") as folder:
+            yield _download(path, os.path.join(folder, "video")), path
+    else:
+        if not os.path.exists(path):
+            raise ValueError(f"Video file not found: {path}")
+        if os.path.isfile(path) and os.path.getsize(path) == 0:
+            raise ValueError(f"The video file {path} is empty (0 bytes).")
+        yield path, path
+
+
+def _download(url: str, destination: str, timeout: float = 60.0) -> str:
+    """`url` saved whole at `destination`, in one request; failures are errors naming the URL."""
+    import shutil
+    import urllib.error
+    import urllib.request
+
     try:
-        with av.open(source) as container:
-            form = container.format.name
-            if form == "image2" or form.endswith("_pipe"):  # FFmpeg's readers of single pictures
-                raise ValueError(
-                    f"{path} is a picture ({form}), not a video: pass it as an image, or several frame files as a "
-                    "list, which is one video."
-                )
-            if not container.streams.video:
-                kinds = ", ".join(stream.type for stream in container.streams) or "none"
-                raise ValueError(
-                    f"{path} holds no video stream (container {form}, streams: {kinds}): it is damaged or not a video."
-                )
-            stream = container.streams.video[0]
-            times = _presentation_times(container, stream)
-            show = functools.partial(_upright, rotate_tag=_rotate_tag(stream))
-            if times:
-                positions = _sample_by_time(times, stream.time_base, num_frames, fps, max_frames, start, end, path)
-                frames = _decode_at(container, stream, times, positions, show)
-        if not times:
-            # No timestamps: a raw elementary stream (.h264, .hevc), which cannot seek either. Count its frames by
-            # decoding, then decode again from the start, taking frames by position at the nominal rate.
-            if isinstance(source, io.BytesIO):
-                source.seek(0)
-            with av.open(source) as container:
-                stream = container.streams.video[0]
-                rate = float(stream.average_rate or stream.guessed_rate or 0)
-                total = sum(1 for _ in container.decode(stream))
-            first, last = _window(total, start, end, rate, path)
-            indices = sample_indices(last - first + 1, num_frames, fps, rate, max_frames)
-            if isinstance(source, io.BytesIO):
-                source.seek(0)
-            with av.open(source) as container:
-                frames = _decode_in_order(
-                    container.decode(container.streams.video[0]), [first + i for i in indices], show
-                )
-    except av.error.FFmpegError as error:
-        hint = "Is the URL reachable?" if is_url else "The file is damaged or not a video."
-        raise ValueError(f"Could not read the video {path}: {error}. {hint}") from None
-    if not frames:
-        raise ValueError(f"The video {path} has no decodable frames: it is damaged or cut short.")
-    return frames
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(destination, "wb") as file:
+            shutil.copyfileobj(response, file, length=1 << 20)
+    except urllib.error.HTTPError as error:
+        raise ValueError(f"Could not fetch the video {url}: HTTP {error.code} {error.reason}.") from None
+    except (urllib.error.URLError, OSError) as error:  # no such host, refused, timed out, cut off
+        reason = getattr(error, "reason", error)
+        raise ValueError(f"Could not fetch the video {url}: {reason}. Is the URL reachable?") from None
+    if os.path.getsize(destination) == 0:
+        raise ValueError(f"The video {url} is empty (the server sent 0 bytes).")
+    return destination
 
 
 def _data_url_bytes(url: str) -> bytes:
@@ -142,15 +185,21 @@ def _data_url_bytes(url: str) -> bytes:
         raise ValueError(f"The data URL's base64 payload cannot be decoded: {error}") from None
 
 
-def _presentation_times(container, stream) -> list[int]:
-    """Every frame's presentation timestamp (in the stream's time base), in display order, read from the packets
-    without decoding; empty when the packets carry none. (Decoding then starts with a seek, `_seek_before`.)"""
-    stamps = {
-        packet.pts
-        for packet in container.demux(stream)
-        if packet.pts is not None and packet.size and not getattr(packet, "is_discard", False)
-    }
-    return sorted(stamps)
+def _index(container, stream) -> tuple[list[int], list[int], int]:
+    """Every frame's presentation timestamp (in the stream's time base) in display order, the positions (in that list)
+    of the keyframes, and the number of frames (packets), read from the packets without decoding. Position 0 counts
+    as a keyframe when no packet is marked one."""
+    stamps, keys, count = set(), set(), 0
+    for packet in container.demux(stream):
+        if packet.size and not getattr(packet, "is_discard", False):
+            count += 1
+            if packet.pts is not None:
+                stamps.add(packet.pts)
+                if packet.is_keyframe:
+                    keys.add(packet.pts)
+    times = sorted(stamps)
+    keyframes = sorted({bisect.bisect_left(times, stamp) for stamp in keys} | ({0} if times else set()))
+    return times, keyframes, count
 
 
 def _window(total: int, start, end, rate: float, path) -> tuple[int, int]:
@@ -187,40 +236,146 @@ def _sample_by_time(times, time_base, num_frames, fps, max_frames, start, end, p
     return list(dict.fromkeys(positions)) if fps is not None else positions
 
 
-def _decode_at(container, stream, times: list[int], positions: list[int], show) -> list[Image.Image]:
-    """Frames at the given (sorted, possibly repeated) positions in `times`, as `show` turns them into images.
-    Far-apart frames are reached by seeking; a frame past the real end becomes the last one."""
+def _decode_at(container, stream, times: list[int], keyframes: list[int], positions: list[int], show, name) -> list:
+    """`show` of the frames at the given (possibly repeated) positions in `times`, in the order given.
+
+    The picks are visited in order. The decoder goes forward from where it is unless the pick's keyframe (the last
+    keyframe at or before it) lies past the decoder's position: then it seeks to that keyframe, skipping frames it
+    would otherwise decode for nothing. So each group of pictures that holds a pick is decoded once, up to its last
+    pick, and no frame twice. A pick past the last frame that decodes (a cut or damaged tail) is that last frame.
+    Where timestamps shift after a seek (see `_Seeker`), the frames are taken in one pass from the start instead."""
     wanted = sorted(set(positions))
-    found: dict[int, Image.Image] = {}
-    decoder, position, last = None, -1, None
-    for target in wanted:
-        if decoder is None or target - position >= SEEK_DISTANCE:
-            decoder, position = _seek_before(container, stream, times, target)
-        for frame in decoder:
-            position = position + 1 if frame.pts is None else bisect.bisect_left(times, frame.pts)
-            last = frame
-            if position >= target:
-                found[target] = show(frame)
-                break
-        else:  # the stream ended before the target
-            if last is None:
-                break
-            found[target] = show(last)
+    seek = _Seeker(container, stream, times, keyframes)
+    try:
+        found, decoded = _visit(seek, wanted, show, name, seeking=True)
+    except _UnreliableSeek:
+        logger.debug("%s: timestamps shift after a seek; decoding from the start without seeking.", name)
+        found, decoded = _visit(seek, wanted, show, name, seeking=False)
+    logger.debug(
+        "Decoded %d frames with %d seeks for %d picks among %d frames (%d keyframes).",
+        decoded,
+        seek.seeks,
+        len(wanted),
+        len(times),
+        len(keyframes),
+    )
     return [found[index] for index in positions if index in found]
 
 
-def _decode_in_order(decoder, indices: list[int], show) -> list[Image.Image]:
-    """Frames at the given (sorted, possibly repeated) indices, counting frames from the start."""
-    wanted, found, last = set(indices), {}, None
+def _visit(seek, wanted: list[int], show, name, seeking: bool) -> tuple[dict, int]:
+    """`{position: show(frame)}` for the sorted positions `wanted`, and how many frames were decoded: seeking past
+    keyframes (positions from the frames' timestamps), or in one pass from the start (positions by counting)."""
+    times, keyframes = seek.times, seek.keyframes
+    found, decoder, position, current, decoded = {}, None, -1, None, 0
+    for target in wanted:
+        if current is not None and position >= target:  # the decoder skipped past it: the frame at its position
+            found[target] = found[position] if position in found else show(current)
+            continue
+        keyframe = keyframes[bisect.bisect_right(keyframes, target) - 1]
+        if decoder is None or (seeking and keyframe > position):
+            decoder, landed = seek(target) if seeking else seek.start(check=False)
+            if decoder is None:  # nothing decodes from here on
+                break
+            position = landed - 1 if seeking else -1
+        for frame in decoder:  # (a decoding error ends it, see `_decoded`)
+            decoded += 1
+            counted = not seeking or frame.pts is None
+            position = position + 1 if counted else bisect.bisect_left(times, frame.pts)
+            current = frame
+            if position >= target:
+                found[target] = show(frame)
+                break
+        else:  # the stream ends before the target: this and every later pick are its last frame
+            if current is None:
+                break
+            later = [index for index in wanted if index >= target]
+            logger.warning(
+                "%s: frames decode up to position %d of the %d its packets list (a cut or damaged end); the %d "
+                "frame(s) picked after that are that last frame.",
+                name,
+                position,
+                len(times),
+                len(later),
+            )
+            found.update(dict.fromkeys(later, show(current)))
+            break
+    return found, decoded
+
+
+class _UnreliableSeek(Exception):
+    pass
+
+
+class _Seeker:
+    """Decoders that start at a keyframe at or before a target position.
+
+    It asks for the target's keyframe by its timestamp. Some demuxers land later than asked: MPEG-TS lands on the
+    keyframe after the one asked for, or yields no frame at all when asked for its last one. A landing past the
+    target is retried one keyframe earlier, and the lag learnt is kept for the next seeks (one seek each, not two);
+    the very start is the last resort."""
+
+    def __init__(self, container, stream, times: list[int], keyframes: list[int]):
+        self.container, self.stream, self.times, self.keyframes = container, stream, times, keyframes
+        self.keytimes = {times[position] for position in keyframes}
+        self.lag, self.seeks = 0, 0
+
+    def __call__(self, target: int):
+        """A decoder whose first frame is at or before position `target`, and that frame's position; `(None, -1)`
+        when nothing decodes."""
+        index = bisect.bisect_right(self.keyframes, target) - 1
+        for lag in range(self.lag, index + 1):
+            decoder, position = self._from(self.times[self.keyframes[index - lag]])
+            if decoder is not None and position <= target:
+                self.lag = lag
+                return decoder, position
+        return self.start()
+
+    def start(self, check: bool = True):
+        """A decoder from the very start (asked for as time 0 or earlier: MPEG-TS lands a keyframe late when asked
+        for its first one)."""
+        return self._from(min(0, self.times[0]), check)
+
+    def _from(self, stamp: int, check: bool = True):
+        self.container.seek(stamp, stream=self.stream, backward=True)
+        self.seeks += 1
+        decoder = _decoded(self.container, self.stream)
+        first = next(decoder, None)
+        if first is None:
+            return None, -1
+        if check and first.key_frame and first.pts is not None and first.pts not in self.keytimes:
+            # A keyframe the packets do not list at that time: this demuxer's timestamps shift after a seek (MPEG-PS
+            # does, by a frame), so positions read from them would be off.
+            raise _UnreliableSeek
+        # a frame without a timestamp: taken to be the keyframe asked for
+        stamp = stamp if first.pts is None else first.pts
+        return itertools.chain([first], decoder), bisect.bisect_left(self.times, stamp)
+
+
+def _decoded(container, stream):
+    """The stream's frames from the container's read position. FFmpeg's decoders skip what they cannot read; an error
+    that PyAV raises instead (damaged data) ends the frames here, with a warning, as the end of the file would."""
+    try:
+        yield from container.decode(stream)
+    except _av().error.FFmpegError as error:
+        logger.warning("Decoding stopped at damaged data (%s); the frames after it are treated as missing.", error)
+
+
+def _decode_in_order(decoder, indices: list[int], show) -> list:
+    """`show` of the frames at the given (sorted, possibly repeated) indices, counting frames from the start."""
+    wanted, found, last, decoded = set(indices), {}, None, 0
     for index, frame in enumerate(decoder):
-        last = frame
+        last, decoded = frame, decoded + 1
         if index in wanted:
             found[index] = show(frame)
             if len(found) == len(wanted):
                 break
+    logger.debug("Decoded %d frames with 0 seeks for %d picks, in one pass from the start.", decoded, len(wanted))
     if last is None:
         return []
-    return [found[index] if index in found else show(last) for index in indices]
+    missing = [index for index in indices if index not in found]
+    if missing:
+        found.update(dict.fromkeys(missing, show(last)))
+    return [found[index] for index in indices]
 
 
 def _upright(frame, rotate_tag: float = 0) -> Image.Image:
@@ -263,24 +418,6 @@ def _rotate_tag(stream) -> float:
         return float(tags.get("rotate", 0))
     except ValueError:
         return 0.0
-
-
-def _seek_before(container, stream, times, target):
-    """A decoder whose first frame is at or before position `target`, and the position before that frame. Some
-    containers (MPEG-TS) land after the time asked for; then it seeks further back, down to the start if need be."""
-    back = 0
-    while True:
-        goal = max(0, target - back)
-        # The very start is asked for as time 0 or earlier: MPEG-TS lands a keyframe late when asked for its start.
-        container.seek(times[goal] if goal else min(0, times[0]), stream=stream, backward=True)
-        decoder = container.decode(stream)
-        first = next(decoder, None)
-        if first is None:
-            return iter(()), -1
-        first_position = goal if first.pts is None else bisect.bisect_left(times, first.pts)
-        if first_position <= target or goal == 0:
-            return itertools.chain([first], decoder), first_position - 1
-        back = max(SEEK_DISTANCE, 2 * back)
 
 
 __all__ = ["check_sampling", "read_video", "sample_indices"]

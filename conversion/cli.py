@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from .options import ABLATIONS, DTYPE_NAMES
+from .options import ABLATIONS, DTYPE_NAMES, nonempty_path, shard_size, whole_number
 
 # model_type of the source -> its converter module (imported when used: `--help` loads no torch)
 CONVERTERS = {
@@ -26,15 +26,19 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         prog="pvc-convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--src", required=True, help="source checkpoint: a local folder or a Hub id")
-    parser.add_argument("--dst", required=True, help="output folder (written atomically)")
+    parser.add_argument(
+        "--src", required=True, type=nonempty_path, help="source checkpoint: a local folder or a Hub id"
+    )
+    parser.add_argument("--dst", required=True, type=nonempty_path, help="output folder (written atomically)")
     parser.add_argument(
         "--dtype",
         choices=["auto", *DTYPE_NAMES],
         default="auto",
         help="weights dtype; auto keeps the source's (default)",
     )
-    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    parser.add_argument(
+        "--max-shard-size", type=shard_size, default="5GB", help="largest safetensors shard (default 5GB)"
+    )
     parser.add_argument(
         "--ablation",
         choices=sorted(ABLATIONS),
@@ -51,19 +55,19 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--num-temporal-layers",
-        type=int,
+        type=whole_number(0),
         default=None,
         help="progressive layers (default: a third of the ViT's layers, 8 for InternViT-300M)",
     )
     parser.add_argument(
         "--adaln-hidden-size",
-        type=int,
+        type=whole_number(1),
         default=None,
         help="hidden width of the progressive layers' AdaLN modulation (default: the ViT's width C)",
     )
     parser.add_argument(
         "--projector-adaln-hidden-size",
-        type=int,
+        type=whole_number(1),
         default=None,
         help="hidden width of the projector AdaLN's modulation (default: its input width 16C, as PVC-InternVL2-8B; "
         "with InternViT-6B that is 51200 and adds about 10B parameters, so a smaller width is worth choosing)",

@@ -1,5 +1,8 @@
 """What the commands' options choose between, and checks of them, importing no torch (so `--help` is quick)."""
 
+import argparse
+import math
+import re
 from pathlib import Path
 
 # Table 4 of the paper as config switches (the number of progressive layers is set separately).
@@ -36,3 +39,71 @@ def missing_folder_message(name: str) -> str | None:
     if Path(name).expanduser().exists():
         return f"{name} is a file; pass the checkpoint's folder."
     return f"{name}: no such folder (a local path, so it was not looked up on the Hub). Check the path."
+
+
+# Checks of the commands' options, as argparse types: a bad value stops the command at once, before anything loads,
+# with one line naming the option (argparse adds "argument --NAME:").
+
+
+def whole_number(minimum: int):
+    """An argparse type: a whole number of at least `minimum`."""
+
+    def check(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number of at least {minimum}, got {text!r}")
+        return value
+
+    check.__name__ = "whole number"
+    return check
+
+
+def real_number(minimum: float = 0.0, above: bool = False):
+    """An argparse type: a finite number of at least `minimum` (above it, with `above`)."""
+
+    def check(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value < minimum or (above and value == minimum):
+            bound = f"above {minimum:g}" if above else f"of at least {minimum:g}"
+            raise argparse.ArgumentTypeError(f"expected a finite number {bound}, got {text!r}")
+        return value
+
+    check.__name__ = "number"
+    return check
+
+
+def nonempty_path(text: str) -> str:
+    """An argparse type: a path that is not empty (an empty one would quietly mean the working folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected a path, got {text!r}")
+    return text
+
+
+SIZE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
+
+
+def parse_size(size: str) -> int:
+    """`5GB`, `400MB`, `300KB` or a number of bytes -> bytes; a ValueError for anything else and for a size that
+    rounds to zero bytes (each tensor would go into a file of its own)."""
+    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?)B?\s*", size.upper())
+    if not found:
+        raise ValueError(f"cannot read the shard size {size!r}; use e.g. 5GB, 400MB or 300KB")
+    value = int(float(found.group(1)) * SIZE_UNITS[found.group(2)])
+    if value < 1:
+        raise ValueError(f"a shard must hold at least one byte, got {size!r}; use e.g. 5GB, 400MB or 300KB")
+    return value
+
+
+def shard_size(text: str) -> str:
+    """An argparse type: a shard size that `parse_size` reads, kept as written."""
+    try:
+        parse_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text

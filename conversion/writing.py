@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .. import PVCConfig, PVCForConditionalGeneration, PVCProcessor, build_chat_template
-from .options import CODE_FILES, DTYPE_NAMES
+from .options import CODE_FILES, DTYPE_NAMES, parse_size
 from .reading import Checkpoint, ConversionError
 from .rules import Conversion, convert_projector, is_new_module, new_parameters
 from .signals import signals_held
@@ -22,11 +22,38 @@ from .signals import signals_held
 DTYPES = {name: getattr(torch, dtype) for name, dtype in DTYPE_NAMES.items()}
 
 
-def parse_size(size: str) -> int:
-    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?)B?\s*", size.upper())
-    if not found:
-        raise ConversionError(f"Cannot read the shard size {size!r}; use e.g. 5GB, 400MB or 300KB.")
-    return int(float(found.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[found.group(2)])
+def shard_bytes(size: str) -> int:
+    """`--max-shard-size` in bytes (`options.parse_size`), its complaint as a `ConversionError`."""
+    try:
+        return parse_size(size)
+    except ValueError as error:
+        raise ConversionError(f"--max-shard-size: {error}.") from None
+
+
+def write_failure(error: BaseException) -> str | None:
+    """Why a write failed (a full disk, a quota, a read-only or vanished folder), for an error that the libraries
+    writing a checkpoint raise when the system refuses a write; None for any other error. Measured on a full tmpfs:
+    Python's files raise OSError; safetensors a SafetensorError and tokenizers a plain Exception, each with Rust's
+    "... (os error 28)"; torch.save a RuntimeError from its zip writer ("[enforce fail at inline_container.cc] ...
+    unexpected pos"), which does not say why."""
+    if isinstance(error, OSError):
+        return error.strerror or str(error)
+    text = str(error)
+    found = re.search(r"\(os error (\d+)\)", text)
+    if found:
+        return os.strerror(int(found.group(1)))
+    if isinstance(error, RuntimeError) and ("inline_container" in text or "PytorchStreamWriter" in text):
+        return f"torch.save could not write its file ({text.strip().splitlines()[0]})"
+    return None
+
+
+def human_size(size: int) -> str:
+    """Bytes as people read them: 1.8 MB, 16.3 GB."""
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1000
+    return ""
 
 
 class ShardWriter:
@@ -79,7 +106,7 @@ def write_repo(
     """Convert and write the complete repo to `destination` atomically. Returns the summary counts."""
     destination = Path(destination)
     check_destination(Path(conversion.source), destination, overwrite)
-    max_bytes = parse_size(max_shard_size)
+    max_bytes = shard_bytes(max_shard_size)
     checkpoint = Checkpoint(conversion.source)
     checkpoint.validate()
     config = conversion.config
@@ -123,6 +150,7 @@ def write_repo(
     if missing:
         raise ConversionError(f"The source gives no value for {len(missing)} parameters: {missing[:20]}")
 
+    weight_bytes = sum(math.prod(shape) for name, shape in expected.items() if name not in tied) * dtype.itemsize
     parent = destination.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -171,16 +199,27 @@ def write_repo(
             if destination.exists():
                 backup = Path(tempfile.mkdtemp(prefix=f".{destination.name}.old-", dir=parent))
                 os.replace(destination, backup / "old")
-                os.replace(staging, destination)
+                try:
+                    os.replace(staging, destination)
+                except BaseException:
+                    os.replace(backup / "old", destination)  # the earlier conversion goes back in place
+                    backup.rmdir()
+                    raise
                 shutil.rmtree(backup)
             else:
                 os.replace(staging, destination)
         return summary
     except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(error, OSError):  # a full disk, say: nothing half-written stays behind
-            raise ConversionError(f"Writing {destination} failed and nothing was kept: {error}") from error
-        raise
+        reason = write_failure(error)
+        if reason is None:
+            raise
+        # a full disk, say: nothing half-written stays behind, and an earlier conversion at --dst is untouched
+        kept = " (the earlier conversion there is untouched)" if destination.exists() else ""
+        raise ConversionError(
+            f"Writing {destination} failed and nothing was kept{kept}: {reason}. Free space under {parent} (the "
+            f"weights alone take {human_size(weight_bytes)}) or choose another --dst, then run pvc-convert again."
+        ) from error
 
 
 # The record of what a conversion wrote, written with it: `--overwrite` replaces a folder only when every file in it

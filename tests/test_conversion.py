@@ -1,5 +1,6 @@
 """pvc-convert against the tiny InternVL2 fixtures, whose reference outputs come from the original code."""
 
+import errno
 import json
 import os
 import re
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import IMAGE_TOKEN, assert_adalns_are_plain_layer_norms
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
@@ -303,11 +305,9 @@ def test_sizes_of_the_new_modules_are_chosen_on_the_command_line(converted, tmp_
     with torch.no_grad():
         frames = tower(reference["pixel_values"], num_frames=4, static=True).last_hidden_state
     assert_relative(frames[3::4], reference["vit_last_hidden_state"])
-    for option, value, message in (
-        ("--num-temporal-layers", "99", "num_temporal_layers must lie in [0, num_hidden_layers=4]"),
-        ("--projector-adaln-hidden-size", "0", "projector_adaln_hidden_size must be a positive width"),
-    ):
-        assert_fails_cleanly(fixture("qwen2"), tmp_path, capsys, message, option, value)
+    # more layers than the source's ViT has (sizes no ViT can have stop earlier: test_bad_option_values_...)
+    message = "num_temporal_layers must lie in [0, num_hidden_layers=4]"
+    assert_fails_cleanly(fixture("qwen2"), tmp_path, capsys, message, "--num-temporal-layers", "99")
 
 
 def copy_fixture(variant, tmp_path):
@@ -399,13 +399,104 @@ def test_unknown_architecture_fails_cleanly(tmp_path, capsys):
     assert_fails_cleanly(source, tmp_path, capsys, "Unknown architecture")
 
 
-def test_a_full_disk_or_an_unknown_source_fails_cleanly(tmp_path, capsys, monkeypatch):
-    def full_disk(*args, **kwargs):
-        raise OSError(28, "No space left on device")
+def full_disk(error):
+    """A writer that fails as it does on a full disk, with the error it raises there (measured on a full tmpfs)."""
 
-    with monkeypatch.context() as patch:
-        patch.setattr("pvc.conversion.writing.save_file", full_disk)
-        assert_fails_cleanly(fixture("qwen2"), tmp_path, capsys, "No space left on device")
+    def write(*args, **kwargs):
+        raise error
+
+    return write
+
+
+# Where a conversion writes, and what each writer raises when the disk is full.
+FULL_DISK = {
+    "shard": (
+        "save_file",
+        SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
+    ),
+    "code file": ("shutil.copyfile", OSError(errno.ENOSPC, "No space left on device")),
+    "tokenizer": ("PVCProcessor.save_pretrained", Exception("No space left on device (os error 28)")),
+}
+
+
+@pytest.mark.parametrize("where", FULL_DISK)
+def test_a_full_disk_fails_in_one_line_and_keeps_nothing_but_an_earlier_conversion(tmp_path, capsys, where):
+    """A disk that fills up while the shards, a code file or the tokenizer are written: one line that names --dst and
+    what to do (no SafetensorError traceback), no partial folder left, an earlier conversion that --overwrite would
+    have replaced left as it was."""
+    from pvc.conversion import writing
+
+    name, error = FULL_DISK[where]
+    owner = writing
+    for part in name.split(".")[:-1]:
+        owner = getattr(owner, part)
+    destination = tmp_path / "out" / "converted"
+    assert convert(["--src", str(fixture("qwen2")), "--dst", str(destination), "--ablation", "a"]) == 0
+    capsys.readouterr()
+    before = tree(tmp_path / "out")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(owner, name.split(".")[-1], full_disk(error))
+        assert convert(["--src", str(fixture("qwen2")), "--dst", str(destination), "--overwrite"]) == 1
+        fresh = tmp_path / "elsewhere" / "converted"
+        assert convert(["--src", str(fixture("qwen2")), "--dst", str(fresh)]) == 1
+    error = capsys.readouterr().err
+    lines = [line for line in error.splitlines() if line.strip() and not line.startswith("Converting tensors")]
+    message = [line for line in lines if line.startswith("pvc-convert: error: ")]  # the rest is tqdm's
+    assert len(message) == len(lines) == 2 and "Traceback" not in error, error[-3000:]
+    assert message[0].startswith(f"pvc-convert: error: Writing {destination} failed and nothing was kept (the earlier")
+    for line in message:
+        assert "No space left on device. Free space under" in line and "or choose another --dst" in line, line
+    assert tree(tmp_path / "out") == before and [p.name for p in (tmp_path / "out").iterdir()] == ["converted"]
+    assert list((tmp_path / "elsewhere").iterdir()) == []
+
+
+def test_a_failed_final_move_puts_the_earlier_conversion_back(tmp_path, capsys, monkeypatch):
+    """--overwrite moves the earlier conversion aside, then the new one into place: should the second move fail, the
+    earlier conversion goes back where it was."""
+    from pvc.conversion import writing
+
+    destination = tmp_path / "out" / "converted"
+    assert convert(["--src", str(fixture("qwen2")), "--dst", str(destination), "--ablation", "a"]) == 0
+    before = tree(tmp_path / "out")
+    replace = os.replace
+
+    def failing_move(source, target):
+        if Path(target) == destination and ".partial-" in str(source):
+            raise OSError(errno.EIO, "Input/output error")
+        replace(source, target)
+
+    monkeypatch.setattr(writing.os, "replace", failing_move)
+    assert convert(["--src", str(fixture("qwen2")), "--dst", str(destination), "--overwrite"]) == 1
+    assert "Input/output error" in capsys.readouterr().err
+    assert tree(tmp_path / "out") == before and [p.name for p in (tmp_path / "out").iterdir()] == ["converted"]
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--max-shard-size", "0", "a shard must hold at least one byte, got '0'; use e.g. 5GB, 400MB or 300KB"),
+        ("--max-shard-size", "0.5", "a shard must hold at least one byte, got '0.5'; use e.g. 5GB, 400MB or 300KB"),
+        ("--max-shard-size", "5TB", "cannot read the shard size '5TB'; use e.g. 5GB, 400MB or 300KB"),
+        ("--dst", "", "expected a path, got ''"),
+        ("--src", " ", "expected a path, got ' '"),
+        ("--num-temporal-layers", "-1", "expected a whole number of at least 0, got '-1'"),
+        ("--adaln-hidden-size", "0", "expected a whole number of at least 1, got '0'"),
+        ("--projector-adaln-hidden-size", "0", "expected a whole number of at least 1, got '0'"),
+        ("--projector-adaln-hidden-size", "1.5", "expected a whole number of at least 1, got '1.5'"),
+    ],
+)
+def test_bad_option_values_stop_before_anything_is_read(tmp_path, capsys, option, value, message):
+    """One line naming the option, before the source is read: a shard size of 0 wrote one file per tensor, and an
+    empty --dst was the working folder (reported as `.`)."""
+    options = {"--src": str(fixture("qwen2")), "--dst": str(tmp_path / "out"), option: value}
+    with pytest.raises(SystemExit) as stop:
+        convert([part for pair in options.items() for part in pair])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"pvc-convert: error: argument {option}: {message}"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unknown_source_fails_cleanly(tmp_path, capsys):
     # A Hub id (no such folder here); the tests run offline (HF_HUB_OFFLINE), so it cannot be fetched.
     assert_fails_cleanly("someone/no-such-model", tmp_path, capsys, "is not a local folder")
 

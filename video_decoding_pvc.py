@@ -382,7 +382,7 @@ def _upright(frame, rotate_tag: float = 0) -> Image.Image:
     """A decoded frame as a viewer shows it: turned and mirrored by its display matrix (a phone held upright
     records its frames sideways and says so there; a front camera may mirror them), as ffmpeg's player does and as
     images are by their EXIF orientation. Without a matrix, turned by the legacy `rotate` tag (clockwise degrees)."""
-    image = frame.to_image()
+    image = Image.fromarray(frame.to_ndarray(format="rgb24"))  # as `to_image()`, in half the time
     matrix = _display_matrix(frame)
     if matrix is None:
         return image.rotate(-rotate_tag, expand=True) if round(rotate_tag) % 360 else image

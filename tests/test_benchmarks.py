@@ -86,3 +86,24 @@ def test_gpu_check_script_runs_on_the_cpu(tmp_path):
     assert "passed" in numerics and "failed" not in numerics
     assert "image_prefill" in (tmp_path / "gpu_bench.txt").read_text() and (tmp_path / "gpu.json").exists()
     assert (tmp_path / "gpu_demo.txt").read_text().count("accuracy") == 2  # float32 and bf16
+
+
+def test_decoding_benchmark_quick_form_runs_and_its_floor_reads_the_same_frames(tmp_path):
+    """benchmarks/decoding.py --quick measures every method on a small video; its floor (the benchmark's own decoder
+    of just the needed groups of pictures) returns the frames PVC's decoder returns, pixel for pixel."""
+    import numpy as np
+
+    spec = importlib.util.spec_from_file_location("decoding_bench", REPO / "benchmarks" / "decoding.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--quick", "--videos", str(tmp_path), "--repeats", "1", "--methods", "pvc", "linear", "floor"])
+    assert [row["keyframes"] for row in rows] == list(bench.GOPS)
+    for row in rows:
+        for method in ("pvc", "linear", "floor"):
+            assert row["results"][method]["cpu_s"] > 0 and row["results"][method]["peak_mib"] > 0, row
+        path = str(tmp_path / "0.333333min-160p-10s.mp4")
+    indices = bench.picks(path, 16)
+    ours = [np.asarray(frame) for frame in bench.run_pvc(path, 16, indices)]
+    floor = [np.asarray(frame) for frame in bench.run_floor(path, 16, indices)]
+    linear = list(bench.run_linear(path, 16, indices))
+    assert all(np.array_equal(a, b) and np.array_equal(a, c) for a, b, c in zip(ours, floor, linear))

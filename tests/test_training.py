@@ -705,3 +705,60 @@ def test_training_ids_equal_the_chat_templates(tmp_path):
         )
         == "A" * 21
     )
+
+
+def finetune_argv(media, model_dir, output, *extra):
+    folder, _ = media
+    argv = ["--model", str(model_dir), "--data", str(folder / "train.jsonl"), "--media-root", str(folder)]
+    return argv + ["--output-dir", str(output), "--max-tiles", "2", "--save-steps", "1", *extra]
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--max-tiles", "0", "expected a whole number of at least 1, got '0'"),
+        ("--gradient-accumulation-steps", "0", "expected a whole number of at least 1, got '0'"),
+        ("--learning-rate", "-1e-5", "expected a finite number above 0, got '-1e-5'"),
+        ("--learning-rate", "0", "expected a finite number above 0, got '0'"),
+        ("--learning-rate", "nan", "expected a finite number above 0, got 'nan'"),
+        ("--new-module-lr-multiplier", "0", "expected a finite number above 0, got '0'"),
+        ("--batch-size", "0", "expected a whole number of at least 1, got '0'"),
+        ("--epochs", "0", "expected a finite number above 0, got '0'"),
+        ("--max-steps", "0", "expected a whole number of at least 1, got '0'"),
+        ("--weight-decay", "-0.1", "expected a finite number of at least 0, got '-0.1'"),
+        (
+            "--warmup",
+            "2.5",
+            "expected a fraction of all steps below 1 (e.g. 0.03) or a whole number of steps, got '2.5'",
+        ),
+        ("--warmup", "-0.1", "expected a finite number of at least 0, got '-0.1'"),
+        ("--logging-steps", "0", "expected a whole number of at least 1, got '0'"),
+        ("--save-steps", "1.5", "expected a whole number of at least 1, got '1.5'"),
+        ("--seed", "-1", "expected a whole number from 0 to 4294967295, got '-1'"),
+        ("--lora-rank", "0", "expected a whole number of at least 1, got '0'"),
+        ("--lora-alpha", "0", "expected a whole number of at least 1, got '0'"),
+        ("--max-length", "0", "expected a whole number of at least 1, got '0'"),
+        ("--output-dir", "", "expected a path, got ''"),
+        ("--media-root", "", "expected a path, got ''"),
+    ],
+)
+def test_finetune_options_are_checked_before_anything_loads(media, tmp_path, capsys, option, value, message):
+    """Each numeric option (and an empty path) stops the command with one line naming it, before the model loads:
+    the model folder here is empty, so anything that got as far as loading it would fail otherwise."""
+    from pvc.training.finetune import main
+
+    (tmp_path / "model").mkdir()
+    argv = finetune_argv(media, tmp_path / "model", tmp_path / "out") + [f"{option}={value}"]
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"pvc-finetune: error: argument {option}: {message}"
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_collator_refuses_a_tile_or_frame_count_below_one():
+    """max_tiles=0 was dropped as if not given (the processor's 12 tiles); None still means the processor's."""
+    for options in (dict(max_tiles=0), dict(max_tiles=1.5), dict(max_num_frames=0), dict(max_num_frames=(3, 2))):
+        with pytest.raises(ValueError, match=f"{next(iter(options))} must be"):
+            PVCDataCollator(tiny_processor(), **options)
+    PVCDataCollator(tiny_processor(), max_tiles=None, max_num_frames=(2, 5), max_length=None)

@@ -165,6 +165,18 @@ class PVCDataCollator:
         skip_bad=False,
         fallback=None,
     ):
+        for name, value in (("max_tiles", max_tiles), ("max_length", max_length)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a whole number of at least 1 (or None), got {value!r}")
+        counts = max_num_frames if isinstance(max_num_frames, (tuple, list)) else (max_num_frames, max_num_frames)
+        if max_num_frames is not None and not (
+            len(counts) == 2
+            and all(isinstance(n, int) and not isinstance(n, bool) for n in counts)
+            and 1 <= counts[0] <= counts[1]
+        ):
+            raise ValueError(
+                f"max_num_frames must be a frame count of at least 1 or a range (low, high), got {max_num_frames!r}"
+            )
         self.processor = processor
         self.skip_bad, self.skipped = skip_bad, []
         self.fallback, self._next_fallback, self._bad = fallback, 0, set()
@@ -250,7 +262,9 @@ class PVCDataCollator:
         frames = self.max_num_frames
         if isinstance(frames, (tuple, list)):  # a range: torch's generator, which Trainer seeds
             frames = int(torch.randint(frames[0], frames[1] + 1, ()).item())
-        options = {key: value for key, value in (("max_tiles", self.max_tiles), ("num_frames", frames)) if value}
+        options = {
+            key: value for key, value in (("max_tiles", self.max_tiles), ("num_frames", frames)) if value is not None
+        }
         out = self.processor(
             text=text,
             images=[self._path(image) for image in images] or None,

@@ -15,6 +15,8 @@ import os
 import re
 import sys
 
+from ..conversion.options import nonempty_path, real_number, whole_number
+
 # torch, transformers and the model are imported when the command runs, not for `--help`.
 
 logger = logging.getLogger(__name__)
@@ -29,30 +31,49 @@ def frame_count(text: str):
     return low if low == high else (low, high)
 
 
+def warmup_amount(text: str) -> float:
+    """`--warmup`: a fraction of all steps below 1, a whole number of steps from 1 on (Trainer would cut 2.5 to 2)."""
+    value = real_number(0)(text)
+    if value >= 1 and not value.is_integer():
+        raise argparse.ArgumentTypeError(
+            f"expected a fraction of all steps below 1 (e.g. 0.03) or a whole number of steps, got {text!r}"
+        )
+    return value
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         prog="pvc-finetune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", required=True, help="a PVC checkpoint (folder or Hub id)")
-    parser.add_argument("--data", required=True, help="training records, .json or .jsonl")
-    parser.add_argument("--media-root", default=None, help="folder that media paths are relative to")
-    parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--learning-rate", type=float, default=1e-5)
+    # Every numeric option is checked here, before anything loads: a bad value stops the command with one line naming
+    # the option (a batch size of 0 used to fail with a traceback after the model had loaded, --epochs 0 to report a
+    # saved "fine-tuned" model, --max-tiles 0 to be ignored).
+    parser.add_argument("--model", required=True, type=nonempty_path, help="a PVC checkpoint (folder or Hub id)")
+    parser.add_argument("--data", required=True, type=nonempty_path, help="training records, .json or .jsonl")
+    parser.add_argument(
+        "--media-root", type=nonempty_path, default=None, help="folder that media paths are relative to"
+    )
+    parser.add_argument("--output-dir", required=True, type=nonempty_path)
+    parser.add_argument("--learning-rate", type=real_number(0, above=True), default=1e-5)
     parser.add_argument(
         "--new-module-lr-multiplier",
-        type=float,
+        type=real_number(0, above=True),
         default=10.0,
         help="learning-rate factor for PVC's new modules (default 10, as the paper)",
     )
-    parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--epochs", type=float, default=1.0)
-    parser.add_argument("--max-steps", type=int, default=-1)
-    parser.add_argument("--batch-size", type=int, default=1, help="per device")
-    parser.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    parser.add_argument("--warmup", type=float, default=0.03, help="warmup steps, or a fraction of all steps if < 1")
-    parser.add_argument("--logging-steps", type=int, default=10)
-    parser.add_argument("--save-steps", type=int, default=500)
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--weight-decay", type=real_number(0), default=0.0)
+    parser.add_argument("--epochs", type=real_number(0, above=True), default=1.0)
+    parser.add_argument(
+        "--max-steps", type=whole_number(1), default=-1, help="optimizer steps; overrides --epochs (default: by epochs)"
+    )
+    parser.add_argument("--batch-size", type=whole_number(1), default=1, help="per device")
+    parser.add_argument("--gradient-accumulation-steps", type=whole_number(1), default=1)
+    parser.add_argument(
+        "--warmup", type=warmup_amount, default=0.03, help="warmup steps, or a fraction of all steps if < 1"
+    )
+    parser.add_argument("--logging-steps", type=whole_number(1), default=10)
+    parser.add_argument("--save-steps", type=whole_number(1), default=500)
+    parser.add_argument("--seed", type=whole_number(0, 2**32 - 1), default=42)
     parser.add_argument(
         "--bf16",
         action="store_true",
@@ -70,8 +91,8 @@ def parse_args(argv=None):
     parser.add_argument("--freeze-llm", action="store_true")
     parser.add_argument("--lora", action="store_true", help="LoRA on the language model instead of full training")
     parser.add_argument("--lora-vision", action="store_true", help="also LoRA on the ViT's linear layers")
-    parser.add_argument("--lora-rank", type=int, default=16)
-    parser.add_argument("--lora-alpha", type=int, default=32)
+    parser.add_argument("--lora-rank", type=whole_number(1), default=16)
+    parser.add_argument("--lora-alpha", type=whole_number(1), default=32)
     parser.add_argument(
         "--max-num-frames",
         "--num-frames",
@@ -79,8 +100,10 @@ def parse_args(argv=None):
         default=None,
         help="frames per video, or a range drawn from per record, e.g. 16-96 as the paper (default: processor's)",
     )
-    parser.add_argument("--max-tiles", type=int, default=None, help="tiles per image (default: processor's)")
-    parser.add_argument("--max-length", type=int, default=None, help="token cap per sample")
+    parser.add_argument(
+        "--max-tiles", type=whole_number(1), default=None, help="tiles per image (default: processor's)"
+    )
+    parser.add_argument("--max-length", type=whole_number(1), default=None, help="token cap per sample")
     parser.add_argument("--report-to", default="none")
     parser.add_argument(
         "--skip-bad-records",

@@ -6,6 +6,7 @@ A video becomes `num_frames` frames sampled as InternVL2's and PVC's own `load_v
 equal segments), one tile per frame by default; video files are decoded in `video_decoding_pvc.py`.
 """
 
+import functools
 import io
 import math
 import os
@@ -215,6 +216,51 @@ TILING_REPLACES = (
 )
 
 
+BACKENDS = ("torchvision", "pil")
+
+
+@functools.cache
+def torchvision_loads() -> bool:
+    """Whether torchvision is installed and loads beside this torch (a torchvision built for another torch fails)."""
+    try:
+        from torchvision.transforms.v2 import functional  # noqa: F401
+    except Exception:  # not installed (ImportError), or built for another torch (RuntimeError, OSError)
+        return False
+    return True
+
+
+def _torchvision_functional():
+    """torchvision's functional transforms, for the torchvision backend (imported only there: torchvision is
+    optional)."""
+    try:
+        from torchvision.transforms.v2 import functional
+    except ImportError:
+        raise ImportError(
+            "The torchvision backend needs torchvision: pip install torchvision, or use backend='pil'."
+        ) from None
+    return functional
+
+
+def resolve_backend(backend: str | None = None, use_fast: bool | None = None) -> str:
+    """The pixel backend asked for (`backend`, or transformers' older `use_fast`), else torchvision where it loads,
+    else PIL, as transformers picks its processors' backends."""
+    if use_fast is not None:
+        implied = "torchvision" if use_fast else "pil"
+        if backend is not None and backend != implied:
+            raise ValueError(f"use_fast={use_fast} asks for the {implied} backend but backend={backend!r}: give one.")
+        backend = implied
+    if backend is None:
+        return "torchvision" if torchvision_loads() else "pil"
+    if backend not in BACKENDS:
+        raise ValueError(f"Unknown backend {backend!r}; PVC's image processor has {', '.join(BACKENDS)}.")
+    if backend == "torchvision" and not torchvision_loads():
+        raise ImportError(
+            "backend='torchvision' needs torchvision, which is not installed here or does not load beside this torch "
+            f"{torch.__version__}: pip install the torchvision built for it, or use backend='pil'."
+        )
+    return backend
+
+
 def refuse_tiling_options(options, where: str):
     refused = sorted(set(options) & set(TILING_REPLACES))
     if refused:
@@ -246,7 +292,6 @@ class PVCImageProcessor(ImageProcessingMixin):
     # The image inputs; videos (which it also reads, for `PVCVideoProcessor`) give `PVCVideoProcessor`'s.
     model_input_names = ["pixel_values", "image_num_tiles"]
     valid_kwargs = PVCImageProcessorKwargs
-    is_fast = False  # not one of transformers' torchvision ("fast") processors
 
     def __init__(
         self,
@@ -266,7 +311,9 @@ class PVCImageProcessor(ImageProcessingMixin):
     ):
         refuse_tiling_options(kwargs, type(self).__name__)
         size = kwargs.pop("size", None)
+        backend = resolve_backend(kwargs.pop("backend", None), kwargs.pop("use_fast", None))
         super().__init__(**kwargs)
+        self._backend = backend
         self.image_size = image_size
         self.min_tiles = min_tiles
         self.max_tiles = self.tile_limit(max_tiles, size, default=12)
@@ -280,13 +327,37 @@ class PVCImageProcessor(ImageProcessingMixin):
         self.num_frames = num_frames
         self.video_max_tiles = video_max_tiles
 
+    @property
+    def backend(self) -> str:
+        """How pixels are resized and normalised: "torchvision" (batched tensor operations) or "pil" (PIL's resize).
+        Chosen as transformers chooses for its own processors: `backend=` (or the older `use_fast=`) at construction
+        or in `from_pretrained`, else torchvision when it is installed and loads, else PIL. Asking for torchvision
+        where it does not load is an error. A run-time choice, not saved. Both give InternVL2's pixels within the
+        rounding of two bicubic implementations."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, backend: str):
+        self._backend = resolve_backend(backend)
+
+    @property
+    def is_fast(self) -> bool:
+        return self.backend == "torchvision"
+
+    def to_dict(self) -> dict:
+        output = super().to_dict()
+        output.pop("_backend", None)  # chosen where the processor is loaded
+        return output
+
     @classmethod
     def from_dict(cls, image_processor_dict: dict, **kwargs):
         """As transformers' `from_dict`; a `size` given here replaces the saved `max_tiles` (it is another way to
-        give it)."""
+        give it), and `backend` / `use_fast` choose the backend (see `backend`)."""
         if kwargs.get("size") is not None:
             image_processor_dict = {key: value for key, value in image_processor_dict.items() if key != "max_tiles"}
-        return super().from_dict(image_processor_dict, **kwargs)
+        # not among the settings transformers routes to the constructor (a tokenizer has a `backend` too)
+        choice = {key: kwargs.pop(key) for key in ("backend", "use_fast") if key in kwargs}
+        return super().from_dict({**image_processor_dict, **choice}, **kwargs)
 
     @property
     def size(self) -> dict:
@@ -354,14 +425,28 @@ class PVCImageProcessor(ImageProcessingMixin):
     def to_tensor(self, tiles: list[Image.Image], **normalisation) -> torch.Tensor:
         """RGB tiles -> [len, 3, size, size] float32, rescaled and normalised (the settings, or `normalisation`:
         do_rescale, rescale_factor, do_normalize, image_mean, image_std)."""
+        pixels = torch.from_numpy(np.stack([np.asarray(tile) for tile in tiles]))  # [n, S, S, 3] uint8
+        return self.normalised(pixels.permute(0, 3, 1, 2), **normalisation)
+
+    def normalised(self, pixels, **normalisation) -> torch.Tensor:
+        """8-bit tiles -> float32 [n, 3, S, S], contiguous, rescaled and normalised in one multiply-add:
+        x * (rescale / std) - mean / std (the settings, or `normalisation`). `pixels`: a tensor [n, 3, S, S], or
+        pieces [..., 3, S, S] in any memory layout, copied in order into the one output."""
         settings = {key: normalisation.get(key, getattr(self, key)) for key in NORMALISATION}
-        array = np.stack([np.asarray(tile, dtype=np.float32) for tile in tiles])  # [n, H, W, 3]
-        if settings["do_rescale"]:
-            array = array * np.float32(settings["rescale_factor"])
+        scale = torch.full((3,), float(settings["rescale_factor"]) if settings["do_rescale"] else 1.0)
+        shift = torch.zeros(3)
         if settings["do_normalize"]:
-            mean = np.asarray(settings["image_mean"], dtype=np.float32)
-            array = (array - mean) / np.asarray(settings["image_std"], dtype=np.float32)
-        return torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2).contiguous()
+            std = torch.tensor(settings["image_std"], dtype=torch.float32)
+            scale, shift = scale / std, -torch.tensor(settings["image_mean"], dtype=torch.float32) / std
+        pieces = [pixels] if isinstance(pixels, torch.Tensor) else list(pixels)
+        total = sum(piece.shape[:-3].numel() for piece in pieces)
+        output = torch.empty((total, *pieces[0].shape[-3:]), dtype=torch.float32)
+        offset = 0
+        for piece in pieces:
+            count = piece.shape[:-3].numel()
+            output[offset : offset + count].view(piece.shape).copy_(piece)
+            offset += count
+        return output.mul_(scale.view(1, 3, 1, 1)).add_(shift.view(1, 3, 1, 1))
 
     def load(self, image, do_convert_rgb=None, input_data_format=None) -> Image.Image:
         """One image as the RGB picture the tiles are cut from (see `to_pil`)."""
@@ -372,11 +457,40 @@ class PVCImageProcessor(ImageProcessingMixin):
         """`pixel_values` [total_tiles, 3, S, S] and `image_num_tiles` [num_images]; `options`: the standard ones of
         `STANDARD_OPTIONS` (see the class)."""
         loading = {key: options.pop(key) for key in LOADING if key in options}
-        tiles_per_image = [self.tiles(self.load(image, **loading), max_tiles) for image in _flatten(images)]
+        pictures = [self.load(image, **loading) for image in _flatten(images)]
+        if self.backend == "torchvision":
+            pieces, counts = self.tile_tensors([_as_chw(picture) for picture in pictures], max_tiles)
+            return {"pixel_values": self.normalised(pieces, **options), "image_num_tiles": torch.tensor(counts)}
+        tiles_per_image = [self.tiles(picture, max_tiles) for picture in pictures]
         return {
             "pixel_values": self.to_tensor([tile for tiles in tiles_per_image for tile in tiles], **options),
             "image_num_tiles": torch.tensor([len(tiles) for tiles in tiles_per_image]),
         }
+
+    def tile_tensors(self, pictures: list[torch.Tensor], max_tiles: int | None = None) -> tuple[list, list[int]]:
+        """The torchvision backend's `tiles`: 8-bit RGB pictures [3, H, W] -> the pieces of their tiles, in order
+        (each picture's grid row by row, as a view [rows, columns, 3, S, S] of its resized picture, then its
+        thumbnail [1, 3, S, S]; `normalised` copies them out once), and the number of tiles of each. Pictures of one
+        size are resized together, in one batched call (bicubic with antialiasing, as PIL's)."""
+        tvF = _torchvision_functional()
+        size, bicubic = self.image_size, tvF.InterpolationMode.BICUBIC
+        groups: dict[tuple, list[int]] = {}
+        for index, picture in enumerate(pictures):
+            groups.setdefault(tuple(picture.shape[1:]), []).append(index)
+        pieces: list = [None] * len(pictures)
+        counts = [0] * len(pictures)
+        for (height, width), members in groups.items():
+            columns, rows, thumbnail = self.layout(width, height, max_tiles)
+            # [B, H, W, 3] memory seen as [B, 3, H, W]: channels-last, as torchvision's fast resizing kernels read it
+            batch = torch.stack([pictures[index].permute(1, 2, 0) for index in members]).permute(0, 3, 1, 2)
+            grid = tvF.resize(batch, [rows * size, columns * size], interpolation=bicubic, antialias=True)
+            # [B, 3, rows * S, columns * S] -> [B, rows, columns, 3, S, S], a view
+            tiles = grid.unflatten(2, (rows, size)).unflatten(4, (columns, size)).permute(0, 2, 4, 1, 3, 5)
+            small = tvF.resize(batch, [size, size], interpolation=bicubic, antialias=True) if thumbnail else None
+            for position, index in enumerate(members):
+                pieces[index] = [tiles[position]] + ([small[position : position + 1]] if thumbnail else [])
+                counts[index] = columns * rows + int(thumbnail)
+        return [piece for parts in pieces for piece in parts], counts
 
     # ---------------------------------------------------------------------------------------------------- videos
 
@@ -410,8 +524,12 @@ class PVCImageProcessor(ImageProcessingMixin):
                 frames = [
                     prepare(frame) for frame in self._given_frames(video, num_frames, fps, max_frames, start, end)
                 ]
-            tiles = [tile for frame in frames for tile in frame]
-            pixels.append(self.to_tensor(tiles, **options))
+            if self.backend == "torchvision":
+                tiles = self.normalised([piece for frame in frames for piece in frame], **options)
+                pixels.append(tiles)
+            else:
+                tiles = [tile for frame in frames for tile in frame]
+                pixels.append(self.to_tensor(tiles, **options))
             frame_counts.append(len(frames))
             tile_counts.append(len(tiles) // len(frames))
         return {
@@ -435,7 +553,16 @@ class PVCImageProcessor(ImageProcessingMixin):
             )
         return list(_frames_in_memory(video))
 
-    def _tile_frame(self, frame: Image.Image, max_tiles: int) -> list[Image.Image]:
+    def _tile_frame(self, frame: Image.Image, max_tiles: int) -> list[Image.Image] | torch.Tensor:
+        """A video frame's tiles: PIL tiles, or with the torchvision backend pieces of 8-bit tiles (see
+        `tile_tensors`)."""
+        if self.backend == "torchvision":
+            picture = _as_chw(frame)
+            if max_tiles == 1:
+                tvF = _torchvision_functional()
+                size, bicubic = [self.image_size] * 2, tvF.InterpolationMode.BICUBIC
+                return [tvF.resize(picture.unsqueeze(0), size, interpolation=bicubic, antialias=True)]
+            return self.tile_tensors([picture], max_tiles)[0]
         if max_tiles == 1:
             return [frame.resize((self.image_size, self.image_size), Image.BICUBIC)]
         return self.tiles(frame, max_tiles)
@@ -572,6 +699,12 @@ def tiles_in(size, tile_size: int) -> int:
             "allows 6). Or set max_tiles."
         )
     return (height // tile_size) * (width // tile_size)
+
+
+def _as_chw(picture: Image.Image) -> torch.Tensor:
+    """An RGB picture as an 8-bit tensor [3, H, W] (a view of HWC memory: channels-last, as torchvision's fast
+    resizing kernels read it)."""
+    return torch.from_numpy(np.array(picture)).permute(2, 0, 1)
 
 
 def _grid_size(max_tiles: int, tile_size: int) -> dict:

@@ -53,6 +53,8 @@ setup(
     ],
     extras_require={
         "video": ["av>=12"],
+        # transformers' torchvision backends: PVCImageProcessor's fast path and PVCVideoProcessor
+        "vision": ["torchvision"],
         "train": ["accelerate>=1.0", "peft>=0.15"],
         "flash": ["flash-attn>=2.6"],
         "convert": ["sentencepiece", "protobuf"],

@@ -14,7 +14,10 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from pvc import PVCImageProcessor
-from pvc.image_processing_pvc import tile_grid, to_pil
+from pvc.image_processing_pvc import tile_grid, to_pil, torchvision_loads
+
+# The image processor's backends this environment has (the suite runs once without torchvision, once with it).
+BACKENDS = ["pil", *(["torchvision"] if torchvision_loads() else [])]
 
 # (width, height, max_tiles) -> (columns, rows), worked out by hand from InternVL's rule: the grid with the
 # closest aspect ratio; on a tie the larger grid wins when the image area exceeds half of the grid's area.
@@ -748,28 +751,43 @@ def model_card_transform(image, image_size):
     return torch.from_numpy(((array - MEAN) / STD).transpose(2, 0, 1).copy())
 
 
-@pytest.mark.parametrize("size", [(168, 112), (112, 168), (250, 70), (60, 60)])
-def test_pixels_equal_internvl2_model_card_preprocessing(size):
-    """Grids whose row-major and column-major orders differ (3 x 2, 2 x 3, 6 x 1), and a single tile."""
+def assert_pixels_match(ours, expected, backend, mean=MEAN, std=STD):
+    """The PIL backend gives the model card's pixels exactly (the same PIL resize); torchvision's bicubic differs
+    from PIL's by rounding: at most 2 of 255 levels (transformers' own test of its two backends allows as much)."""
+    assert ours.shape == expected.shape
+    if backend == "pil":
+        torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
+    else:
+        levels = (ours - expected).abs() * torch.from_numpy(np.asarray(std, np.float32)).view(1, 3, 1, 1) * 255
+        assert float(levels.max()) <= 2.0 + 1e-3, float(levels.max())
+        assert float(levels.mean()) < 0.5, float(levels.mean())  # rounding, not a shifted or blurred picture
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("size", [(168, 112), (112, 168), (250, 70), (60, 60), (1000, 700)])
+def test_pixels_equal_internvl2_model_card_preprocessing(size, backend):
+    """Grids whose row-major and column-major orders differ (3 x 2, 2 x 3, 6 x 1), a single tile and a photo cut
+    down several times its size, on each backend."""
     rng = np.random.default_rng(sum(size))
     image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
-    ours = PVCImageProcessor(image_size=56, max_tiles=6)(images=[image])["pixel_values"]
-    torch.testing.assert_close(ours, internvl2_model_card_pixels(image, 6, 56), rtol=0, atol=1e-5)
+    ours = PVCImageProcessor(image_size=56, max_tiles=6, backend=backend)(images=[image])["pixel_values"]
+    assert_pixels_match(ours, internvl2_model_card_pixels(image, 6, 56), backend)
 
 
-def test_video_frames_and_tiled_video_layout_as_the_model_card():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_video_frames_and_tiled_video_layout_as_the_model_card(backend):
     """A video frame is `build_transform` of the frame (one tile); with tiles per frame, the rows are frame-major:
     frame 1's tiles (dynamic_preprocess of that frame), then frame 2's."""
     rng = np.random.default_rng(0)
     frames = rng.integers(0, 256, (3, 40, 90, 3), dtype=np.uint8)
-    processor = PVCImageProcessor(image_size=28, num_frames=3)
+    processor = PVCImageProcessor(image_size=28, num_frames=3, backend=backend)
     single = processor(videos=[frames])["pixel_values_videos"]
     expected = torch.stack([model_card_transform(Image.fromarray(frame), 28) for frame in frames])
-    torch.testing.assert_close(single, expected, rtol=0, atol=1e-5)
+    assert_pixels_match(single, expected, backend)
     tiled = processor(videos=[frames], video_max_tiles=4)
     per_frame = [internvl2_model_card_pixels(Image.fromarray(frame), 4, 28) for frame in frames]
     assert tiled["video_num_tiles"].tolist() == [per_frame[0].shape[0]] and per_frame[0].shape[0] > 1
-    torch.testing.assert_close(tiled["pixel_values_videos"], torch.cat(per_frame), rtol=0, atol=1e-5)
+    assert_pixels_match(tiled["pixel_values_videos"], torch.cat(per_frame), backend)
 
 
 def test_tiled_video_through_processor_and_model():
@@ -868,25 +886,29 @@ def one_tile_by_hand(image, size=56):
     return np.asarray(image.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.float32)
 
 
-def test_standard_pixel_options_are_honoured_in_a_call_and_at_construction():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_standard_pixel_options_are_honoured_in_a_call_and_at_construction(backend):
     image = picture(80, 56)
     raw = torch.from_numpy(one_tile_by_hand(image)).permute(2, 0, 1)[None]  # [1, 3, S, S], 0..255
-    processor = PVCImageProcessor(image_size=56, max_tiles=1)
-    cases = [
-        (dict(do_normalize=False), raw / 255),
-        (dict(do_normalize=False, rescale_factor=1 / 127.5), raw / 127.5),
-        (dict(do_rescale=False, do_normalize=False), raw),
-        (dict(image_mean=[0.5] * 3, image_std=[0.25] * 3), (raw / 255 - 0.5) / 0.25),
+    processor = PVCImageProcessor(image_size=56, max_tiles=1, backend=backend)
+    cases = [  # (options, expected, the mean and std of `expected`'s units, to compare in 8-bit levels)
+        (dict(do_normalize=False), raw / 255, (0, 0, 0), (1, 1, 1)),
+        (dict(do_normalize=False, rescale_factor=1 / 127.5), raw / 127.5, (0, 0, 0), (0.5, 0.5, 0.5)),
+        (dict(do_rescale=False, do_normalize=False), raw, (0, 0, 0), (1 / 255,) * 3),
+        (dict(image_mean=[0.5] * 3, image_std=[0.25] * 3), (raw / 255 - 0.5) / 0.25, (0.5,) * 3, (0.25,) * 3),
     ]
-    for options, expected in cases:
+    for options, expected, mean, std in cases:
         in_a_call = processor(images=[image], **options)["pixel_values"]
-        at_construction = PVCImageProcessor(image_size=56, max_tiles=1, **options)(images=[image])["pixel_values"]
-        torch.testing.assert_close(in_a_call, expected, rtol=1e-5, atol=1e-5, msg=str(options))
-        torch.testing.assert_close(at_construction, expected, rtol=1e-5, atol=1e-5, msg=str(options))
+        built = PVCImageProcessor(image_size=56, max_tiles=1, backend=backend, **options)
+        at_construction = built(images=[image])["pixel_values"]
+        assert_pixels_match(in_a_call, expected, backend, mean, std)
+        assert_pixels_match(at_construction, expected, backend, mean, std)
     # the same options through the processor, flat and in images_kwargs
     full = tiny_processor(max_tiles=1)
+    full.image_processor.backend = backend
     for options in (dict(do_normalize=False), dict(images_kwargs={"do_normalize": False})):
-        torch.testing.assert_close(full(text="<image>", images=[image], **options)["pixel_values"], raw / 255)
+        ours = full(text="<image>", images=[image], **options)["pixel_values"]
+        assert_pixels_match(ours, raw / 255, backend, (0, 0, 0), (1, 1, 1))
 
 
 def test_input_data_format_and_do_convert_rgb():
@@ -1054,3 +1076,31 @@ def test_chat_template_takes_message_objects_and_template_variables(caplog):
     assert "add_system_prompt" in caplog.text
     with pytest.raises(TypeError, match="did you mean 'max_tiles'"):
         processor.apply_chat_template(as_dicts, max_tile=2)
+
+
+def test_backend_is_chosen_as_transformers_chooses(tmp_path, monkeypatch):
+    """torchvision where it loads, else PIL; `backend=` or the older `use_fast=` at construction and in
+    from_pretrained; asking for torchvision where it does not load is an error, never a quiet PIL; not saved."""
+    from pvc import image_processing_pvc
+
+    expected_default = "torchvision" if torchvision_loads() else "pil"
+    assert PVCImageProcessor().backend == expected_default
+    assert PVCImageProcessor(backend="pil").backend == "pil" and PVCImageProcessor(use_fast=False).backend == "pil"
+    PVCImageProcessor(image_size=56).save_pretrained(tmp_path)
+    assert "backend" not in (tmp_path / "preprocessor_config.json").read_text()
+    assert PVCImageProcessor.from_pretrained(tmp_path, backend="pil").backend == "pil"
+    assert PVCImageProcessor.from_pretrained(tmp_path, use_fast=False).backend == "pil"
+    with pytest.raises(ValueError, match="give one"):
+        PVCImageProcessor(backend="torchvision", use_fast=False)
+    with pytest.raises(ValueError, match="Unknown backend 'numpy'"):
+        PVCImageProcessor(backend="numpy")
+    monkeypatch.setattr(image_processing_pvc, "torchvision_loads", lambda: False)
+    assert PVCImageProcessor().backend == "pil"
+    for options in ({"backend": "torchvision"}, {"use_fast": True}):
+        with pytest.raises(ImportError, match="needs torchvision"):
+            PVCImageProcessor(**options)
+        with pytest.raises(ImportError, match="needs torchvision"):
+            PVCImageProcessor.from_pretrained(tmp_path, **options)
+    processor = PVCImageProcessor(backend="pil")
+    with pytest.raises(ImportError, match="needs torchvision"):
+        processor.backend = "torchvision"

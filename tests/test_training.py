@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import IMAGE_TOKEN, tiny_model, tiny_processor, write_video
 from PIL import Image
+from safetensors import SafetensorError
 from transformers import AutoModelForImageTextToText, TrainingArguments
 
 from pvc import PVCDataCollator
@@ -762,3 +763,164 @@ def test_the_collator_refuses_a_tile_or_frame_count_below_one():
         with pytest.raises(ValueError, match=f"{next(iter(options))} must be"):
             PVCDataCollator(tiny_processor(), **options)
     PVCDataCollator(tiny_processor(), max_tiles=None, max_num_frames=(2, 5), max_length=None)
+
+
+def test_resume_takes_the_last_complete_checkpoint_and_names_those_it_skips(tmp_path, caplog):
+    """A checkpoint is complete when its trainer_state.json (written last) parses and its weights are there."""
+    from pvc.training.finetune import parse_args, resume_checkpoint
+
+    output = tmp_path / "out"
+
+    def checkpoint(step, state='{"global_step": 1}', weights="model.safetensors"):
+        folder = output / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        if weights:
+            (folder / weights).write_bytes(b"weights")
+        if state is not None:
+            (folder / "trainer_state.json").write_text(state)
+        return folder
+
+    def resume(*extra):
+        return resume_checkpoint(parse_args(["--model", "m", "--data", "d", "--output-dir", str(output), *extra]))
+
+    checkpoint(1, state=None)  # killed while its weights were written
+    with pytest.raises(SystemExit, match=r"holds no complete checkpoint \(checkpoint-1: saves cut short\)"):
+        resume("--resume")
+    checkpoint(2, weights="adapter_model.safetensors")  # LoRA's checkpoints hold the adapters
+    checkpoint(10, state='{"global_step": 1')  # killed while trainer_state.json was written
+    checkpoint(9, weights=None)
+    checkpoint(11, state=None)  # killed after its weights, before trainer_state.json
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert resume("--resume") == str(output / "checkpoint-2")
+    for step, reason in (
+        (11, "no trainer_state.json"),
+        (10, "trainer_state.json is cut short"),
+        (9, "no model weights"),
+    ):
+        assert f"skipping {output / f'checkpoint-{step}'}, a save cut short (" in caplog.text and reason in caplog.text
+    assert "checkpoint-1," not in caplog.text  # not looked at: checkpoint-2 was complete
+    with pytest.raises(SystemExit, match=r"checkpoint-11 is a save cut short \(no trainer_state.json"):
+        resume("--resume", str(output / "checkpoint-11"))
+    assert resume("--resume", str(output / "checkpoint-2")) == str(output / "checkpoint-2")
+    with pytest.raises(SystemExit, match="already holds checkpoints"):
+        resume()
+
+
+def test_resume_after_a_kill_while_a_checkpoint_was_saved(media, tmp_path):
+    """SIGKILL while checkpoint-2's weights are written (half of model.safetensors, no trainer_state.json): --resume
+    goes on from checkpoint-1, says it skipped checkpoint-2, and writes checkpoint-2 whole."""
+    model_dir = saved_tiny_model(tmp_path)
+    output = tmp_path / "out"
+    killed_in_the_save = (
+        "import os, signal, sys\n"
+        "from pvc.training.trainer import PVCTrainer\n"
+        "save_model = PVCTrainer.save_model\n"
+        "def killed_at_step_2(self, output_dir=None, _internal_call=False):\n"
+        "    save_model(self, output_dir, _internal_call)\n"
+        "    if self.state.global_step == 2:\n"
+        "        weights = os.path.join(output_dir, 'model.safetensors')\n"
+        "        os.truncate(weights, os.path.getsize(weights) // 2)\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "PVCTrainer.save_model = killed_at_step_2\n"
+        "from pvc.training.finetune import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    argv = finetune_argv(media, model_dir, output, "--max-steps", "3")
+    killed = subprocess.run(
+        [sys.executable, "-c", killed_in_the_save, *argv], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert not (output / "checkpoint-2" / "trainer_state.json").exists()
+    command = [sys.executable, "-m", "pvc.training.finetune", *argv, "--resume"]
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"--resume: skipping {output / 'checkpoint-2'}, a save cut short (no trainer_state.json" in resumed.stderr
+    assert f"Resuming from {output / 'checkpoint-1'}" in resumed.stderr
+    for step in (2, 3):
+        assert json.loads((output / f"checkpoint-{step}" / "trainer_state.json").read_text())["global_step"] == step
+    assert (output / "model.safetensors").exists()
+
+
+def one_line_error(capsys) -> str:
+    """The command's error line: its only line that is not a progress bar or a log record, and no traceback."""
+    error = capsys.readouterr().err
+    lines = [line for line in error.splitlines() if line.startswith("pvc-finetune: ")]
+    assert len(lines) == 1 and "Traceback" not in error, error[-3000:]
+    return lines[0]
+
+
+def test_a_full_disk_while_saving_is_one_line_and_keeps_the_last_complete_checkpoint(media, tmp_path, capsys):
+    """A full disk while checkpoint-2 is saved (torch.save's error there, as measured on a full tmpfs), then while
+    the final model is saved (safetensors'): one line each, saying what was kept and what to do; the half-written
+    checkpoint is removed, none of the final model is left, and --resume then finishes the run."""
+    import transformers.modeling_utils
+
+    from pvc.training.finetune import main
+    from pvc.training.trainer import incomplete_because
+
+    model_dir = saved_tiny_model(tmp_path)
+    output = tmp_path / "out"
+    argv = finetune_argv(media, model_dir, output, "--max-steps", "2")
+    torch_save, safe_save_file = torch.save, transformers.modeling_utils.safe_save_file
+
+    def full_at_checkpoint_2(value, path, *args, **kwargs):
+        if "checkpoint-2" in str(path):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+        return torch_save(value, path, *args, **kwargs)
+
+    def full_outside_checkpoints(tensors, filename, *args, **kwargs):
+        if "checkpoint-" not in str(filename):
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return safe_save_file(tensors, filename, *args, **kwargs)
+
+    def top_level():
+        return sorted(path.name for path in output.iterdir())
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "save", full_at_checkpoint_2)
+        assert main(argv) == 1
+    assert one_line_error(capsys) == (
+        f"pvc-finetune: error: Writing {output / 'checkpoint-2'} failed: torch.save could not write its file ([enforce "
+        "fail at inline_container.cc:672] . unexpected pos 576 vs 534). The half-written checkpoint-2 was removed and "
+        f"checkpoint-1 is the last complete one. Free space under {output}, then continue from it with --resume."
+    )
+    assert top_level() == ["checkpoint-1"] and incomplete_because(output / "checkpoint-1") is None
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(transformers.modeling_utils, "safe_save_file", full_outside_checkpoints)
+        assert main([*argv, "--resume"]) == 1
+    assert one_line_error(capsys) == (
+        f"pvc-finetune: error: Writing the fine-tuned model into {output} failed and none of it was kept: No space "
+        "left on device. Free space there, then continue from checkpoint-2 with --resume to save it."
+    )
+    assert top_level() == ["checkpoint-1", "checkpoint-2"] and incomplete_because(output / "checkpoint-2") is None
+
+    assert main([*argv, "--resume"]) == 0
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(top_level())
+    assert not [name for name in top_level() if name.startswith(".")]
+
+
+def test_a_checkpoint_being_written_again_never_looks_complete_half_way(media, tmp_path):
+    """Resumed from checkpoint-1 while a complete checkpoint-2 exists, the run writes checkpoint-2 again: cut short
+    after the new weights (a crash here), it must not pass for complete with the old trainer_state.json."""
+    from pvc.training.finetune import main
+    from pvc.training.trainer import incomplete_because
+
+    model_dir = saved_tiny_model(tmp_path)
+    output = tmp_path / "out"
+    argv = finetune_argv(media, model_dir, output, "--max-steps", "2")
+    assert main(argv) == 0 and incomplete_because(output / "checkpoint-2") is None
+    torch_save = torch.save
+
+    def crash_at_checkpoint_2(value, path, *args, **kwargs):
+        if "checkpoint-2" in str(path):
+            raise ValueError("a crash while checkpoint-2 is written")
+        return torch_save(value, path, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "save", crash_at_checkpoint_2)
+        with pytest.raises(ValueError, match="a crash while"):
+            main([*argv, "--resume", str(output / "checkpoint-1")])
+    assert incomplete_because(output / "checkpoint-2") == "no trainer_state.json, which Trainer writes last"

@@ -13,7 +13,9 @@ import argparse
 import logging
 import os
 import re
+import shutil
 import sys
+import tempfile
 
 from ..conversion.options import nonempty_path, real_number, whole_number
 
@@ -116,45 +118,91 @@ def parse_args(argv=None):
         const="last",
         default=None,
         metavar="CHECKPOINT",
-        help="continue an interrupted run: from the last checkpoint in --output-dir, or from the one named",
+        help="continue an interrupted run: from the last complete checkpoint in --output-dir, or from the one named",
     )
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     """`pvc-finetune`: train as the arguments say; 0 on success, 1 with one line naming the problem when the data
-    cannot be used."""
+    cannot be used or a checkpoint or the model cannot be written (a full disk)."""
     args = parse_args(argv)
     from .data import DataError
+    from .trainer import WriteError
 
     try:
         train(args)
-    except DataError as error:
+    except (DataError, WriteError) as error:
         print(f"pvc-finetune: error: {error}", file=sys.stderr)
         return 1
     return 0
 
 
 def resume_checkpoint(args) -> str | None:
-    """The checkpoint to resume from: `--resume PATH`, or with a bare `--resume` the last one in `--output-dir`.
-    Without `--resume`, an output folder that already holds checkpoints is an error rather than overwritten."""
-    from transformers.trainer_utils import get_last_checkpoint
+    """The checkpoint to resume from: `--resume PATH`, or with a bare `--resume` the last complete one in
+    `--output-dir` (`trainer.incomplete_because` says what complete means): a later one that a kill cut short while
+    it was being saved is skipped, and named in a log line. Without `--resume`, an output folder that already holds
+    checkpoints is an error rather than overwritten."""
+    from .trainer import checkpoint_folders, incomplete_because
 
-    last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+    found = checkpoint_folders(args.output_dir)
     if args.resume is None:
-        if last is not None:
+        if found:
             raise SystemExit(
-                f"pvc-finetune: error: {args.output_dir} already holds checkpoints ({os.path.basename(last)}): pass "
-                "--resume to continue from the last one, or choose another --output-dir."
+                f"pvc-finetune: error: {args.output_dir} already holds checkpoints ({os.path.basename(found[-1])}): "
+                "pass --resume to continue from the last one, or choose another --output-dir."
             )
         return None
     if args.resume == "last":
-        if last is None:
+        if not found:
             raise SystemExit(f"pvc-finetune: error: --resume: {args.output_dir} holds no checkpoint-* folder.")
-        return last
+        skipped = []
+        for folder in reversed(found):
+            reason = incomplete_because(folder)
+            if reason is None:
+                return folder
+            logger.warning("--resume: skipping %s, a save cut short (%s)", folder, reason)
+            skipped.append(os.path.basename(folder))
+        raise SystemExit(
+            f"pvc-finetune: error: --resume: {args.output_dir} holds no complete checkpoint ({', '.join(skipped)}: "
+            "saves cut short). Remove them to start afresh, or choose another --output-dir."
+        )
     if not os.path.isdir(args.resume):
         raise SystemExit(f"pvc-finetune: error: --resume: no checkpoint folder at {args.resume}.")
+    reason = incomplete_because(args.resume)
+    if reason is not None:
+        raise SystemExit(
+            f"pvc-finetune: error: --resume: {args.resume} is a save cut short ({reason}); pass an earlier "
+            "checkpoint, or --resume alone for the last complete one."
+        )
     return args.resume
+
+
+def save_model(model, processor, output_dir: str):
+    """The fine-tuned model and its processor into `output_dir`, written into a folder beside them first and moved in
+    file by file: a write that fails (a full disk) leaves none of it, says so in one line (`WriteError`), and the
+    checkpoints stay as they were."""
+    from ..conversion.writing import write_failure
+    from .trainer import WriteError, last_complete_checkpoint
+
+    staging = tempfile.mkdtemp(prefix=".model.partial-", dir=output_dir)
+    try:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        for name in sorted(os.listdir(staging)):
+            os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
+    except Exception as error:
+        reason = write_failure(error)
+        if reason is None:
+            raise
+        last = last_complete_checkpoint(output_dir)
+        then = f"continue from {os.path.basename(last)} with --resume to save it" if last else "run again"
+        raise WriteError(
+            f"Writing the fine-tuned model into {output_dir} failed and none of it was kept: {reason}. Free space "
+            f"there, then {then}."
+        ) from error
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def train(args):
@@ -241,8 +289,7 @@ def train(args):
     if skipped:
         logger.warning("Left out %d bad records (--skip-bad-records): %s", len(skipped), "; ".join(skipped[:5]))
     if trainer.is_world_process_zero():
-        model.save_pretrained(args.output_dir)
-        processor.save_pretrained(args.output_dir)
+        save_model(model, processor, args.output_dir)
         logger.info("Saved the fine-tuned model to %s", args.output_dir)
     return model
 

@@ -1,10 +1,66 @@
-"""The training machinery of `pvc-finetune`: the paper's learning-rate groups (`PVCTrainer`), freezing, LoRA."""
+"""The training machinery of `pvc-finetune`: the paper's learning-rate groups (`PVCTrainer`), freezing, LoRA, and
+which checkpoints are complete."""
 
+import json
+import os
 import re
+import shutil
 
 from transformers import Trainer, TrainingArguments
 
+from ..conversion.writing import write_failure
 from ..modeling_pvc import is_pvc_parameter
+
+# What makes a checkpoint-N folder complete. Trainer._save_checkpoint (transformers 5.0 to 5.25) writes the weights
+# (and the processor), then the optimizer and scheduler, the grad scaler and the RNG state, and trainer_state.json
+# last. A save cut short (SIGKILL, OOM, preemption, a full disk) leaves a folder without trainer_state.json, or with
+# one that does not parse; transformers then resumes from it with "Can't find a valid checkpoint" (no weights yet)
+# or a FileNotFoundError (weights, no state). Complete: trainer_state.json parses and weights that Trainer resumes
+# from are there. Files are not fsynced, so a power cut can still lose what the page cache held.
+CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+TRAINER_STATE = "trainer_state.json"
+WEIGHTS = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    "adapter_model.safetensors",
+    "adapter_model.bin",
+)
+WEIGHT_FOLDERS = ("pytorch_model_fsdp", "global_step")  # FSDP's sharded state dict, DeepSpeed's engine state
+
+
+class WriteError(Exception):
+    """A checkpoint or the final model could not be written (a full disk): the message says what was kept and what
+    to do."""
+
+
+def checkpoint_folders(folder) -> list[str]:
+    """The checkpoint-N folders in `folder`, by step."""
+    if not os.path.isdir(folder):
+        return []
+    found = [(int(m.group(1)), name) for name in os.listdir(folder) if (m := CHECKPOINT.fullmatch(name))]
+    return [os.path.join(folder, name) for _, name in sorted(found) if os.path.isdir(os.path.join(folder, name))]
+
+
+def incomplete_because(folder) -> str | None:
+    """Why the checkpoint folder is incomplete (a save cut short), or None when it is complete (see above)."""
+    try:
+        with open(os.path.join(folder, TRAINER_STATE), encoding="utf-8") as file:
+            json.load(file)
+    except FileNotFoundError:
+        return f"no {TRAINER_STATE}, which Trainer writes last"
+    except (OSError, ValueError):
+        return f"its {TRAINER_STATE} is cut short"
+    names = os.listdir(folder)
+    if not any(name in WEIGHTS or name.startswith(WEIGHT_FOLDERS) for name in names):
+        return "no model weights"
+    return None
+
+
+def last_complete_checkpoint(folder) -> str | None:
+    return next((path for path in reversed(checkpoint_folders(folder)) if incomplete_because(path) is None), None)
+
 
 LORA_TARGETS = {
     "language_model": r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|qkv_proj|gate_proj|up_proj|down_proj|gate_up_proj)",
@@ -63,6 +119,34 @@ class PVCTrainer(Trainer):
             )
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
+
+    def _save_checkpoint(self, model, trial):
+        """Trainer's save of checkpoint-N, made safe to cut short: a folder being written again (a resumed run
+        passing a step it saved before) loses its trainer_state.json first, so it never looks complete half-way;
+        a save that fails to write (a full disk) removes its half-written folder and raises a one-line
+        `WriteError`, the earlier checkpoints as they were. (Trainer's own method, in 5.0 to 5.25: the only hook
+        around a checkpoint's whole save.)"""
+        folder = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
+        if self.args.should_save and os.path.exists(os.path.join(folder, TRAINER_STATE)):
+            os.remove(os.path.join(folder, TRAINER_STATE))
+        try:
+            super()._save_checkpoint(model, trial)
+        except Exception as error:
+            reason = write_failure(error)
+            if reason is None:
+                raise
+            if self.args.should_save:
+                shutil.rmtree(folder, ignore_errors=True)
+            last = last_complete_checkpoint(self.args.output_dir)
+            then = (
+                f"{os.path.basename(last)} is the last complete one. Free space under {self.args.output_dir}, then "
+                "continue from it with --resume."
+                if last
+                else f"there is no complete one yet. Free space under {self.args.output_dir}, then run again."
+            )
+            raise WriteError(
+                f"Writing {folder} failed: {reason}. The half-written {os.path.basename(folder)} was removed and {then}"
+            ) from error
 
 
 def freeze(model, vision: bool = False, projector: bool = False, language_model: bool = False):

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .conversion.options import whole_number
 from .visuals_pvc import IMAGE, VIDEO, visual_tokens
 
 DEMO_MODEL = Path(__file__).resolve().parent / "demo_model"
@@ -101,16 +102,39 @@ def load(model_id: str, dtype: torch.dtype):
     return model.eval(), processor
 
 
+def check_media(parser, args):
+    """--image and --video name readable files, checked before the model loads; each problem is one line."""
+    if (args.image or args.video) and not (args.model or args.random):
+        parser.error("--image and --video are for --model or --random; the toy demo draws its own picture and video.")
+    for option, path in (("--image", args.image), ("--video", args.video)):
+        if path is None:
+            continue
+        if not Path(path).expanduser().exists():
+            parser.error(f"{option} {path}: no such file.")
+        if not Path(path).expanduser().is_file():
+            parser.error(f"{option} {path} is not a file.")
+    if args.image:
+        try:
+            with Image.open(Path(args.image).expanduser()) as image:
+                image.verify()
+        except Exception as error:  # PIL raises several kinds for a file that is not an image
+            parser.error(f"--image {args.image} is not an image PIL can read ({error}).")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="pvc-demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", help="a PVC checkpoint (local folder or Hub id); default: the trained toy PVC")
     parser.add_argument("--random", action="store_true", help="a small PVC with random weights, 448px tiles")
     parser.add_argument("--eval", type=int, metavar="N", help="score the toy PVC on N fresh samples")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the toy demo's generated samples")
+    parser.add_argument("--seed", type=whole_number(0), default=0, help="seed of the toy demo's generated samples")
     parser.add_argument("--image", help="an image file (default: a generated gradient)")
     parser.add_argument("--video", help="a video file (default: a generated clip)")
-    parser.add_argument("--num-frames", type=int, default=8, help="frames sampled from the video (default 8)")
-    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument(
+        "--num-frames", type=whole_number(1), default=8, help="frames sampled from the video (default 8)"
+    )
+    parser.add_argument("--max-new-tokens", type=whole_number(1), default=16)
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
@@ -120,6 +144,7 @@ def main(argv=None):
         parser.error("--eval scores the toy tasks of the built-in trained model: leave out --model and --random.")
     if args.eval is not None and args.eval < 1:
         parser.error(f"--eval takes a positive number of samples, got {args.eval}.")
+    check_media(parser, args)
     if not (args.model or args.random):
         return toy_demo(args)
     from .conversion.options import missing_folder_message
@@ -148,14 +173,17 @@ def main(argv=None):
         rows = []
         for kind, content in requests:
             started = time.perf_counter()
-            inputs = processor.apply_chat_template(
-                [{"role": "user", "content": content}],
-                add_generation_prompt=True,
-                tokenize=True,
-                return_dict=True,
-                return_tensors="pt",
-                num_frames=args.num_frames,
-            ).to(args.device)
+            try:
+                inputs = processor.apply_chat_template(
+                    [{"role": "user", "content": content}],
+                    add_generation_prompt=True,
+                    tokenize=True,
+                    return_dict=True,
+                    return_tensors="pt",
+                    num_frames=args.num_frames,
+                ).to(args.device)
+            except (ValueError, OSError) as error:  # a video that cannot be decoded, say: one line, no traceback
+                raise SystemExit(f"pvc-demo: error: --{kind}: {error}") from None
             preprocess = time.perf_counter() - started
             started = time.perf_counter()
             with torch.inference_mode():

@@ -924,3 +924,46 @@ def test_a_checkpoint_being_written_again_never_looks_complete_half_way(media, t
         with pytest.raises(ValueError, match="a crash while"):
             main([*argv, "--resume", str(output / "checkpoint-1")])
     assert incomplete_because(output / "checkpoint-2") == "no trainer_state.json, which Trainer writes last"
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--random", "--image", "{tmp}/none.png"], "--image {tmp}/none.png: no such file."),
+        (["--random", "--video", "{tmp}/none.mp4"], "--video {tmp}/none.mp4: no such file."),
+        (["--random", "--video", "{tmp}"], "--video {tmp} is not a file."),
+        (["--random", "--image", "{tmp}/notes.txt"], "--image {tmp}/notes.txt is not an image PIL can read ("),
+        (["--image", "{tmp}/notes.txt"], "--image and --video are for --model or --random; the toy demo draws its"),
+        (["--random", "--num-frames", "0"], "argument --num-frames: expected a whole number of at least 1, got '0'"),
+        (["--random", "--max-new-tokens", "0"], "argument --max-new-tokens: expected a whole number of at least 1"),
+    ],
+)
+def test_the_demo_names_a_bad_file_or_option_in_one_line_before_loading(
+    tmp_path, capsys, monkeypatch, arguments, message
+):
+    """A missing or unreadable --image/--video, or a count below one, is one line naming it (it was a traceback after
+    the model had loaded); no model is built."""
+    import pvc.demo
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(pvc.demo, "small_random_model", no_model)
+    monkeypatch.setattr(pvc.demo, "load", no_model)
+    (tmp_path / "notes.txt").write_text("not a picture")
+    with pytest.raises(SystemExit) as stop:
+        pvc.demo.main([argument.format(tmp=tmp_path) for argument in arguments])
+    assert stop.value.code == 2
+    error = capsys.readouterr().err
+    assert "Traceback" not in error and error.splitlines()[-1].startswith(
+        f"pvc-demo: error: {message.format(tmp=tmp_path)}"
+    )
+
+
+def test_the_demo_reports_a_video_it_cannot_decode_in_one_line(tmp_path, capsys):
+    from pvc.demo import main
+
+    (tmp_path / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 not a video at all")
+    with pytest.raises(SystemExit) as stop:
+        main(["--random", "--max-new-tokens", "1", "--video", str(tmp_path / "broken.mp4")])
+    assert str(stop.value.code).startswith("pvc-demo: error: --video: ") and str(tmp_path) in str(stop.value.code)

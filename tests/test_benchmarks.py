@@ -107,3 +107,30 @@ def test_decoding_benchmark_quick_form_runs_and_its_floor_reads_the_same_frames(
     floor = [np.asarray(frame) for frame in bench.run_floor(path, 16, indices)]
     linear = list(bench.run_linear(path, 16, indices))
     assert all(np.array_equal(a, b) and np.array_equal(a, c) for a, b, c in zip(ours, floor, linear))
+
+
+def test_processing_benchmark_quick_form_times_every_row_and_its_pixels_agree(tmp_path):
+    """benchmarks/processing.py --quick times PVC's image processor (both backends) against transformers' InternVL
+    processors on a photo, two photos and a video, and every row's pixels match transformers' torchvision ones."""
+    import json
+
+    import pytest
+
+    from pvc.image_processing_pvc import torchvision_loads
+
+    if not torchvision_loads():
+        pytest.skip("transformers' InternVL processors need torchvision (constraints-vision.txt)")
+    spec = importlib.util.spec_from_file_location("processing_bench", REPO / "benchmarks" / "processing.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    results = bench.main(["--quick", "--out", str(tmp_path / "processing.json")])
+    assert torch.get_num_threads() == threads  # one thread while measuring, given back after
+    rows = results["rows"]
+    assert len(rows) == 3 * len(bench.PROCESSORS)
+    for row in rows:
+        assert row["cpu_s"] > 0 and row["pixels_agree"], row
+        assert row["shape"] == row["reference_shape"] and row["max_difference"] <= 2 / 255 + 1e-6, row
+    # a 2 x 1 grid and its thumbnail, twice that for 2 photos, one tile per frame of 8
+    assert [row["tiles"] for row in rows[:: len(bench.PROCESSORS)]] == [3, 6, 8]
+    assert json.loads((tmp_path / "processing.json").read_text())["pixels_agree"] is True

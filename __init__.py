@@ -16,6 +16,7 @@ _EXPORTS = {
     "PVCModel": "modeling_pvc",
     "PVCForConditionalGeneration": "modeling_pvc",
     "PVCImageProcessor": "image_processing_pvc",
+    "PVCVideoProcessor": "video_processing_pvc",
     "PVCProcessor": "processing_pvc",
     "build_chat_template": "processing_pvc",
     "PVCDataCollator": "training.data",

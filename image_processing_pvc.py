@@ -1,9 +1,9 @@
-"""Pixels for PVC: InternVL's dynamic-resolution tiling for images, uniform frame sampling for videos.
+"""Pixels for PVC: InternVL's dynamic-resolution tiling of images, with torchvision or PIL.
 
 An image becomes its tiles (an aspect-ratio grid of 448px tiles, plus a thumbnail when there is more than one
 tile); the model turns each image into a static clip of `image_repeat` frames itself, so pixels are sent once.
-A video becomes `num_frames` frames sampled as InternVL2's and PVC's own `load_video` samples them (the middles of
-equal segments), one tile per frame by default; video files are decoded in `video_decoding_pvc.py`.
+Videos are sampled and decoded by `video_processing_pvc.py` and `video_decoding_pvc.py`, which cut their frames into
+tiles with this file's `PVCImageProcessor`.
 """
 
 import functools
@@ -272,7 +272,7 @@ def refuse_tiling_options(options, where: str):
 
 class PVCImageProcessor(ImageProcessingMixin):
     r"""
-    Images and videos to PVC's pixel inputs.
+    Images to PVC's pixel inputs (videos: `PVCVideoProcessor`, which cuts frames into tiles with this class).
 
     Args:
         image_size (`int`, defaults to 448): tile side.
@@ -285,11 +285,12 @@ class PVCImageProcessor(ImageProcessingMixin):
             RGB already is an error (the model takes 3 channels).
         do_rescale, rescale_factor (defaults `True`, 1/255): scale 8-bit pixels to 0..1.
         do_normalize, image_mean, image_std (defaults `True`, ImageNet): normalise each channel.
-        num_frames (`int`, defaults to 16): frames sampled from a video.
-        video_max_tiles (`int`, defaults to 1): tile grid bound for each video frame (1: one resized tile).
+        num_frames, video_max_tiles (defaults 16 and 1): the video settings of checkpoints saved before
+            `PVCVideoProcessor` had its own configuration; a processor without one takes them from here.
+        backend (`str`, *optional*): "torchvision" or "pil" (see `backend`).
     """
 
-    # The image inputs; videos (which it also reads, for `PVCVideoProcessor`) give `PVCVideoProcessor`'s.
+    # The image inputs (the video processor declares the video ones).
     model_input_names = ["pixel_values", "image_num_tiles"]
     valid_kwargs = PVCImageProcessorKwargs
 
@@ -494,65 +495,6 @@ class PVCImageProcessor(ImageProcessingMixin):
 
     # ---------------------------------------------------------------------------------------------------- videos
 
-    def preprocess_videos(
-        self,
-        videos,
-        num_frames: int | None = None,
-        fps: float | None = None,
-        max_frames: int | None = None,
-        start: float | None = None,
-        end: float | None = None,
-        max_tiles: int | None = None,
-        do_sample_frames: bool = True,
-        **options,
-    ) -> dict:
-        """`pixel_values_videos` [total_frames * tiles, 3, S, S] (frame-major), `video_num_frames` and
-        `video_num_tiles` (tiles per frame) [num_videos]. See `sample_frames` for the sampling options; with
-        `do_sample_frames=False` a video given as frames keeps every frame. `options`: the standard ones of
-        `STANDARD_OPTIONS` (see the class)."""
-        max_tiles = self.video_max_tiles if max_tiles is None else max_tiles
-        loading = {key: options.pop(key) for key in LOADING if key in options}
-        pixels, frame_counts, tile_counts = [], [], []
-        for video in _flatten_videos(videos):
-            # Each frame is tiled as soon as it is decoded: full-resolution frames are not kept.
-            def prepare(frame):
-                return self._tile_frame(self.load(frame, **loading), max_tiles)
-
-            if do_sample_frames:
-                frames = self.sample_frames(video, num_frames, fps, max_frames, start, end, transform=prepare)
-            else:
-                frames = [
-                    prepare(frame) for frame in self._given_frames(video, num_frames, fps, max_frames, start, end)
-                ]
-            if self.backend == "torchvision":
-                tiles = self.normalised([piece for frame in frames for piece in frame], **options)
-                pixels.append(tiles)
-            else:
-                tiles = [tile for frame in frames for tile in frame]
-                pixels.append(self.to_tensor(tiles, **options))
-            frame_counts.append(len(frames))
-            tile_counts.append(len(tiles) // len(frames))
-        return {
-            "pixel_values_videos": torch.cat(pixels),
-            "video_num_frames": torch.tensor(frame_counts),
-            "video_num_tiles": torch.tensor(tile_counts),
-        }
-
-    @staticmethod
-    def _given_frames(video, *sampling) -> list:
-        """Every frame of a video given as frames (`do_sample_frames=False`: they were sampled already)."""
-        if isinstance(video, (str, os.PathLike)):
-            raise ValueError(
-                "do_sample_frames=False keeps the frames of a video as given, but this video is a file or URL "
-                f"({str(video)[:80]}): pass its frames, or leave do_sample_frames on to sample num_frames of them."
-            )
-        if any(option is not None for option in sampling):
-            raise ValueError(
-                "do_sample_frames=False keeps every given frame; num_frames, fps, max_frames, start and end sample "
-                "them. Pass one or the other."
-            )
-        return list(_frames_in_memory(video))
-
     def _tile_frame(self, frame: Image.Image, max_tiles: int) -> list[Image.Image] | torch.Tensor:
         """A video frame's tiles: PIL tiles, or with the torchvision backend pieces of 8-bit tiles (see
         `tile_tensors`)."""
@@ -600,88 +542,29 @@ class PVCImageProcessor(ImageProcessingMixin):
     # ---------------------------------------------------------------------------------------------------- call
 
     def __call__(self, images=None, videos=None, return_tensors="pt", **kwargs) -> BatchFeature:
-        """Images and/or videos -> a `BatchFeature` of the model's pixel inputs. Options: `max_tiles` for images;
-        `num_frames`, `fps`, `max_frames`, `start`, `end`, `video_max_tiles`, `do_sample_frames` for videos;
-        `size`, the tile limit as a shape (see the `size` property), for both kinds; and transformers' standard
-        `do_convert_rgb`, `input_data_format`, `do_rescale`, `rescale_factor`, `do_normalize`, `image_mean`,
-        `image_std`, `device` for both. Any other option is an error."""
+        """Images -> a `BatchFeature` of `pixel_values` and `image_num_tiles`. Options: `max_tiles` or `size` (the tile
+        limit, see `size`), and transformers' standard `do_convert_rgb`, `input_data_format`, `do_rescale`,
+        `rescale_factor`, `do_normalize`, `image_mean`, `image_std`, `device`. Any other option is an error. Videos
+        go to `PVCVideoProcessor` (`PVCProcessor.video_processor`, or `PVCVideoProcessor.from_image_processor`)."""
+        if videos is not None:
+            raise TypeError(
+                "PVCImageProcessor takes images; videos go to PVCVideoProcessor: processor.video_processor(videos), "
+                "or PVCVideoProcessor.from_image_processor(image_processor) for one with this processor's settings."
+            )
         refuse_tiling_options(kwargs, type(self).__name__)
-        known = {"max_tiles", "size", *VIDEO_OPTIONS, *STANDARD_OPTIONS}
+        known = {"max_tiles", "size", *STANDARD_OPTIONS}
         if set(kwargs) - known:
             raise TypeError(
                 f"Unexpected arguments: {sorted(set(kwargs) - known)}; options: {', '.join(sorted(known))}."
             )
         device = kwargs.pop("device", None)
         standard = {key: kwargs.pop(key) for key in STANDARD_OPTIONS if key in kwargs}
-        max_tiles, size = kwargs.pop("max_tiles", None), kwargs.pop("size", None)
-        data = {}
-        if images is not None:
-            data.update(self.preprocess_images(images, self.tile_limit(max_tiles, size), **standard))
-        if videos is not None:
-            video_max_tiles = self.tile_limit(kwargs.pop("video_max_tiles", None), size)
-            data.update(self.preprocess_videos(videos, max_tiles=video_max_tiles, **kwargs, **standard))
+        max_tiles = self.tile_limit(kwargs.pop("max_tiles", None), kwargs.pop("size", None))
+        data = self.preprocess_images(images, max_tiles, **standard) if images is not None else {}
         output = BatchFeature(data=data, tensor_type=return_tensors)
         return output.to(device) if device is not None else output
 
     preprocess = __call__
-
-
-class PVCVideoProcessor:
-    r"""
-    The video half of a `PVCImageProcessor`, as its own sub-processor: `PVCProcessor.video_processor`, where
-    transformers' processor conventions and vLLM look for one. Its settings (`num_frames`, `video_max_tiles`,
-    `image_size`, the normalisation) are the image processor's, read and written through, so they are saved and
-    loaded with it. (Not a transformers `BaseVideoProcessor`: that needs torchvision, which PVC does not.)
-    """
-
-    model_input_names = ["pixel_values_videos", "video_num_frames", "video_num_tiles"]
-
-    def __init__(self, image_processor: PVCImageProcessor | None = None):
-        self.__dict__["image_processor"] = image_processor if image_processor is not None else PVCImageProcessor()
-
-    def __getattr__(self, name):
-        if name in VIDEO_SETTINGS:
-            return getattr(self.image_processor, name)
-        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
-
-    def __setattr__(self, name, value):
-        if name == "size":  # the frames' tile budget as a shape (see `PVCImageProcessor.size`)
-            name, value = "video_max_tiles", tiles_in(value, self.image_size)
-        if name not in VIDEO_SETTINGS:
-            raise AttributeError(f"{type(self).__name__} settings are {', '.join(VIDEO_SETTINGS)}; not {name!r}.")
-        setattr(self.image_processor, name, value)
-
-    def __repr__(self):
-        settings = ", ".join(f"{key}={getattr(self, key)!r}" for key in VIDEO_SETTINGS)
-        return f"{type(self).__name__}({settings})"
-
-    @property
-    def size(self) -> dict:
-        """The largest size a frame is resized to before it is cut into tiles (see `PVCImageProcessor.size`), by
-        `video_max_tiles`; setting it sets `video_max_tiles`."""
-        return _grid_size(self.video_max_tiles, self.image_size)
-
-    def sample_frames(self, video, num_frames=None, fps=None, max_frames=None, start=None, end=None, transform=None):
-        """RGB frames of one video; see `PVCImageProcessor.sample_frames`."""
-        return self.image_processor.sample_frames(video, num_frames, fps, max_frames, start, end)
-
-    def __call__(self, videos=None, return_tensors="pt", **kwargs) -> BatchFeature:
-        r"""
-        Videos (paths, http(s) or data URLs, lists of frames, arrays [T, H, W, 3]) -> `pixel_values_videos`
-        [total_frames * tiles, 3, S, S] (frame-major), `video_num_frames` and `video_num_tiles` [num_videos].
-        Options: `num_frames`, `fps`, `max_frames`, `start`, `end`, `video_max_tiles`, `do_sample_frames` and the
-        standard pixel options (see `PVCImageProcessor.__call__`).
-        """
-        if "max_tiles" in kwargs:
-            raise TypeError("max_tiles is the images' tile limit; a video's frames take video_max_tiles.")
-        return self.image_processor(videos=videos, return_tensors=return_tensors, **kwargs)
-
-    preprocess = __call__
-
-
-# The image processor's settings that a PVCVideoProcessor uses, and the options of one call.
-VIDEO_SETTINGS = ("image_size", "num_frames", "video_max_tiles", "image_mean", "image_std")
-VIDEO_OPTIONS = ("num_frames", "fps", "max_frames", "start", "end", "video_max_tiles", "do_sample_frames")
 
 
 def tiles_in(size, tile_size: int) -> int:
@@ -719,8 +602,8 @@ def _frames_in_memory(video):
             video = video.permute(0, 2, 3, 1)  # [T, C, H, W] -> [T, H, W, C]
         video = video.numpy()
     if isinstance(video, np.ndarray):
-        if video.ndim != 4:
-            raise ValueError(f"A video array must be [T, H, W, 3]; got shape {video.shape}.")
+        if video.ndim not in (3, 4):
+            raise ValueError(f"A video array must be [T, H, W, 3] (or grey, [T, H, W]); got shape {video.shape}.")
         return list(video)
     if isinstance(video, (list, tuple)):
         return list(video)
@@ -737,7 +620,15 @@ def _flatten(images) -> list:
 
 
 def _flatten_videos(videos) -> list:
-    """One video or a (nested) list of videos. A list whose items are frames (images) is one video."""
+    """One video or a (nested) list of videos. A list whose items are frames (images) is one video; an array or tensor
+    [N, T, H, W, C] is N videos."""
+    if isinstance(videos, (np.ndarray, torch.Tensor)) and videos.ndim == 5:
+        return list(videos)
+    if isinstance(videos, (np.ndarray, torch.Tensor)) and videos.ndim == 3 and videos.shape[-1] in (3, 4):
+        raise ValueError(
+            f"A video array of shape {tuple(videos.shape)} reads as one picture [H, W, C]: pass a video as [T, H, W, 3] "
+            "(a grey video as [T, H, W]), or one frame as [1, H, W, 3]."
+        )
     if isinstance(videos, (str, os.PathLike, np.ndarray, torch.Tensor)):
         return [videos]
     if isinstance(videos, (list, tuple)) and videos and all(_is_frame(item) for item in videos):

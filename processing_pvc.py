@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import itertools
 import logging
+import os
 import re
 from collections.abc import Mapping
 from typing import Unpack
@@ -19,13 +20,15 @@ from transformers import BatchFeature, ProcessorMixin
 from transformers.image_utils import ImageInput
 from transformers.processing_utils import ImagesKwargs, ProcessingKwargs, VideosKwargs
 from transformers.utils.chat_template_utils import render_jinja_template
+from transformers.video_processing_utils import BaseVideoProcessor
 from transformers.video_utils import VideoInput
 
-from .image_processing_pvc import PVCVideoProcessor, _flatten, _flatten_videos
+from .image_processing_pvc import STANDARD_OPTIONS, TILING_REPLACES, _flatten, _flatten_videos
 
 # transformers 5.0 copies a local checkpoint's remote-code file with only the files it imports itself (later 5.x
 # follow the imports of those too): what image_processing_pvc.py imports must be imported here as well.
 from .video_decoding_pvc import check_sampling  # noqa: F401
+from .video_processing_pvc import PVCVideoProcessor
 from .visuals_pvc import IMAGE, VIDEO, as_grids, visual_order, visual_tokens
 
 logger = logging.getLogger(__name__)
@@ -60,6 +63,8 @@ class PVCProcessorKwargs(ProcessingKwargs, total=False):
 
 
 MODALITIES = ("text_kwargs", "images_kwargs", "videos_kwargs", "audio_kwargs")
+# What PVCImageProcessor's call takes, or refuses with a reason (see there).
+IMAGE_CALL_OPTIONS = {"max_tiles", "size", *STANDARD_OPTIONS, *TILING_REPLACES}
 # Options of the output itself (see `PVCProcessor.__call__`), taken before the sub-processors' are routed.
 OUTPUT_OPTIONS = ("grid_layout", "return_text_replacement_offsets", "return_mm_token_type_ids")
 # Tokenizer options that do not fit prompts holding placeholders (one text per sample, expanded here).
@@ -116,9 +121,11 @@ class PVCProcessor(ProcessorMixin):
         image_repeat (`int`, defaults to 4): frames of an image's static clip (the model config's `image_repeat`).
         grid_layout (`bool`, defaults to `False`): the default of `__call__`'s `grid_layout` (vLLM sets it).
 
-    The placeholders are `image_token` (`<image>`) and `video_token` (`<video>`); `video_processor` is the video half
-    of the image processor (`PVCVideoProcessor`), configured by the image processor's settings (`num_frames`,
-    `video_max_tiles`), so it saves and loads with them.
+    The placeholders are `image_token` (`<image>`) and `video_token` (`<video>`). Videos go through `video_processor`
+    (`PVCVideoProcessor`, a transformers video processor), saved inside `processor_config.json` and as
+    `video_preprocessor_config.json`; without one (a checkpoint saved before it existed, or a processor built from an
+    image processor alone) it takes the image processor's settings (`num_frames`, `video_max_tiles`, tile side,
+    normalisation). Pass `video_processor=` to the constructor or to `from_pretrained` to give another.
     """
 
     image_token, video_token = IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
@@ -136,15 +143,56 @@ class PVCProcessor(ProcessorMixin):
     ):
         if chat_template is None:
             chat_template = build_chat_template("chatml")
+        video_processor = kwargs.pop("video_processor", None)
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
         self.tokens_per_frame = tokens_per_frame
         self.image_repeat = image_repeat
         self.grid_layout = grid_layout
+        self.video_processor = video_processor
 
+    # The video processor is kept out of transformers' list of sub-processors (`get_attributes`), which would make
+    # loading fail on checkpoints saved without one; it is saved and loaded here instead.
     @property
     def video_processor(self) -> PVCVideoProcessor:
-        # A view, not a saved attribute: transformers' own video processors need torchvision (BaseVideoProcessor).
-        return PVCVideoProcessor(self.image_processor)
+        return self._video_processor
+
+    @video_processor.setter
+    def video_processor(self, video_processor: PVCVideoProcessor | None):
+        if video_processor is None:
+            video_processor = PVCVideoProcessor.from_image_processor(self.image_processor)
+        elif not isinstance(video_processor, BaseVideoProcessor):
+            raise TypeError(f"video_processor must be a PVCVideoProcessor; got {type(video_processor).__name__}.")
+        self._video_processor = video_processor
+
+    def to_dict(self) -> dict:
+        output = super().to_dict()
+        output.pop("_video_processor", None)
+        output["video_processor"] = self.video_processor.to_dict()
+        return output
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """As transformers' `save_pretrained`; the video processor goes into `processor_config.json` and, for
+        `AutoVideoProcessor` on any transformers 5.x, into `video_preprocessor_config.json` (written first, so that
+        `push_to_hub` uploads it too)."""
+        os.makedirs(save_directory, exist_ok=True)
+        self.video_processor.save_pretrained(save_directory)
+        return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, video_processor=None, **kwargs):
+        """As transformers' `from_pretrained`; the video processor is the one saved with the checkpoint, else the
+        image processor's settings (see the class)."""
+        processor = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        if video_processor is None:
+            video_processor = _saved_video_processor(pretrained_model_name_or_path, processor.image_processor, kwargs)
+        processor.video_processor = video_processor
+        return processor
+
+    @classmethod
+    def validate_init_kwargs(cls, processor_config, valid_kwargs):
+        # the saved video processor (see `from_pretrained`) is no argument of `__init__`
+        processor_config = {key: value for key, value in processor_config.items() if key != "video_processor"}
+        return super().validate_init_kwargs(processor_config, valid_kwargs)
 
     @property
     def model_input_names(self):
@@ -299,6 +347,9 @@ class PVCProcessor(ProcessorMixin):
             routed[modality].pop("return_tensors", None)  # pixels go through one BatchFeature with the text
         for key in OUTPUT_OPTIONS:  # transformers >= 5.24 mirrors some into the text options
             routed["text_kwargs"].pop(key, None)
+        # The image processor's saved settings include the video ones of older checkpoints (num_frames, ...), so
+        # transformers routes those to images too: each sub-processor keeps what its call takes.
+        routed["images_kwargs"] = {k: v for k, v in routed["images_kwargs"].items() if k in IMAGE_CALL_OPTIONS}
         return output, routed
 
     def _get_num_multimodal_tokens(self, image_sizes=None, video_sizes=None, **kwargs) -> dict:
@@ -319,14 +370,17 @@ class PVCProcessor(ProcessorMixin):
             data["num_image_tokens"] = [visual_tokens(**counted, kind=IMAGE, tiles=count) for count in tiles]
             data["num_image_patches"] = tiles
         if video_sizes is not None:
-            max_tiles = pixels.tile_limit(videos.get("video_max_tiles"), videos.get("size"))
-            sampled = videos.get("num_frames") or pixels.num_frames
+            video_processor = self.video_processor
+            frame_pixels = video_processor.pixels()
+            max_tiles = videos.get("video_max_tiles") or video_processor.video_max_tiles
+            max_tiles = frame_pixels.tile_limit(videos.get("video_max_tiles"), videos.get("size"), default=max_tiles)
+            sampled = videos.get("num_frames") or video_processor.num_frames
             data["num_video_tokens"] = [
                 visual_tokens(
                     **counted,
                     kind=VIDEO,
-                    tiles=pixels.num_frame_tiles(width, height, max_tiles),
-                    frames=sampled if videos.get("do_sample_frames", True) else frames,
+                    tiles=frame_pixels.num_frame_tiles(width, height, max_tiles),
+                    frames=sampled if videos.get("do_sample_frames", video_processor.do_sample_frames) else frames,
                 )
                 for frames, height, width in video_sizes
             ]
@@ -461,6 +515,23 @@ class PVCProcessor(ProcessorMixin):
             dict(outputs), tensor_type=return_tensors, skip_tensor_conversion=["text_replacement_offsets"]
         )
         return outputs if return_dict else outputs["input_ids"]
+
+
+def _saved_video_processor(path, image_processor, kwargs) -> PVCVideoProcessor:
+    """The video processor saved at `path` (in `processor_config.json` or `video_preprocessor_config.json`), or that
+    of the image processor's settings when the checkpoint has none."""
+    hub = {key: kwargs[key] for key in HUB_OPTIONS if key in kwargs}
+    try:
+        config, _ = PVCVideoProcessor.get_video_processor_dict(path, **hub)
+    except OSError:
+        config = {}
+    if config.get("video_processor_type") != PVCVideoProcessor.__name__:  # the image processor's file, read instead
+        return PVCVideoProcessor.from_image_processor(image_processor)
+    return PVCVideoProcessor.from_dict(config, backend=image_processor.backend)
+
+
+# What `from_pretrained` passes on when it reads the video processor's configuration.
+HUB_OPTIONS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
 
 
 def _check_template_variables(variables: dict, template: str, options: set):

@@ -69,7 +69,18 @@ def sample_indices(total: int, num_frames: int | None, fps: float | None, native
     return [int(segment / 2 + round(segment * k)) for k in range(num_frames)]
 
 
-def read_video(path: str, num_frames, fps=None, max_frames=None, start=None, end=None, transform=None) -> list:
+def read_video(
+    path: str,
+    num_frames,
+    fps=None,
+    max_frames=None,
+    start=None,
+    end=None,
+    transform=None,
+    *,
+    choose=None,
+    with_metadata: bool = False,
+):
     """Decode only the sampled frames of a video file, an http(s) URL or a base64 data: URL with PyAV.
 
     The packets' timestamps and keyframe flags are read first, without decoding (as decord does when it opens a file):
@@ -83,12 +94,38 @@ def read_video(path: str, num_frames, fps=None, max_frames=None, start=None, end
     An http(s) URL is downloaded once, whole, into a temporary file (deleted when the frames are read), and read from
     there: one transfer of the file, whatever the seeks. `transform`, if given, is applied to each picked frame (an
     upright RGB PIL image) as soon as it is decoded, and its results are returned instead: the processor tiles and
-    shrinks frames this way, so full-resolution frames are not kept. A frame picked twice is transformed once."""
+    shrinks frames this way, so full-resolution frames are not kept. A frame picked twice is transformed once.
+
+    `choose(total, rate)`, if given, picks the frames instead of the sampling options: positions among the `total`
+    frames (at `rate` frames per second). With `with_metadata=True` the result is `(frames, metadata)`: a dict of
+    transformers' `VideoMetadata` fields (`total_num_frames`, `fps`, `duration`, `width` and `height` as shown,
+    `frames_indices` of the frames returned, `video_backend`)."""
     av = _av()
-    show = transform or (lambda image: image)
+    metadata = {"video_backend": "pyav"}
+
+    def show(image):
+        metadata.setdefault("width", image.width)
+        metadata.setdefault("height", image.height)
+        return transform(image) if transform else image
+
+    def pick(total: int, rate: float, by_time=None) -> list[int]:
+        """The positions to decode among `total` frames (`by_time()`: the sampling rule's, mapped by time)."""
+        if choose is not None:
+            positions = [int(position) for position in choose(total, rate)]
+            if not positions or min(positions) < 0 or max(positions) >= total:
+                raise ValueError(f"The frames chosen for {name} must lie in 0 .. {total - 1}; got {positions}.")
+        elif by_time is not None:
+            positions = by_time()
+        else:
+            first, last = frame_window(total, start, end, rate, name)
+            positions = [first + index for index in sample_indices(last - first + 1, num_frames, fps, rate, max_frames)]
+        duration = total / rate if rate else None
+        metadata.update(total_num_frames=total, fps=rate or None, duration=duration, frames_indices=positions)
+        return positions
+
     with _local_source(path) as (source, name):
         try:
-            frames = _read(av, source, name, show, num_frames, fps, max_frames, start, end)
+            frames = _read(av, source, name, show, pick, num_frames, fps, max_frames, start, end)
         except av.error.FFmpegError as error:
             reason = getattr(error, "strerror", None) or str(error)
             raise ValueError(
@@ -96,7 +133,7 @@ def read_video(path: str, num_frames, fps=None, max_frames=None, start=None, end
             ) from None
     if not frames:
         raise ValueError(f"The video {name} has no decodable frames: it is damaged or cut short.")
-    return frames
+    return (frames, metadata) if with_metadata else frames
 
 
 def _av():
@@ -108,7 +145,7 @@ def _av():
     return av
 
 
-def _read(av, source, name, show, num_frames, fps, max_frames, start, end) -> list:
+def _read(av, source, name, show, pick, num_frames, fps, max_frames, start, end) -> list:
     with av.open(source) as container:
         form = container.format.name
         if form == "image2" or form.endswith("_pipe"):  # FFmpeg's readers of single pictures
@@ -124,19 +161,22 @@ def _read(av, source, name, show, num_frames, fps, max_frames, start, end) -> li
         stream = container.streams.video[0]
         times, keyframes, count = _index(container, stream)
         upright = functools.partial(_upright, rotate_tag=_rotate_tag(stream))
-        if times and len(times) == count:
-            positions = _sample_by_time(times, stream.time_base, num_frames, fps, max_frames, start, end, name)
-            return _decode_at(container, stream, times, keyframes, positions, lambda frame: show(upright(frame)), name)
         rate = float(stream.average_rate or stream.guessed_rate or 0)
+        if times and len(times) == count:
+            by_time = functools.partial(
+                _sample_by_time, times, stream.time_base, num_frames, fps, max_frames, start, end, name
+            )
+            span = float((times[-1] - times[0]) * stream.time_base)
+            positions = pick(len(times), (len(times) - 1) / span if span else rate, by_time)
+            return _decode_at(container, stream, times, keyframes, positions, lambda frame: show(upright(frame)), name)
     # Timestamps missing (a raw elementary stream: .h264, .hevc, which cannot seek either) or repeated (some MPEG-PS
     # muxers): the packets still count the frames. They are taken by position, at the nominal rate, in one pass.
-    first, last = _window(count, start, end, rate, name)
-    indices = sample_indices(last - first + 1, num_frames, fps, rate, max_frames)
+    positions = pick(count, rate)
     if isinstance(source, io.BytesIO):
         source.seek(0)
     with av.open(source) as container:
         decoder = _decoded(container, container.streams.video[0])
-        return _decode_in_order(decoder, [first + i for i in indices], lambda frame: show(upright(frame)))
+        return _decode_in_order(decoder, positions, lambda frame: show(upright(frame)))
 
 
 @contextlib.contextmanager
@@ -202,7 +242,7 @@ def _index(container, stream) -> tuple[list[int], list[int], int]:
     return times, keyframes, count
 
 
-def _window(total: int, start, end, rate: float, path) -> tuple[int, int]:
+def frame_window(total: int, start, end, rate: float, path) -> tuple[int, int]:
     """First and last frame (inclusive, as `load_video`) of the start/end window at a constant rate."""
     first = 0 if start is None else max(0, round(start * rate))
     last = total - 1 if end is None else min(total - 1, round(end * rate))
@@ -420,4 +460,4 @@ def _rotate_tag(stream) -> float:
         return 0.0
 
 
-__all__ = ["check_sampling", "read_video", "sample_indices"]
+__all__ = ["check_sampling", "frame_window", "read_video", "sample_indices"]

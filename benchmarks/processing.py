@@ -12,7 +12,8 @@ Inputs (synthetic, fixed seeds): a 1600x1200 photo (smooth gradients, soft waves
 into 4 x 3 tiles of 448px plus a thumbnail (at most 12 tiles, InternVL2's setting); 8 such photos with other seeds,
 given as PIL images; a 64-frame 720p video given as frames, a uint8 array [64, 720, 1280, 3], each frame resized to
 one 448px tile. Rows:
-- PVC torchvision / PVC PIL: `PVCImageProcessor(backend=...)`, the video with `do_sample_frames=False`.
+- PVC torchvision / PVC PIL: `PVCImageProcessor(backend=...)`; the video through `PVCVideoProcessor(backend=...)`
+  with `do_sample_frames=False`.
 - transformers torchvision: `GotOcr2ImageProcessor` (transformers' InternVL image processor) with InternVL2's settings
   (crop_to_patches, 1..12 patches of 448px, ImageNet mean and std, bicubic); the video through
   `InternVLVideoProcessor` (448x448, the same normalisation, `do_sample_frames=False`).
@@ -102,6 +103,7 @@ def processors(max_tiles: int) -> dict:
     from transformers.image_utils import PILImageResampling
 
     from pvc.image_processing_pvc import PVCImageProcessor
+    from pvc.video_processing_pvc import PVCVideoProcessor
 
     internvl2 = dict(
         crop_to_patches=True,
@@ -122,6 +124,8 @@ def processors(max_tiles: int) -> dict:
     return {
         "pvc_torchvision": PVCImageProcessor(backend="torchvision", max_tiles=max_tiles),
         "pvc_pil": PVCImageProcessor(backend="pil", max_tiles=max_tiles),
+        "pvc_video_torchvision": PVCVideoProcessor(backend="torchvision"),
+        "pvc_video_pil": PVCVideoProcessor(backend="pil"),
         "transformers_torchvision": GotOcr2ImageProcessor(**internvl2),
         "transformers_pil": GotOcr2ImageProcessorPil(**internvl2),
         "transformers_video": InternVLVideoProcessor(**video),
@@ -134,10 +138,10 @@ def calls(workload: dict, made: dict) -> dict:
     if "video" in workload:
         frames = workload["video"]
         return {
-            "pvc_torchvision": lambda: made["pvc_torchvision"](videos=frames, do_sample_frames=False)[
+            "pvc_torchvision": lambda: made["pvc_video_torchvision"](videos=frames, do_sample_frames=False)[
                 "pixel_values_videos"
             ],
-            "pvc_pil": lambda: made["pvc_pil"](videos=frames, do_sample_frames=False)["pixel_values_videos"],
+            "pvc_pil": lambda: made["pvc_video_pil"](videos=frames, do_sample_frames=False)["pixel_values_videos"],
             "transformers_torchvision": lambda: made["transformers_video"](videos=frames, return_tensors="pt")[
                 "pixel_values_videos"
             ].flatten(0, 1),  # [1 video, T, 3, S, S] -> [T, 3, S, S]

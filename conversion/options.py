@@ -19,6 +19,7 @@ CODE_FILES = (
     "modeling_pvc.py",
     "video_decoding_pvc.py",
     "image_processing_pvc.py",
+    "video_processing_pvc.py",
     "processing_pvc.py",
 )
 # --dtype's names -> torch dtype names

@@ -209,6 +209,8 @@ def test_output_is_a_complete_repo(converted):
         "image_processing_pvc.py",
         "visuals_pvc.py",
         "video_decoding_pvc.py",
+        "video_processing_pvc.py",
+        "video_preprocessor_config.json",
     ):
         assert (folder / name).exists(), name
     config = json.loads((folder / "config.json").read_text())

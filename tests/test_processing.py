@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from pvc import PVCImageProcessor
+from pvc import PVCImageProcessor, PVCVideoProcessor
 from pvc.image_processing_pvc import tile_grid, to_pil, torchvision_loads
 
 # The image processor's backends this environment has (the suite runs once without torchvision, once with it).
@@ -105,16 +105,16 @@ def test_pixel_arrays_read_as_transformers_reads_them():
     ):
         torch.testing.assert_close(processor(images=variant)["pixel_values"], reference)
     frames = np.stack([array, array[::-1]])
+    videos = PVCVideoProcessor(image_size=28)
     torch.testing.assert_close(
-        processor(videos=[frames.astype(int)])["pixel_values_videos"],
-        processor(videos=[frames])["pixel_values_videos"],
+        videos(videos=[frames.astype(int)])["pixel_values_videos"], videos(videos=[frames])["pixel_values_videos"]
     )
     with pytest.raises(ValueError, match=re.escape("float pixels must lie in 0..1 (divide 0..255 values by 255")):
         processor(images=torch.from_numpy(array).float())  # read_image(...).float()
     with pytest.raises(ValueError, match=re.escape("holds values in [-3, 247]; integer pixels must lie in 0..255")):
         processor(images=np.minimum(array.astype(int), 250) - 3)  # uint8 minus an offset, wrapped in int
     with pytest.raises(ValueError, match="float pixels must lie in 0..1"):
-        processor(videos=[frames.astype(np.float32)])
+        videos(videos=[frames.astype(np.float32)])
 
 
 def test_image_files_are_read_upright(tmp_path):
@@ -218,12 +218,12 @@ def test_video_inputs_in_memory_follow_the_same_rule():
     # all the frames given: each once (was [0, 1, 2, 3, 4, 4, 5, 6] for 8 of 8)
     for count in (8, 9):
         assert frame_indices(processor.sample_frames(video[:count], count)) == list(range(count))
-    out = processor(videos=[video, list(video[:2])])
+    out = PVCVideoProcessor(image_size=28, num_frames=3)(videos=[video, list(video[:2])])
     assert out["video_num_frames"].tolist() == [3, 3] and out["pixel_values_videos"].shape == (6, 3, 28, 28)
 
 
 def test_video_tiles_per_frame():
-    processor = PVCImageProcessor(image_size=28)
+    processor = PVCVideoProcessor(image_size=28)
     video = np.zeros((4, 28, 56, 3), np.uint8)
     out = processor(videos=video, num_frames=4, video_max_tiles=2)
     assert out["video_num_tiles"].tolist() == [3]  # 2 tiles + thumbnail per frame
@@ -289,7 +289,7 @@ def test_image_urls_are_read_and_their_failures_named(tmp_path):
 
 
 def test_bad_videos_are_clear_errors(tmp_path, video_files):
-    processor = PVCImageProcessor(image_size=28)
+    processor = PVCVideoProcessor(image_size=28)
     (tmp_path / "corrupt.mp4").write_bytes(np.random.RandomState(0).bytes(5000))
     (tmp_path / "empty.mp4").write_bytes(b"")
     for name in ("corrupt.mp4", "empty.mp4"):
@@ -312,7 +312,7 @@ def test_bad_videos_are_clear_errors(tmp_path, video_files):
 def test_video_inputs_that_are_not_videos_say_what_they_are(tmp_path, video_files):
     """A picture passed as a video and a damaged file are named for what they are; a list of frame files is one
     video (as transformers' chat templates pass it), equal to the same frames given as arrays."""
-    processor = PVCImageProcessor(image_size=28, max_tiles=1)
+    processor = PVCVideoProcessor(image_size=28)
     frames = [np.random.RandomState(index).randint(0, 256, (28, 28, 3), dtype=np.uint8) for index in range(3)]
     for index, frame in enumerate(frames):
         Image.fromarray(frame).save(tmp_path / f"frame{index}.png")
@@ -426,8 +426,9 @@ def test_processor_round_trip_with_remote_code(tmp_path, video_files):
 
     processor = tiny_processor()
     processor.save_pretrained(tmp_path)
-    # The processor's files and those they import relatively (the visual bookkeeping, video decoding)
-    for name in ("processing_pvc.py", "image_processing_pvc.py", "visuals_pvc.py", "video_decoding_pvc.py"):
+    # The processor's files and those they import relatively (the visual bookkeeping, video decoding and processing)
+    code = ("processing_pvc.py", "image_processing_pvc.py", "visuals_pvc.py", "video_decoding_pvc.py")
+    for name in (*code, "video_processing_pvc.py", "video_preprocessor_config.json"):
         assert (tmp_path / name).exists(), name
     loaded = AutoProcessor.from_pretrained(tmp_path, trust_remote_code=True)
     assert type(loaded).__name__ == "PVCProcessor" and type(loaded).__module__ != type(processor).__module__
@@ -441,6 +442,8 @@ def test_processor_round_trip_with_remote_code(tmp_path, video_files):
     video = str(video_files / "long.mp4")
     expected, actual = processor(text="<video>x", videos=video), loaded(text="<video>x", videos=video)
     assert torch.equal(expected["pixel_values_videos"], actual["pixel_values_videos"])
+    assert type(loaded.video_processor).__name__ == "PVCVideoProcessor"
+    assert type(loaded.video_processor).__module__ != type(processor.video_processor).__module__  # the saved code
 
 
 @settings(max_examples=60, deadline=None)
@@ -780,7 +783,7 @@ def test_video_frames_and_tiled_video_layout_as_the_model_card(backend):
     frame 1's tiles (dynamic_preprocess of that frame), then frame 2's."""
     rng = np.random.default_rng(0)
     frames = rng.integers(0, 256, (3, 40, 90, 3), dtype=np.uint8)
-    processor = PVCImageProcessor(image_size=28, num_frames=3, backend=backend)
+    processor = PVCVideoProcessor(image_size=28, num_frames=3, backend=backend)
     single = processor(videos=[frames])["pixel_values_videos"]
     expected = torch.stack([model_card_transform(Image.fromarray(frame), 28) for frame in frames])
     assert_pixels_match(single, expected, backend)
@@ -958,7 +961,7 @@ def test_size_is_the_tile_limit_as_a_shape(tmp_path):
     processor.image_processor.size = {"height": 168, "width": 224}
     assert processor.image_processor.max_tiles == 12
     processor.video_processor.size = {"height": 112, "width": 112}
-    assert processor.image_processor.video_max_tiles == 4
+    assert processor.video_processor.video_max_tiles == 4
     counted = processor._get_num_multimodal_tokens(
         image_sizes=[(100, 400)], images_kwargs={"size": {"height": 56, "width": 112}}
     )
@@ -1076,6 +1079,11 @@ def test_chat_template_takes_message_objects_and_template_variables(caplog):
     assert "add_system_prompt" in caplog.text
     with pytest.raises(TypeError, match="did you mean 'max_tiles'"):
         processor.apply_chat_template(as_dicts, max_tile=2)
+
+
+def test_the_image_processor_sends_videos_to_the_video_processor():
+    with pytest.raises(TypeError, match="videos go to PVCVideoProcessor"):
+        PVCImageProcessor()(videos=[np.zeros((2, 8, 8, 3), np.uint8)])
 
 
 def test_backend_is_chosen_as_transformers_chooses(tmp_path, monkeypatch):

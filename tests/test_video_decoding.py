@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pvc import PVCImageProcessor
+from pvc import PVCImageProcessor, PVCVideoProcessor
 
 av = pytest.importorskip("av")
 
@@ -213,25 +213,26 @@ def test_a_video_url_is_transferred_once(stamped):
         PVCImageProcessor(image_size=SIDE).sample_frames(url, 4)
 
 
-def test_full_resolution_frames_are_not_kept(stamped):
+def test_full_resolution_frames_are_not_kept(stamped, monkeypatch):
     """Through the processor, each frame is tiled as it is decoded: when a frame reaches the tiling, no earlier
     decoded frame is still alive (64 frames of a 1080p file took 1.56 GB when all were kept at full size)."""
     path = stamped("mp4 (H.264, B-frames)", 50)
-    processor = PVCImageProcessor(image_size=32)
+    processor = PVCVideoProcessor(image_size=32)
     alive, seen = [], []
-    original = processor.load
+    original = PVCImageProcessor.load
 
-    def loading(frame, **options):  # each decoded frame, on its way to the tiling
+    def loading(self, frame, **options):  # each decoded frame, on its way to the tiling
         alive.append(sum(1 for ref in seen if ref() is not None))
         seen.append(weakref.ref(frame))
-        return original(frame, **options)
+        return original(self, frame, **options)
 
-    processor.load = loading
+    monkeypatch.setattr(PVCImageProcessor, "load", loading)
     out = processor(videos=str(path), num_frames=16)
     assert out["video_num_frames"].tolist() == [16] and len(seen) == 16
     assert max(alive) == 0, alive
     # the pixels are those of the frames sampled as pictures
-    frames = processor.sample_frames(str(path), 16)
+    monkeypatch.undo()
+    frames = PVCImageProcessor(image_size=32).sample_frames(str(path), 16)
     expected = processor(videos=[[np.asarray(frame) for frame in frames]], num_frames=16)["pixel_values_videos"]
     assert np.array_equal(out["pixel_values_videos"].numpy(), expected.numpy())
 

@@ -270,7 +270,28 @@ def refuse_tiling_options(options, where: str):
         )
 
 
-class PVCImageProcessor(ImageProcessingMixin):
+class PixelBackend:
+    """The `backend` setting of PVC's image and video processors."""
+
+    @property
+    def backend(self) -> str:
+        """How pixels are resized and normalised: "torchvision" (batched tensor operations) or "pil" (PIL's resize).
+        Chosen as transformers chooses for its own processors: `backend=` (or the older `use_fast=`) at construction
+        or in `from_pretrained`, else torchvision when it is installed and loads, else PIL. Asking for torchvision
+        where it does not load is an error. A run-time choice, not saved. Both give InternVL2's pixels within the
+        rounding of two bicubic implementations."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, backend: str):
+        self._backend = resolve_backend(backend)
+
+    @property
+    def is_fast(self) -> bool:
+        return self.backend == "torchvision"
+
+
+class PVCImageProcessor(PixelBackend, ImageProcessingMixin):
     r"""
     Images to PVC's pixel inputs (videos: `PVCVideoProcessor`, which cuts frames into tiles with this class).
 
@@ -327,23 +348,6 @@ class PVCImageProcessor(ImageProcessingMixin):
         self.image_std = list(image_std)
         self.num_frames = num_frames
         self.video_max_tiles = video_max_tiles
-
-    @property
-    def backend(self) -> str:
-        """How pixels are resized and normalised: "torchvision" (batched tensor operations) or "pil" (PIL's resize).
-        Chosen as transformers chooses for its own processors: `backend=` (or the older `use_fast=`) at construction
-        or in `from_pretrained`, else torchvision when it is installed and loads, else PIL. Asking for torchvision
-        where it does not load is an error. A run-time choice, not saved. Both give InternVL2's pixels within the
-        rounding of two bicubic implementations."""
-        return self._backend
-
-    @backend.setter
-    def backend(self, backend: str):
-        self._backend = resolve_backend(backend)
-
-    @property
-    def is_fast(self) -> bool:
-        return self.backend == "torchvision"
 
     def to_dict(self) -> dict:
         output = super().to_dict()

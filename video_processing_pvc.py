@@ -28,6 +28,7 @@ from .image_processing_pvc import (
     IMAGENET_STD,
     LOADING,
     NORMALISATION,
+    PixelBackend,
     PVCImageProcessor,
     _flatten_videos,
     _frames_in_memory,
@@ -74,7 +75,7 @@ CALL_OPTIONS = ("start", "end", "size", "video_metadata", "return_metadata", "de
 NOT_SETTINGS = ("video_processor_type", "image_processor_type", "processor_class", "auto_map", "max_tiles")
 
 
-class PVCVideoProcessor(BaseVideoProcessor):
+class PVCVideoProcessor(PixelBackend, BaseVideoProcessor):
     r"""
     Videos to PVC's pixel inputs: `pixel_values_videos` [total_frames * tiles, 3, S, S] (frame-major, every frame's
     tiles in turn), `video_num_frames` and `video_num_tiles` (tiles per frame) [num_videos].
@@ -128,19 +129,6 @@ class PVCVideoProcessor(BaseVideoProcessor):
         return cls(**settings, backend=image_processor.backend, **overrides)
 
     # ---------------------------------------------------------------------------------------------------- settings
-
-    @property
-    def backend(self) -> str:
-        """ "torchvision" or "pil": how the frames are resized and normalised (see `PVCImageProcessor.backend`)."""
-        return self._backend
-
-    @backend.setter
-    def backend(self, backend: str):
-        self._backend = resolve_backend(backend)
-
-    @property
-    def is_fast(self) -> bool:
-        return self.backend == "torchvision"
 
     @property
     def size(self) -> dict:

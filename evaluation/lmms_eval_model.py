@@ -34,6 +34,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from ..configuration_pvc import PVCConfig
 from ..conversion.options import DTYPE_NAMES, missing_folder_message
+from ..video_decoding_pvc import read_video
 from .presets import get_preset
 
 logger = logging.getLogger(__name__)
@@ -191,9 +192,8 @@ class PVCLmmsEval(lmms):
             video = video.get("path") or video.get("url") or video.get("video")
         if start is None and end is None:
             return {"type": "video", "video": video}
-        sampler = self.processor.video_processor
-        num_frames = self.processor_options.get("num_frames")
-        frames = sampler.sample_frames(video, num_frames=num_frames, start=start, end=end)
+        num_frames = self.processor_options.get("num_frames") or self.processor.video_processor.num_frames
+        frames = read_video(str(video), num_frames, start=start, end=end)
         return {"type": "video", "video": frames}
 
     def generation_options(self, task_options: dict) -> tuple[dict, list[str]]:

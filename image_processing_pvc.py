@@ -117,8 +117,19 @@ def _open_image(path) -> Image.Image:
             return ImageOps.exif_transpose(image)
     except FileNotFoundError:
         raise ValueError(f"Image file not found: {path}") from None
+    except Image.DecompressionBombError as error:
+        raise ValueError(_too_large(path, error)) from None
     except OSError as error:
         raise ValueError(f"Could not read the image {path}: {error}") from None
+
+
+def _too_large(name: str, error: Exception) -> str:
+    """What to say of an image past PIL's decompression-bomb limit."""
+    return (
+        f"The image {name} is too large to open safely: {error} (PIL's guard against decompression bombs, "
+        "Image.MAX_IMAGE_PIXELS). If you trust the file, raise the limit before loading it: "
+        "`PIL.Image.MAX_IMAGE_PIXELS = None` (or a larger number of pixels)."
+    )
 
 
 def _fetch_image(url: str, timeout: float = 30.0) -> Image.Image:
@@ -138,6 +149,8 @@ def _fetch_image(url: str, timeout: float = 30.0) -> Image.Image:
     try:
         with Image.open(io.BytesIO(content)) as image:
             return ImageOps.exif_transpose(image)
+    except Image.DecompressionBombError as error:
+        raise ValueError(_too_large(url, error)) from None
     except OSError:
         raise ValueError(f"{url} did not return an image (content type {kind}, {len(content)} bytes).") from None
 

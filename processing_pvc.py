@@ -23,7 +23,7 @@ from transformers.utils.chat_template_utils import render_jinja_template
 from transformers.video_processing_utils import BaseVideoProcessor
 from transformers.video_utils import VideoInput
 
-from .image_processing_pvc import STANDARD_OPTIONS, TILING_REPLACES, _flatten, _flatten_videos
+from .image_processing_pvc import STANDARD_OPTIONS, TILING_REPLACES, _flatten, _flatten_videos, _is_frame
 
 # transformers 5.0 copies a local checkpoint's remote-code file with only the files it imports itself (later 5.x
 # follow the imports of those too): what image_processing_pvc.py imports must be imported here as well.
@@ -257,9 +257,12 @@ class PVCProcessor(ProcessorMixin):
         output_options, options = self._routed_options(kwargs)
         return_tensors = options["text_kwargs"].pop("return_tensors", "pt")
         grid_layout = output_options.get("grid_layout", self.grid_layout)
+        texts = [] if text is None else [text] if isinstance(text, str) else list(text)
+        if text is not None:  # media given per sample must match each sample's own placeholders
+            _check_per_sample(texts, images, IMAGE_PLACEHOLDER, "images", _nested_images(images))
+            _check_per_sample(texts, videos, VIDEO_PLACEHOLDER, "videos", _nested_videos(videos))
         images = (_flatten(images) or None) if images is not None else None  # an empty list is no media
         videos = (_flatten_videos(videos) or None) if videos is not None else None
-        texts = [] if text is None else [text] if isinstance(text, str) else list(text)
         kinds = [match.group() for sample in texts for match in PLACEHOLDERS.finditer(sample)]
         for placeholder, given, name in ((IMAGE_PLACEHOLDER, images, "images"), (VIDEO_PLACEHOLDER, videos, "videos")):
             expected = kinds.count(placeholder)
@@ -647,6 +650,37 @@ def _normalized_content(content):
             )
         items.append(item)
     return items
+
+
+def _nested_images(images) -> bool:
+    """Whether images come per sample: a list of lists (one list per prompt)."""
+    return isinstance(images, (list, tuple)) and any(isinstance(item, (list, tuple)) for item in images)
+
+
+def _nested_videos(videos) -> bool:
+    """Whether videos come per sample: a list of lists of videos (a list of frames is one video, not a sample)."""
+    lists = [item for item in videos if isinstance(item, (list, tuple))] if isinstance(videos, (list, tuple)) else []
+    return bool(lists) and not any(item and all(_is_frame(frame) for frame in item) for item in lists)
+
+
+def _check_per_sample(texts: list[str], media, placeholder: str, name: str, nested: bool):
+    """Media nested per sample ([[a, b], [c]]) must hold, for each prompt, as many items as its placeholders, as
+    transformers' Idefics3, SmolVLM and Mllama processors check: a sample's media are never dealt to another."""
+    if not nested:
+        return
+    if not all(isinstance(item, (list, tuple)) for item in media) or len(media) != len(texts):
+        raise ValueError(
+            f"{name} mix per-sample lists and single items, or give {len(media)} lists for {len(texts)} prompts: pass "
+            f"one list of {name} per prompt (empty for none), or a flat list in text order."
+        )
+    for index, (sample, items) in enumerate(zip(texts, media)):
+        wanted = sample.count(placeholder)
+        given = len(items) if name == "images" else len(_flatten_videos(list(items)) if items else [])
+        if wanted != given:
+            raise ValueError(
+                f"Prompt {index} holds {wanted} {placeholder} placeholder(s) but its list of {name} has {given}: each "
+                f"prompt's list must hold its own {name}, one per {placeholder}."
+            )
 
 
 def _refuse_audio(*given):

@@ -1112,3 +1112,38 @@ def test_backend_is_chosen_as_transformers_chooses(tmp_path, monkeypatch):
     processor = PVCImageProcessor(backend="pil")
     with pytest.raises(ImportError, match="needs torchvision"):
         processor.backend = "torchvision"
+
+
+def test_media_nested_per_sample_must_match_each_samples_placeholders():
+    """images=[[a, b], []] for prompts with one <image> each gave prompt 2 the image meant for prompt 1; per-sample
+    lists are checked against their own prompt (as Idefics3's, SmolVLM's and Mllama's processors do), before any
+    pixel is read; correct per-sample lists equal the flat list."""
+    processor = tiny_processor(max_tiles=1)
+    a, b = picture(seed=1), picture(seed=2)
+    with pytest.raises(ValueError, match="Prompt 0 holds 1 <image> placeholder.* has 2"):
+        processor(text=["<image>first", "<image>second"], images=[[a, b], []])
+    with pytest.raises(ValueError, match="2 lists for 3 prompts"):
+        processor(text=["<image>", "<image>", "x"], images=[[a], [b]])
+    with pytest.raises(ValueError, match="mix per-sample lists and single items"):
+        processor(text=["<image>", "<image>"], images=[[a], b])
+    nested = processor(text=["<image>first", "<image>second"], images=[[a], [b]])
+    flat = processor(text=["<image>first", "<image>second"], images=[a, b])
+    assert torch.equal(nested["pixel_values"], flat["pixel_values"])
+    clip = np.zeros((4, 28, 28, 3), np.uint8)
+    with pytest.raises(ValueError, match="Prompt 0 holds 1 <video> placeholder.* has 0"):
+        processor(text=["<video>", "none"], videos=[[], [clip]])
+    # a list of frames is one video, not a sample
+    frames = [clip[0], clip[1], clip[2]]
+    assert processor(text=["<video>"], videos=[frames])["video_num_frames"].tolist() == [4]
+
+
+def test_an_image_past_the_decompression_bomb_limit_names_the_file_and_the_way_out(tmp_path, monkeypatch):
+    path = tmp_path / "huge.png"
+    Image.new("RGB", (300, 200)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)  # 60,000 pixels is then over twice the limit
+    with pytest.raises(ValueError, match=re.escape(f"The image {path} is too large to open safely: Image size (60000")):
+        PVCImageProcessor(image_size=28)(images=str(path))
+    with pytest.raises(ValueError, match=re.escape("PIL.Image.MAX_IMAGE_PIXELS = None")):
+        PVCImageProcessor(image_size=28)(images=str(path))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    assert PVCImageProcessor(image_size=28, max_tiles=1)(images=str(path))["image_num_tiles"].tolist() == [1]

@@ -266,7 +266,10 @@ class PVCVisionEmbeddings(nn.Module):
 
     def forward(self, pixel_values):  # [F, 3, H, W]
         projection = self.patch_embeddings.projection
-        patches = projection(pixel_values.to(projection.weight.device, projection.weight.dtype))  # [F, C, h, w]
+        # The pixels go where the weights are, unless accelerate offloaded them (device_map with "cpu" beside a GPU,
+        # or "disk"): they are then on the meta device until its hook loads them, and the hook moves the pixels too.
+        device = None if projection.weight.is_meta else projection.weight.device
+        patches = projection(pixel_values.to(device, projection.weight.dtype))  # [F, C, h, w]
         grid_h, grid_w = patches.shape[-2:]
         patches = rearrange(patches, "f c h w -> f (h w) c")
         cls = self.cls_token.expand(patches.shape[0], -1, -1)  # [F, 1, C]
@@ -437,6 +440,20 @@ class PVCPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = False
     _supports_attention_backend = True
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the parameters; where accelerate offloaded the first ones (device_map with "disk", or "cpu"
+        beside a GPU: on the meta device until its hooks load them), the device its hooks compute on, which
+        `generate` then puts its tensors on (as transformers' Bark finds it)."""
+        device = super().device
+        if device.type != "meta":
+            return device
+        for module in self.modules():
+            execution_device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+            if execution_device is not None:
+                return torch.device(execution_device)
+        return device
 
     def _return_dict(self, return_dict: bool | None) -> bool:
         return self.config.return_dict if return_dict is None else return_dict
@@ -852,7 +869,7 @@ class PVCModel(PVCPreTrainedModel):
             features = features.to(inputs_embeds.device, inputs_embeds.dtype)
             inputs_embeds = inputs_embeds.masked_scatter(mask[..., None].to(inputs_embeds.device), features)
         elif self.training and torch.is_grad_enabled():
-            inputs_embeds = inputs_embeds + self.visual_path_at_zero().to(inputs_embeds.device, inputs_embeds.dtype)
+            inputs_embeds = inputs_embeds + self.visual_path_at_zero(inputs_embeds.device).to(inputs_embeds.dtype)
 
         outputs = self.language_model(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, return_dict=True, **kwargs
@@ -860,20 +877,22 @@ class PVCModel(PVCPreTrainedModel):
         output = PVCModelOutputWithPast(**outputs, image_outputs=image_outputs, video_outputs=video_outputs)
         return output if self._return_dict(return_dict) else output.to_tuple()
 
-    def visual_path_at_zero(self):
+    def visual_path_at_zero(self, device):
         """0 x the features of one blank frame: a training batch without media still runs the vision tower and the
         token compressor, so every trainable parameter gets a gradient (zero) on every step, as DDP (with
         find_unused_parameters=False), FSDP and DeepSpeed expect. Costs one frame's forward and backward."""
         height, width = _as_pair(self.config.vision_config.image_size)
-        projection = self.vision_tower.get_input_embeddings()
-        blank = projection.weight.new_zeros(1, self.config.vision_config.num_channels, height, width)
+        dtype = self.vision_tower.get_input_embeddings().weight.dtype
+        # made where the text is: the tower moves it as it moves pixels (the weights may be offloaded, so meta)
+        blank = torch.zeros(1, self.config.vision_config.num_channels, height, width, device=device, dtype=dtype)
         return 0.0 * self.encode_clips(blank, num_frames=1).sum()
 
     def placeholder_mask(self, input_ids, inputs_embeds):
         if input_ids is not None:
             return input_ids == self.config.image_token_id
         token = torch.tensor(self.config.image_token_id, device=inputs_embeds.device)
-        return (inputs_embeds == self.get_input_embeddings()(token)).all(-1)
+        embedded = self.get_input_embeddings()(token).to(inputs_embeds.device)  # accelerate may compute it elsewhere
+        return (inputs_embeds == embedded).all(-1)
 
 
 class PVCForConditionalGeneration(PVCPreTrainedModel, GenerationMixin):

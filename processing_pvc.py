@@ -258,9 +258,7 @@ class PVCProcessor(ProcessorMixin):
         return_tensors = options["text_kwargs"].pop("return_tensors", "pt")
         grid_layout = output_options.get("grid_layout", self.grid_layout)
         texts = [] if text is None else [text] if isinstance(text, str) else list(text)
-        if text is not None:  # media given per sample must match each sample's own placeholders
-            _check_per_sample(texts, images, IMAGE_PLACEHOLDER, "images", _nested_images(images))
-            _check_per_sample(texts, videos, VIDEO_PLACEHOLDER, "videos", _nested_videos(videos))
+        as_passed = {"images": images, "videos": videos}  # flat, or nested per sample
         images = (_flatten(images) or None) if images is not None else None  # an empty list is no media
         videos = (_flatten_videos(videos) or None) if videos is not None else None
         kinds = [match.group() for sample in texts for match in PLACEHOLDERS.finditer(sample)]
@@ -272,6 +270,12 @@ class PVCProcessor(ProcessorMixin):
                     f"the text holds {expected} {placeholder} placeholder(s) but {len(given or [])} {name} were "
                     f"given. Put one {placeholder} in the text where each of the {name} goes."
                 )
+        if text is not None:  # media given per sample must match each sample's own placeholders
+            for name, placeholder, nested in (
+                ("images", IMAGE_PLACEHOLDER, _nested_images),
+                ("videos", VIDEO_PLACEHOLDER, _nested_videos),
+            ):
+                _check_per_sample(texts, as_passed[name], placeholder, name, nested(as_passed[name]))
         visual = {}
         if images is not None:
             visual.update(self.image_processor(images=images, **options["images_kwargs"], return_tensors="pt"))

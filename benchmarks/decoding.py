@@ -19,6 +19,8 @@ spent reading (the least of `--repeats` runs), peak memory its maximum resident 
 - linear: transformers' `read_video_pyav`, which decodes every frame up to the last pick.
 - floor: the least decoding these picks need, written out here: for each group of pictures that holds a pick, a seek
   to its keyframe and a decode up to its last pick.
+- processor (with `--methods processor`, not a decoder): `PVCVideoProcessor(backend="pil")` on the file, decoding,
+  tiling and normalising, for the memory the processor needs (frames are tiled as they are decoded).
 A measurement that runs past `--limit` seconds is stopped and shown as "> limit".
 """
 
@@ -36,6 +38,8 @@ REPO = Path(__file__).resolve().parents[1]
 RATE = 30
 GOPS = {"2 s": 2 * RATE, "10 s": 10 * RATE, "one": None}
 METHODS = ("pvc", "decord", "linear", "floor")
+# Not a decoder: the whole video processor (decoding, tiling, normalising), for its memory (`--methods processor`).
+EXTRA_METHODS = ("processor",)
 
 
 # ------------------------------------------------------------------------------------------------ the videos
@@ -142,6 +146,13 @@ def run_linear(path, count, indices):
     return read_video_pyav(path, sample_indices_fn=lambda metadata, **kwargs: indices)[0]
 
 
+def run_processor(path, count, indices):
+    from pvc.video_processing_pvc import PVCVideoProcessor
+
+    out = PVCVideoProcessor(backend="pil")(path, num_frames=count)
+    return list(out["pixel_values_videos"])
+
+
 def run_floor(path, count, indices):
     import bisect
 
@@ -175,6 +186,8 @@ def measure(method: str, path: str, count: int, repeats: int = 1) -> dict:
         import decord  # noqa: F401
     if method == "linear":
         import transformers.video_utils  # noqa: F401
+    if method == "processor":
+        import pvc.video_processing_pvc  # noqa: F401
     import av  # noqa: F401
     import numpy  # noqa: F401
     from PIL import Image  # noqa: F401
@@ -223,7 +236,7 @@ def table(rows: list[dict], methods) -> str:
         results = row["results"]
 
         def ratio(other):
-            a, b = results["pvc"].get("cpu_s"), results.get(other, {}).get("cpu_s")
+            a, b = results.get("pvc", {}).get("cpu_s"), results.get(other, {}).get("cpu_s")
             return f"{a / b:.2f}" if a is not None and b else "-"
 
         lines.append(
@@ -241,7 +254,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--heights", type=int, nargs="+", default=[360, 1080])
     parser.add_argument("--keyframes", nargs="+", default=list(GOPS), choices=list(GOPS))
     parser.add_argument("--frames", type=int, nargs="+", default=[16, 64, 96])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + EXTRA_METHODS)
     parser.add_argument("--videos", type=Path, default=Path(tempfile.gettempdir()) / "pvc-decoding-videos")
     parser.add_argument("--limit", type=float, default=300.0, help="seconds a measurement may take")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each measurement; the least CPU time counts")

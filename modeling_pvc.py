@@ -26,6 +26,7 @@ from torch import nn
 from transformers import AutoModel, GenerationMixin, GradientCheckpointingLayer, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.masking_utils import causal_mask_function
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
@@ -85,8 +86,8 @@ NORMS = {"layer_norm": nn.LayerNorm, "rms_norm": PVCRMSNorm}
 
 class PVCVisionAttention(nn.Module):
     """Multi-head self-attention over the second axis of [batch, length, C], dispatched through transformers'
-    attention interface (eager, sdpa, flash_attention_2). Spatial attention runs over the tokens of a frame;
-    temporal attention (`is_causal=True`) over the frames of one token position."""
+    attention interface (eager, sdpa, flash_attention_2, flex_attention). Spatial attention runs over the tokens of a
+    frame; temporal attention (`is_causal=True`) over the frames of one token position."""
 
     def __init__(self, config: PVCVisionConfig, is_causal: bool = False):
         super().__init__()
@@ -112,17 +113,21 @@ class PVCVisionAttention(nn.Module):
         query = self.q_norm(self.q_proj(hidden_states)).view(heads).transpose(1, 2)  # [B, H, L, d]
         key = self.k_norm(self.k_proj(hidden_states)).view(heads).transpose(1, 2)  # [B, H, L, d]
         value = self.v_proj(hidden_states).view(heads).transpose(1, 2)  # [B, H, L, d]
+        flex = self.config._attn_implementation == "flex_attention"
+        # flex attention reads no `is_causal`: a causal one gets its mask as a BlockMask, as transformers' models do
+        attention_mask = causal_block_mask(length, hidden_states.device) if flex and self.is_causal else None
         output, weights = self.attention_interface()(
             self,
             query,
             key,
             value,
-            None,
+            attention_mask,
             scaling=self.scale,
             dropout=self.config.attention_dropout if self.training else 0.0,
             is_causal=self.is_causal,
         )
         output = output.reshape(batch, length, -1)  # [B, L, C / tensor-parallel size]
+        weights = None if flex else weights  # flex gives the softmax's log-sum-exp (on GPUs), not its weights
         return self.projection_dropout(self.projection_layer(output)), weights  # weights: eager attention only
 
     def attention_interface(self):
@@ -133,6 +138,13 @@ class PVCVisionAttention(nn.Module):
         if self.config._attn_implementation == "eager":  # transformers 5.0
             return eager_attention_forward
         return ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+
+
+def causal_block_mask(length: int, device) -> "BlockMask":  # noqa: F821 (torch's, imported only for flex attention)
+    """Flex attention's causal mask over `length` positions, the same for every sequence and head."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return create_block_mask(causal_mask_function, B=None, H=None, Q_LEN=length, KV_LEN=length, device=device)
 
 
 class PVCVisionMLP(nn.Module):
@@ -438,7 +450,7 @@ class PVCPreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_sdpa = True
     _supports_flash_attn = True
-    _supports_flex_attn = False
+    _supports_flex_attn = True
     _supports_attention_backend = True
 
     @property

@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import prompt, tiny_model
 from transformers import AutoModelForImageTextToText
+from transformers.utils import is_torch_flex_attn_available
 
 # --------------------------------------------------------------------------------------------------------------
 # device_map: parts offloaded by accelerate
@@ -116,3 +117,55 @@ def test_generate_with_the_vision_tower_on_disk(saved_model, tmp_path):
         assert dispatched.generate(**one, **settings).tolist() == expected
         # assisted decoding puts the candidates on `model.device`
         assert dispatched.generate(**one, **settings, assistant_model=model).tolist() == expected
+
+
+# --------------------------------------------------------------------------------------------------------------
+# flex attention
+# --------------------------------------------------------------------------------------------------------------
+
+needs_flex = pytest.mark.skipif(not is_torch_flex_attn_available(), reason="this torch has no flex attention")
+
+
+@needs_flex
+def test_flex_attention_loads_and_equals_sdpa(saved_model):
+    """`attn_implementation="flex_attention"` reaches the vision tower and the language model, and gives sdpa's
+    logits on an image and a video (float32 on the CPU, where torch compiles flex attention: about 20 s the first
+    time)."""
+    model, path, inputs, _ = saved_model
+    loaded = {
+        name: AutoModelForImageTextToText.from_pretrained(
+            path, trust_remote_code=True, dtype=torch.float32, attn_implementation=name
+        ).eval()
+        for name in ("sdpa", "flex_attention")
+    }
+    flex = loaded["flex_attention"]
+    assert flex.model.vision_tower.config._attn_implementation == "flex_attention"
+    assert flex.model.language_model.config._attn_implementation == "flex_attention"
+    image, video = inputs
+    mixed = dict(
+        input_ids=torch.cat([image["input_ids"], video["input_ids"]], dim=1),
+        **{key: value for one in inputs for key, value in one.items() if key != "input_ids"},
+        visual_order=torch.tensor([0, 1]),
+    )
+    with torch.no_grad():
+        expected = loaded["sdpa"](**mixed).logits
+        torch.testing.assert_close(flex(**mixed).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+@needs_flex
+def test_flex_attention_keeps_the_temporal_attention_frame_causal(saved_model):
+    """Under flex attention (which takes no `is_causal`), changing frame t + 1 leaves the features of frames <= t
+    as they were, and changes those after."""
+    model = tiny_model("pvc", attn_implementation="flex_attention")
+    video = saved_model[2][1]["pixel_values_videos"]  # 3 frames, the shapes the test above compiled for
+    with torch.no_grad():
+        before = model.model.encode_clips(video, 3)[0]  # [T, M, D]
+        for t in (0, 1):
+            changed = video.clone()
+            changed[t + 1] = torch.randn(changed[t + 1].shape, generator=torch.Generator().manual_seed(t))
+            after = model.model.encode_clips(changed, 3)[0]
+            torch.testing.assert_close(after[: t + 1], before[: t + 1], rtol=1e-6, atol=1e-6)
+            assert not torch.allclose(after[t + 1 :], before[t + 1 :], atol=1e-4)
+        # and the same features as sdpa's
+        model.set_attn_implementation("sdpa")
+        torch.testing.assert_close(model.model.encode_clips(video, 3)[0], before, rtol=1e-5, atol=1e-5)

@@ -387,7 +387,9 @@ class PVCProcessor(ProcessorMixin):
                     **counted,
                     kind=VIDEO,
                     tiles=frame_pixels.num_frame_tiles(width, height, max_tiles),
-                    frames=sampled if videos.get("do_sample_frames", video_processor.do_sample_frames) else frames,
+                    frames=frames
+                    if videos.get("do_sample_frames", video_processor.do_sample_frames) is False
+                    else sampled,
                 )
                 for frames, height, width in video_sizes
             ]

@@ -60,7 +60,10 @@ SETTINGS = {
     "fps": None,
     "max_frames": None,
     "video_max_tiles": 1,
-    "do_sample_frames": True,
+    # None samples, as True does. Left unset so that vLLM, which asks for video metadata from a processor whose
+    # do_sample_frames is set and then hands it frames sampled by vLLM's own reader, gives PVC the frames it decoded
+    # and PVC samples them by the authors' rule (see the README's serving section).
+    "do_sample_frames": None,
     "do_convert_rgb": True,
     "do_rescale": True,
     "rescale_factor": 1 / 255,
@@ -89,7 +92,8 @@ class PVCVideoProcessor(PixelBackend, BaseVideoProcessor):
         video_max_tiles (`int`, defaults to 1): tile grid bound for each frame (1: one resized tile); `size` gives
             it as a shape, as for `PVCImageProcessor`.
         min_tiles, use_thumbnail: the tiling of frames cut into several tiles (see `PVCImageProcessor`).
-        do_sample_frames (`bool`, defaults to `True`): with `False`, frames given in memory are kept as given.
+        do_sample_frames (`bool`, *optional*): unset or `True`, frames are sampled (files and frames in memory alike);
+            `False` keeps frames given in memory as given.
         do_convert_rgb, do_rescale, rescale_factor, do_normalize, image_mean, image_std: as transformers'.
         backend (`str`, *optional*): "torchvision" or "pil", as `PVCImageProcessor.backend` (not saved).
     """
@@ -279,7 +283,7 @@ class PVCVideoProcessor(PixelBackend, BaseVideoProcessor):
         return output.to(device) if device is not None else output
 
     def _read_file(self, video, options, window, prepare):
-        if not options["do_sample_frames"]:
+        if options["do_sample_frames"] is False:
             raise ValueError(
                 "do_sample_frames=False keeps the frames of a video as given, but this video is a file or URL "
                 f"({str(video)[:80]}): pass its frames, or leave do_sample_frames on to sample num_frames of them."
@@ -295,7 +299,7 @@ class PVCVideoProcessor(PixelBackend, BaseVideoProcessor):
             raise ValueError(
                 f"video_metadata says {metadata.total_num_frames} frames, but the video given has {len(frames)}."
             )
-        if options["do_sample_frames"]:
+        if options["do_sample_frames"] is not False:
             sampling = {key: options[key] for key in ("num_frames", "fps", "max_frames")}
             indices = [int(index) for index in self.sample_frames(metadata, **sampling, **window)]
         else:

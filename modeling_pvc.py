@@ -32,7 +32,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
 from .configuration_pvc import PVCConfig, PVCVisionConfig, _as_pair
-from .visuals_pvc import IMAGE, VIDEO, counts_from_grids, in_text_order, items_per_sample, visual_tokens
+from .visuals_pvc import GRID_INPUTS, IMAGE, VIDEO, counts_from_grids, in_text_order, items_per_sample, visual_tokens
 
 logger = logging.get_logger(__name__)
 
@@ -1026,6 +1026,22 @@ class PVCForConditionalGeneration(PVCPreTrainedModel, GenerationMixin):
         "visual_order",
     )
 
+    def generate(self, inputs=None, *args, **kwargs):
+        """transformers' `generate`; assisted decoding from `inputs_embeds` alone is refused before any work."""
+        config = (args[0] if args else kwargs.get("generation_config")) or self.generation_config
+        lookup = kwargs.get("prompt_lookup_num_tokens", getattr(config, "prompt_lookup_num_tokens", None))
+        assisted = kwargs.get("assistant_model") is not None or lookup
+        has_ids = inputs is not None or kwargs.get("input_ids") is not None
+        if assisted and kwargs.get("inputs_embeds") is not None and not has_ids:
+            # transformers 5.0 fails on it for every model (or masks the whole prompt), later releases whenever the
+            # attention mask holds padding; an assistant model never sees the prompt
+            raise ValueError(
+                "Assisted decoding (assistant_model, prompt_lookup_num_tokens) works on the prompt's ids: an assistant "
+                "model reads them, prompt lookup searches them, and transformers cuts the attention mask to them. A "
+                "prompt given as inputs_embeds has none: pass input_ids (with the <IMG_CONTEXT> tokens) instead."
+            )
+        return super().generate(inputs, *args, **kwargs)
+
     def prepare_inputs_for_generation(self, input_ids, inputs_embeds=None, is_first_iteration=False, **kwargs):
         # inputs_embeds named here: `generate(inputs_embeds=...)` checks this signature for it
         model_inputs = super().prepare_inputs_for_generation(
@@ -1038,22 +1054,33 @@ class PVCForConditionalGeneration(PVCPreTrainedModel, GenerationMixin):
             model_inputs.pop("pixel_values_videos", None)
         return model_inputs
 
+    def _maybe_initialize_input_ids_for_generation(self, inputs=None, bos_token_id=None, model_kwargs=None):
+        """`generate` without `input_ids` counts the samples in the first tensor among its inputs; pixel rows are
+        tiles and frames, not samples, so the text's tensors (`inputs_embeds`, `attention_mask`) come first."""
+        if model_kwargs:
+            model_kwargs = dict(
+                sorted(model_kwargs.items(), key=lambda item: item[0] in self.VISUAL_INPUTS + GRID_INPUTS)
+            )
+        return super()._maybe_initialize_input_ids_for_generation(inputs, bos_token_id, model_kwargs)
+
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
         """Beam search and `num_return_sequences` repeat every sample; the visuals must follow their sample as a
         whole (the default would repeat each tile, or frame, on its own)."""
         model_kwargs.update(counts_from_grids(model_kwargs))
         visual = {key: model_kwargs.pop(key) for key in self.VISUAL_INPUTS if model_kwargs.get(key) is not None}
-        input_ids_before = input_ids
+        if visual and expand_size > 1:
+            # each sample's placeholders, from its ids or (generate(inputs_embeds=...): no ids) its embeddings
+            text = input_ids if input_ids is not None and input_ids.shape[-1] else None
+            mask = self.model.placeholder_mask(text, None if text is not None else model_kwargs.get("inputs_embeds"))
+            visual = self._repeat_visuals_per_sample(mask.sum(1).tolist(), expand_size, **visual)
         input_ids, model_kwargs = super()._expand_inputs_for_generation(
             expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
         )
-        if visual and expand_size > 1:
-            visual = self._repeat_visuals_per_sample(input_ids_before, expand_size, **visual)
         return input_ids, {**model_kwargs, **visual}
 
     def _repeat_visuals_per_sample(
         self,
-        input_ids,
+        placeholders,
         times,
         pixel_values=None,
         image_num_tiles=None,
@@ -1063,8 +1090,8 @@ class PVCForConditionalGeneration(PVCPreTrainedModel, GenerationMixin):
         visual_order=None,
     ):
         """Each sample's images and videos, `times` over, in the sample's place: the batch's visuals in text order
-        are dealt to the samples by their `<IMG_CONTEXT>` counts, each item whole (an error when a sample's count
-        does not end on an item's boundary)."""
+        are dealt to the samples by their `<IMG_CONTEXT>` counts (`placeholders`, one per sample), each item whole
+        (an error when a sample's count does not end on an item's boundary)."""
         config = self.config
         images, videos = [], []
         if pixel_values is not None:
@@ -1078,7 +1105,6 @@ class PVCForConditionalGeneration(PVCPreTrainedModel, GenerationMixin):
                 tokens = visual_tokens(config.tokens_per_frame, config.image_repeat, VIDEO, tile, count)
                 videos.append(VisualItem(VIDEO, clip, count, tile, tokens))
         ordered = in_text_order(images, videos, visual_order)
-        placeholders = (input_ids == config.image_token_id).sum(1).tolist()
         per_sample = items_per_sample(ordered, placeholders, [item.tokens for item in ordered])
         repeated = [item for sample in per_sample for _ in range(times) for item in sample]
         out = {}

@@ -314,6 +314,56 @@ MUTATIONS = [
         "        return columns * rows",
         "tests/test_serving.py tests/test_processing.py",
     ),
+    # issue 30: offloaded parts, flex attention, generate from embeddings
+    (
+        "pixels sent to an offloaded (meta) weight's device",
+        "modeling_pvc.py",
+        "device = None if projection.weight.is_meta else projection.weight.device",
+        "device = projection.weight.device",
+        "tests/test_model_machinery.py -k offloaded",
+    ),
+    (
+        "model.device meta where the first weights are offloaded",
+        "modeling_pvc.py",
+        '        device = super().device\n        if device.type != "meta":',
+        "        device = super().device\n        if True:",
+        "tests/test_model_machinery.py -k generate_with_the_vision_tower_on_disk",
+    ),
+    (
+        "flex attention refused",
+        "modeling_pvc.py",
+        "    _supports_flex_attn = True",
+        "    _supports_flex_attn = False",
+        "tests/test_model_machinery.py -k flex",
+    ),
+    (
+        "flex attention: temporal attention without its causal mask",
+        "modeling_pvc.py",
+        "causal_block_mask(length, hidden_states.device) if flex and self.is_causal else None",
+        "None",
+        "tests/test_model_machinery.py -k flex",
+    ),
+    (
+        "beam expansion counts placeholders in the ids only",
+        "modeling_pvc.py",
+        'mask = self.model.placeholder_mask(text, None if text is not None else model_kwargs.get("inputs_embeds"))',
+        "mask = input_ids == self.config.image_token_id",
+        "tests/test_model_machinery.py -k decoding",
+    ),
+    (
+        "generate counts samples in pixel rows",
+        "modeling_pvc.py",
+        "key=lambda item: item[0] in self.VISUAL_INPUTS + GRID_INPUTS",
+        "key=lambda item: 0",
+        "tests/test_model_machinery.py -k decoding",
+    ),
+    (
+        "assisted decoding from embeddings alone not refused",
+        "modeling_pvc.py",
+        'if assisted and kwargs.get("inputs_embeds") is not None and not has_ids:',
+        "if False:",
+        "tests/test_model_machinery.py -k assisted",
+    ),
 ]
 
 

@@ -16,7 +16,6 @@ Shape letters used in comments:
 
 import contextlib
 import math
-import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -29,7 +28,8 @@ from transformers.activations import ACT2FN
 from transformers.masking_utils import causal_mask_function
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import logging
+from transformers.utils import can_return_tuple, logging
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_pvc import PVCConfig, PVCVisionConfig, _as_pair
 from .visuals_pvc import GRID_INPUTS, IMAGE, VIDEO, counts_from_grids, in_text_order, items_per_sample, visual_tokens
@@ -38,6 +38,10 @@ logger = logging.get_logger(__name__)
 
 # What the installed transformers calls the language model's cache argument: `past_key_values` (5.0) or `cache`.
 CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+# Where it is `cache`, the old name is deprecated as in transformers' own models (a FutureWarning, then renamed).
+renames_the_cache_kwarg = (
+    deprecate_kwarg("past_key_values", "5.40.0", new_name="cache") if CACHE_NAME == "cache" else lambda forward: forward
+)
 # Names of the modules PVC adds to InternVL2: the new parts of the progressive layers, the temporal embeddings and
 # the projector's AdaLN. Fine-tuning gives them a larger learning rate; conversion initialises them.
 PVC_MODULE_NAMES = ("temporal_attention", "temporal_norm", "temporal_gate", "temporal_embedding", "adaln")
@@ -467,9 +471,6 @@ class PVCPreTrainedModel(PreTrainedModel):
                 return torch.device(execution_device)
         return device
 
-    def _return_dict(self, return_dict: bool | None) -> bool:
-        return self.config.return_dict if return_dict is None else return_dict
-
     def _init_weights(self, module):
         config = self.config
         vision_config = getattr(config, "vision_config", config)
@@ -588,6 +589,7 @@ class PVCVisionModel(PVCPreTrainedModel):
     def get_input_embeddings(self):
         return self.embeddings.patch_embeddings.projection
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values,
@@ -596,7 +598,6 @@ class PVCVisionModel(PVCPreTrainedModel):
         frame_chunk_size="config",
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
-        return_dict: bool | None = None,
     ):
         r"""
         Args:
@@ -607,7 +608,7 @@ class PVCVisionModel(PVCPreTrainedModel):
             num_frames (`int`): T, the frames per stream.
             frame_chunk_size (`int` or `None`): overrides `config.frame_chunk_size` (frames per chunk in the
                 per-frame computations; does not change the result).
-            output_hidden_states, output_attentions, return_dict: as in transformers; the config's by default.
+            output_hidden_states, output_attentions (and return_dict): as in transformers; the config's by default.
 
         Returns:
             `PVCVisionModelOutput` whose `last_hidden_state` is `[S * T, N, C]` (CLS first in each frame), with
@@ -642,7 +643,7 @@ class PVCVisionModel(PVCPreTrainedModel):
             attentions=None if spatial is None else tuple(per_frame(weights) for weights in spatial),
             temporal_attentions=temporal or None,
         )
-        return output if self._return_dict(return_dict) else output.to_tuple()
+        return output
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -730,6 +731,7 @@ class PVCModel(PVCPreTrainedModel):
         vision_features = self.vision_tower(pixel_values, num_frames=num_frames, static=static).last_hidden_state
         return self.multi_modal_projector(vision_features, num_frames)
 
+    @can_return_tuple
     def get_image_features(
         self,
         pixel_values,
@@ -737,7 +739,6 @@ class PVCModel(PVCPreTrainedModel):
         image_grid_thw=None,
         output_hidden_states=None,
         output_attentions=None,
-        return_dict=None,
         **kwargs,
     ):
         r"""
@@ -768,8 +769,9 @@ class PVCModel(PVCPreTrainedModel):
             attentions=vision.attentions,
             temporal_attentions=_per_item(vision.temporal_attentions, tiles),
         )
-        return output if self._return_dict(return_dict) else output.to_tuple()
+        return output
 
+    @can_return_tuple
     def get_video_features(
         self,
         pixel_values_videos,
@@ -778,7 +780,6 @@ class PVCModel(PVCPreTrainedModel):
         video_grid_thw=None,
         output_hidden_states=None,
         output_attentions=None,
-        return_dict=None,
         **kwargs,
     ):
         r"""
@@ -825,8 +826,9 @@ class PVCModel(PVCPreTrainedModel):
             attentions=_concatenated_layers(outputs, "attentions"),
             temporal_attentions=_layers_per_item(outputs, "temporal_attentions"),
         )
-        return output if self._return_dict(return_dict) else output.to_tuple()
+        return output
 
+    @can_return_tuple
     def forward(
         self,
         input_ids=None,
@@ -850,7 +852,6 @@ class PVCModel(PVCPreTrainedModel):
         video_num_tiles = counts.get("video_num_tiles", video_num_tiles)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)  # [B, L, D]
-        return_dict = kwargs.pop("return_dict", None)
         # the language model's options, which the vision tower follows too (else its own config's)
         options = {key: kwargs.get(key) for key in ("output_hidden_states", "output_attentions")}
 
@@ -887,7 +888,7 @@ class PVCModel(PVCPreTrainedModel):
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, return_dict=True, **kwargs
         )
         output = PVCModelOutputWithPast(**outputs, image_outputs=image_outputs, video_outputs=video_outputs)
-        return output if self._return_dict(return_dict) else output.to_tuple()
+        return output
 
     def visual_path_at_zero(self, device):
         """0 x the features of one blank frame: a training batch without media still runs the vision tower and the
@@ -942,6 +943,8 @@ class PVCForConditionalGeneration(PVCPreTrainedModel, GenerationMixin):
         """See `PVCModel.get_video_features`."""
         return self.model.get_video_features(pixel_values_videos, video_num_frames, video_num_tiles, **kwargs)
 
+    @can_return_tuple
+    @renames_the_cache_kwarg
     def forward(
         self,
         input_ids=None,
@@ -972,17 +975,7 @@ class PVCForConditionalGeneration(PVCPreTrainedModel, GenerationMixin):
                 reuse it across turns), under the name of the installed transformers (5.0: `past_key_values`).
             Other keyword arguments (position_ids, use_cache, ...) go to the language model.
         """
-        return_dict = kwargs.pop("return_dict", None)
-        # Named here so that `generate` lets a cache through; transformers 5.0 calls it `past_key_values`, later
-        # releases `cache` (and deprecate the old name, as here). Whichever was given goes on under its own name.
-        if past_key_values is not None and CACHE_NAME == "cache":
-            warnings.warn(
-                "`past_key_values` is deprecated for `PVCForConditionalGeneration.forward` in this transformers "
-                "release. Use `cache` instead.",
-                FutureWarning,
-                stacklevel=2,
-            )
-            cache, past_key_values = past_key_values, None
+        # Both named so that `generate` lets a cache through; whichever was given goes on under its own name.
         kwargs.update(
             {
                 name: value
@@ -1015,7 +1008,7 @@ class PVCForConditionalGeneration(PVCPreTrainedModel, GenerationMixin):
         # image and video encoders'.
         extra = {key: value for key, value in outputs.items() if key != "last_hidden_state"}
         output = PVCCausalLMOutputWithPast(loss=loss, logits=logits, **extra)
-        return output if self._return_dict(return_dict) else output.to_tuple()
+        return output
 
     VISUAL_INPUTS = (
         "pixel_values",

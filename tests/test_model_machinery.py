@@ -263,3 +263,50 @@ def test_assisted_decoding_equals_greedy(kind):
         assert model.generate(input_ids=ids, **visual, **SETTINGS, **assistance).tolist() == greedy
         with pytest.raises(ValueError, match="Assisted decoding.*inputs_embeds has none: pass input_ids"):
             model.generate(inputs_embeds=embeds, **visual, **SETTINGS, **assistance)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# transformers' output plumbing
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_return_dict_false_gives_tuples_everywhere(pixels):
+    """`return_dict=False` (an argument, or the config's) turns each output into a tuple (transformers'
+    `can_return_tuple`): the vision tower, the feature methods, the base model and the generation model."""
+    model = tiny_model("pvc")
+    inputs = dict(input_ids=prompt(4 * 4), pixel_values=pixels(1))
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        assert isinstance(model(**inputs, return_dict=False), tuple)
+        assert isinstance(model.model(**inputs, return_dict=False), tuple)
+        assert isinstance(model.get_image_features(inputs["pixel_values"], return_dict=False), tuple)
+        assert isinstance(model.get_video_features(pixels(2), torch.tensor([2]), return_dict=False), tuple)
+        assert isinstance(model.model.vision_tower(pixels(2), num_frames=2, return_dict=False), tuple)
+        model.config.return_dict = False
+        as_tuple = model(**inputs)
+        assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], expected)
+        assert not isinstance(model(**inputs, return_dict=True), tuple)
+
+
+def test_the_cache_under_its_old_name():
+    """Where the installed transformers calls the language model's cache `cache`, `past_key_values` is deprecated as
+    in its own models (a FutureWarning naming both, then used as `cache`); in 5.0 it is the name, without warning."""
+    import warnings
+
+    from transformers import DynamicCache
+
+    from pvc.modeling_pvc import CACHE_NAME
+
+    model = tiny_model("pvc")
+    ids = prompt(0)
+    cache = DynamicCache(config=model.config.text_config)
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+    ours = [w for w in caught if "PVCForConditionalGeneration.forward" in str(w.message)]
+    if CACHE_NAME == "cache":
+        assert len(ours) == 1 and issubclass(ours[0].category, FutureWarning)
+        assert "`past_key_values` is deprecated" in str(ours[0].message) and "Use `cache`" in str(ours[0].message)
+    else:
+        assert not ours
+    assert cache.get_seq_length() == ids.shape[1]  # the cache given is the one filled

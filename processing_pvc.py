@@ -18,17 +18,25 @@ from typing import Unpack
 import torch
 from transformers import BatchFeature, ProcessorMixin
 from transformers.image_utils import ImageInput
-from transformers.processing_utils import ImagesKwargs, ProcessingKwargs, VideosKwargs
+from transformers.processing_utils import ImagesKwargs, ProcessingKwargs
 from transformers.utils.chat_template_utils import render_jinja_template
 from transformers.video_processing_utils import BaseVideoProcessor
-from transformers.video_utils import VideoInput
+from transformers.video_utils import VideoInput, VideoMetadata
 
-from .image_processing_pvc import STANDARD_OPTIONS, TILING_REPLACES, _flatten, _flatten_videos, _is_frame
+from .image_processing_pvc import (
+    STANDARD_OPTIONS,
+    TILING_REPLACES,
+    _flatten,
+    _flatten_videos,
+    _is_frame,
+    resolve_backend,
+)
 
 # transformers 5.0 copies a local checkpoint's remote-code file with only the files it imports itself (later 5.x
 # follow the imports of those too): what image_processing_pvc.py imports must be imported here as well.
 from .video_decoding_pvc import check_sampling  # noqa: F401
-from .video_processing_pvc import PVCVideoProcessor
+from .video_processing_pvc import SETTINGS as VIDEO_SETTINGS
+from .video_processing_pvc import PVCVideoProcessor, PVCVideoProcessorKwargs
 from .visuals_pvc import IMAGE, VIDEO, as_grids, visual_order, visual_tokens
 
 logger = logging.getLogger(__name__)
@@ -43,22 +51,12 @@ class PVCImagesKwargs(ImagesKwargs, total=False):
     max_tiles: int
 
 
-class PVCVideosKwargs(VideosKwargs, total=False):
-    """transformers' video options (`num_frames`, `fps`, `do_sample_frames` and the pixel ones) and PVC's
-    (see `PVCImageProcessor.sample_frames`)."""
-
-    max_frames: int
-    start: float
-    end: float
-    video_max_tiles: int
-
-
 class PVCProcessorKwargs(ProcessingKwargs, total=False):
     """What `PVCProcessor.__call__` takes, per sub-processor (transformers' typed processor kwargs): flat, or in
     `text_kwargs` / `images_kwargs` / `videos_kwargs` / `common_kwargs`."""
 
     images_kwargs: PVCImagesKwargs
-    videos_kwargs: PVCVideosKwargs
+    videos_kwargs: PVCVideoProcessorKwargs
     _defaults = {"text_kwargs": {"padding": True, "padding_side": "left"}}
 
 
@@ -181,10 +179,19 @@ class PVCProcessor(ProcessorMixin):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, video_processor=None, **kwargs):
         """As transformers' `from_pretrained`; the video processor is the one saved with the checkpoint, else the
-        image processor's settings (see the class)."""
+        image processor's settings (see the class). Video settings given here (`num_frames`, `fps`, `max_frames`,
+        `video_max_tiles`, ...) set the video processor's, tiling and pixel ones both processors'; `backend` /
+        `use_fast` choose both processors' pixel backend."""
+        choice = {key: kwargs.pop(key) for key in ("backend", "use_fast") if key in kwargs}  # a tokenizer has one too
+        video_only = {key: kwargs.pop(key) for key in ("fps", "max_frames", "do_sample_frames") if key in kwargs}
         processor = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        if choice:
+            processor.image_processor.backend = resolve_backend(choice.get("backend"), choice.get("use_fast"))
+        overrides = {**{key: kwargs[key] for key in VIDEO_SETTINGS if key in kwargs}, **video_only}
         if video_processor is None:
-            video_processor = _saved_video_processor(pretrained_model_name_or_path, processor.image_processor, kwargs)
+            video_processor = _saved_video_processor(
+                pretrained_model_name_or_path, processor.image_processor, kwargs, overrides
+            )
         processor.video_processor = video_processor
         return processor
 
@@ -380,8 +387,16 @@ class PVCProcessor(ProcessorMixin):
             video_processor = self.video_processor
             frame_pixels = video_processor.pixels()
             max_tiles = videos.get("video_max_tiles") or video_processor.video_max_tiles
-            max_tiles = frame_pixels.tile_limit(videos.get("video_max_tiles"), videos.get("size"), default=max_tiles)
-            sampled = videos.get("num_frames") or video_processor.num_frames
+            if videos.get("size") is not None:
+                max_tiles = frame_pixels.tile_limit(videos.get("video_max_tiles"), videos["size"])
+            asked = {key: videos.get(key) for key in ("num_frames", "fps", "max_frames")}
+            sampling = {key: getattr(video_processor, key) if value is None else value for key, value in asked.items()}
+            if asked["num_frames"] is not None and asked["fps"] is None:
+                sampling["fps"] = None  # a frame count asked for wins over a saved rate, as in the video processor
+
+            def sampled(frames: int) -> int:  # frames the video processor keeps of a video of this many
+                return len(video_processor._indices(VideoMetadata(frames), **sampling, start=None, end=None))
+
             data["num_video_tokens"] = [
                 visual_tokens(
                     **counted,
@@ -389,7 +404,7 @@ class PVCProcessor(ProcessorMixin):
                     tiles=frame_pixels.num_frame_tiles(width, height, max_tiles),
                     frames=frames
                     if videos.get("do_sample_frames", video_processor.do_sample_frames) is False
-                    else sampled,
+                    else sampled(frames),
                 )
                 for frames, height, width in video_sizes
             ]
@@ -526,17 +541,17 @@ class PVCProcessor(ProcessorMixin):
         return outputs if return_dict else outputs["input_ids"]
 
 
-def _saved_video_processor(path, image_processor, kwargs) -> PVCVideoProcessor:
+def _saved_video_processor(path, image_processor, kwargs, overrides) -> PVCVideoProcessor:
     """The video processor saved at `path` (in `processor_config.json` or `video_preprocessor_config.json`), or that
-    of the image processor's settings when the checkpoint has none."""
+    of the image processor's settings when the checkpoint has none; `overrides` (settings) on top."""
     hub = {key: kwargs[key] for key in HUB_OPTIONS if key in kwargs}
     try:
         config, _ = PVCVideoProcessor.get_video_processor_dict(path, **hub)
     except OSError:
         config = {}
     if config.get("video_processor_type") != PVCVideoProcessor.__name__:  # the image processor's file, read instead
-        return PVCVideoProcessor.from_image_processor(image_processor)
-    return PVCVideoProcessor.from_dict(config, backend=image_processor.backend)
+        return PVCVideoProcessor.from_image_processor(image_processor, **overrides)
+    return PVCVideoProcessor.from_dict({**config, **overrides}, backend=image_processor.backend)
 
 
 # What `from_pretrained` passes on when it reads the video processor's configuration.

@@ -53,7 +53,7 @@ setup(
     ],
     extras_require={
         "video": ["av>=12"],
-        # transformers' torchvision backends: PVCImageProcessor's fast path and PVCVideoProcessor
+        # the torchvision pixel backend (PVC's processors work without it) and transformers' AutoVideoProcessor
         "vision": ["torchvision"],
         "train": ["accelerate>=1.0", "peft>=0.15"],
         "flash": ["flash-attn>=2.6"],

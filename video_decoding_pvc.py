@@ -16,6 +16,7 @@ import io
 import itertools
 import logging
 import math
+import numbers
 import os
 import tempfile
 
@@ -27,21 +28,30 @@ logger = logging.getLogger(__name__)
 
 def check_sampling(num_frames, fps, max_frames, start, end):
     """Frame-sampling options, checked before any video is opened."""
-    if num_frames is not None and (isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1):
+    # numpy's integers and floats count as numbers (numbers.Integral / Real); booleans do not
+    if num_frames is not None and not (_whole(num_frames) and num_frames >= 1):
         raise ValueError(f"num_frames must be a whole number of frames, at least 1; got {num_frames!r}.")
-    if fps is not None and not (isinstance(fps, (int, float)) and fps > 0 and math.isfinite(fps)):
+    if fps is not None and not (_real(fps) and fps > 0 and math.isfinite(fps)):
         raise ValueError(f"fps must be a positive number of frames per second; got {fps!r}.")
-    if max_frames is not None and (isinstance(max_frames, bool) or not isinstance(max_frames, int) or max_frames < 1):
+    if max_frames is not None and not (_whole(max_frames) and max_frames >= 1):
         raise ValueError(f"max_frames must be a whole number of frames, at least 1; got {max_frames!r}.")
     for name, value in (("start", start), ("end", end)):
-        if value is not None and not (isinstance(value, (int, float)) and value >= 0 and math.isfinite(value)):
+        if value is not None and not (_real(value) and value >= 0 and math.isfinite(value)):
             raise ValueError(f"{name} must be a time in seconds, 0 or more; got {value!r}.")
     if start is not None and end is not None and end < start:
         raise ValueError(f"end ({end} s) must not come before start ({start} s).")
 
 
+def _whole(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def sample_indices(total: int, num_frames: int | None, fps: float | None, native_fps: float | None, max_frames):
-    """Indices of the frames to keep among `total` (see `PVCImageProcessor.sample_frames`)."""
+    """Indices of the frames to keep among `total` (see `PVCVideoProcessor.sample_frames`)."""
     if total < 1:
         raise ValueError("The video has no decodable frames.")
     if fps is not None:

@@ -45,10 +45,10 @@ class PVCVideoProcessorKwargs(VideosKwargs, total=False):
     """PVC's video options beside transformers' (`num_frames`, `fps`, `do_sample_frames`, `video_metadata`,
     `return_metadata` and the pixel ones)."""
 
-    max_frames: int
-    start: float
-    end: float
-    video_max_tiles: int
+    max_frames: int | None
+    start: int | float | None
+    end: int | float | None
+    video_max_tiles: int | None
 
 
 # What a PVCVideoProcessor is configured with (saved), with their defaults.
@@ -104,7 +104,7 @@ class PVCVideoProcessor(PixelBackend, BaseVideoProcessor):
     def __init__(self, **kwargs):
         refuse_tiling_options(kwargs, type(self).__name__)
         backend = resolve_backend(kwargs.pop("backend", None), kwargs.pop("use_fast", None))
-        size = kwargs.pop("size", None)
+        size, explicit_tiles = kwargs.pop("size", None), kwargs.get("video_max_tiles")
         settings = {key: kwargs.pop(key, default) for key, default in SETTINGS.items()}
         unknown = sorted(set(kwargs) - set(NOT_SETTINGS))
         if unknown:
@@ -117,7 +117,7 @@ class PVCVideoProcessor(PixelBackend, BaseVideoProcessor):
         for key, value in settings.items():  # as given, not as transformers' initialisation standardised them
             setattr(self, key, list(value) if isinstance(value, (list, tuple)) else value)
         if size is not None:
-            self.size = size
+            self.video_max_tiles = _frame_tiles(size, explicit_tiles, settings)
 
     @classmethod
     def from_dict(cls, video_processor_dict: dict, **kwargs):
@@ -154,11 +154,13 @@ class PVCVideoProcessor(PixelBackend, BaseVideoProcessor):
             output["auto_map"] = self.auto_map
         return output
 
-    def pixels(self, **normalisation) -> PVCImageProcessor:
-        """The image processor that makes the frames' tiles: this processor's tiling, normalisation and backend."""
-        settings = {key: getattr(self, key) for key in ("image_size", "min_tiles", "use_thumbnail", "do_convert_rgb")}
-        settings.update({key: normalisation.get(key, getattr(self, key)) for key in NORMALISATION})
-        return PVCImageProcessor(**settings, max_tiles=max(1, self.min_tiles), backend=self.backend)
+    def pixels(self, **options) -> PVCImageProcessor:
+        """The image processor that makes the frames' tiles: this processor's tiling, normalisation and backend
+        (`options` override the tiling and normalisation settings)."""
+        keys = ("image_size", "min_tiles", "use_thumbnail", "do_convert_rgb", *NORMALISATION)
+        settings = {key: options.get(key, getattr(self, key)) for key in keys}
+        # its own image tile limit is never used: frames are tiled by `video_max_tiles`, given to each call
+        return PVCImageProcessor(**settings, max_tiles=max(1, settings["min_tiles"]), backend=self.backend)
 
     # ---------------------------------------------------------------------------------------------------- sampling
 
@@ -183,6 +185,10 @@ class PVCVideoProcessor(PixelBackend, BaseVideoProcessor):
         num_frames = self.num_frames if num_frames is None else num_frames
         fps = self.fps if fps is None else fps
         max_frames = self.max_frames if max_frames is None else max_frames
+        return self._indices(metadata, num_frames, fps, max_frames, start, end)
+
+    def _indices(self, metadata, num_frames, fps, max_frames, start, end) -> np.ndarray:
+        """`sample_frames` with every option as given (None is none, not this processor's setting)."""
         check_sampling(num_frames, fps, max_frames, start, end)
         total, rate = metadata["total_num_frames"], metadata.get("fps")
         timed = {"fps": fps, "start": start, "end": end}
@@ -241,16 +247,19 @@ class PVCVideoProcessor(PixelBackend, BaseVideoProcessor):
             raise TypeError(
                 f"Unexpected arguments: {sorted(set(kwargs) - known)}; options: {', '.join(sorted(known))}."
             )
-        options = {key: kwargs.get(key, getattr(self, key)) for key in SETTINGS}
+        options = {key: getattr(self, key) if kwargs.get(key) is None else kwargs[key] for key in SETTINGS}
+        if kwargs.get("num_frames") is not None and kwargs.get("fps") is None:
+            options["fps"] = None  # a frame count asked for in the call wins over a saved rate
         if kwargs.get("size") is not None:
-            options["video_max_tiles"] = tiles_in(kwargs["size"], options["image_size"])
+            options["video_max_tiles"] = _frame_tiles(kwargs["size"], kwargs.get("video_max_tiles"), options)
         sampling = {key: options[key] for key in ("num_frames", "fps", "max_frames")}
         window = {key: kwargs.get(key) for key in ("start", "end")}
         check_sampling(**sampling, **window)
         videos = _flatten_videos(videos)
+        if not videos:
+            raise ValueError("No video was given: pass a video (a file, a URL or its frames), or a list of them.")
         metadata = _per_video(kwargs.get("video_metadata"), len(videos))
-        pixels = self.pixels(**{key: options[key] for key in NORMALISATION})
-        pixels.image_size = options["image_size"]
+        pixels = self.pixels(**options)
         loading = {key: kwargs[key] for key in LOADING if kwargs.get(key) is not None}
         loading["do_convert_rgb"] = options["do_convert_rgb"]
         tiles_per_frame = options["video_max_tiles"]
@@ -294,16 +303,15 @@ class PVCVideoProcessor(PixelBackend, BaseVideoProcessor):
 
     def _read_frames(self, video, metadata, options, window, prepare, explicit):
         frames = _frames_in_memory(video)
-        metadata = VideoMetadata(**dict(metadata)) if metadata is not None else VideoMetadata(len(frames))
-        if metadata.total_num_frames != len(frames):
-            raise ValueError(
-                f"video_metadata says {metadata.total_num_frames} frames, but the video given has {len(frames)}."
-            )
+        if not len(frames):
+            raise ValueError("A video given as frames has no frames.")
+        metadata = _as_metadata(metadata, len(frames))
         if options["do_sample_frames"] is not False:
-            sampling = {key: options[key] for key in ("num_frames", "fps", "max_frames")}
-            indices = [int(index) for index in self.sample_frames(metadata, **sampling, **window)]
+            sampling = [options[key] for key in ("num_frames", "fps", "max_frames")]
+            indices = [int(index) for index in self._indices(metadata, *sampling, *window.values())]
         else:
-            asked = sorted(key for key in ("num_frames", "fps", "max_frames", "start", "end") if explicit.get(key))
+            keys = ("num_frames", "fps", "max_frames", "start", "end")
+            asked = sorted(key for key in keys if explicit.get(key) is not None)
             if asked:
                 raise ValueError(
                     f"do_sample_frames=False keeps every given frame; {', '.join(asked)} sample them. Pass one or the "
@@ -319,6 +327,37 @@ class PVCVideoProcessor(PixelBackend, BaseVideoProcessor):
             metadata.duration = metadata.total_num_frames / metadata.fps
         metadata.height, metadata.width = (metadata.height, metadata.width) if metadata.height else _size(frames[0])
         return [picked[index] for index in indices], metadata
+
+
+def _as_metadata(metadata, count: int) -> VideoMetadata:
+    """The metadata of `count` frames given in memory: what `video_metadata` says (a `VideoMetadata` or a dict;
+    keys that are no field of it are left out), or just their count. Frames that are a sample of a longer video
+    (`frames_indices` as many as the frames, as transformers' `load_video` returns them) are sampled among
+    themselves, their rate then unknown."""
+    if metadata is None:
+        return VideoMetadata(count)
+    fields = set(VideoMetadata.__dataclass_fields__)
+    metadata = VideoMetadata(**{key: value for key, value in dict(metadata).items() if key in fields})
+    if metadata.total_num_frames == count:
+        return metadata
+    indices = metadata.frames_indices
+    if indices is not None and len(indices) == count:  # frames sampled from a longer video
+        return VideoMetadata(count, width=metadata.width, height=metadata.height, video_backend=metadata.video_backend)
+    raise ValueError(
+        f"video_metadata says {metadata.total_num_frames} frames, but the video given has {count} (and no "
+        "frames_indices saying which of them these are): give the metadata of these frames, or leave it out."
+    )
+
+
+def _frame_tiles(size, video_max_tiles, options) -> int:
+    """The frames' tile limit of a call that gives `size` (see `PVCVideoProcessor.size`)."""
+    budget = tiles_in(size, options["image_size"])
+    if video_max_tiles is not None and video_max_tiles != budget:
+        raise ValueError(
+            f"size={dict(size)} allows {budget} tiles of {options['image_size']}px per frame but "
+            f"video_max_tiles={video_max_tiles}: give one of them."
+        )
+    return budget
 
 
 def _per_video(metadata, count: int) -> list:

@@ -205,3 +205,77 @@ def test_processor_helpers_equal_the_librarys_on_the_newest_release():
 
         library_types = ProcessorMixin.create_mm_token_type_ids(Ids(), inputs["input_ids"].tolist())
         assert inputs["mm_token_type_ids"].tolist() == library_types, kind
+
+
+def test_load_time_options_and_backend_reach_the_video_processor(tmp_path):
+    """from_pretrained(num_frames=, fps=, max_frames=, video_max_tiles=) set the video processor's settings (they
+    were given to the image processor, whose video settings nothing reads); backend= sets both processors' and not
+    the tokenizer's."""
+    tiny_processor().save_pretrained(tmp_path)
+    loaded = PVCProcessor.from_pretrained(
+        tmp_path, trust_remote_code=True, num_frames=8, max_frames=6, video_max_tiles=2, backend="pil"
+    )
+    videos = loaded.video_processor
+    assert (videos.num_frames, videos.max_frames, videos.video_max_tiles) == (8, 6, 2)
+    assert loaded.image_processor.backend == videos.backend == "pil"
+    assert getattr(loaded.tokenizer, "backend", None) != "pil"
+    assert loaded(text="<video>", videos=[stamped_frames(20)])["video_num_frames"].tolist() == [6]
+
+
+def test_token_counts_follow_the_frames_the_processor_keeps():
+    """_get_num_multimodal_tokens (what vLLM sizes with) counts max_frames and fps as the video processor samples."""
+    processor = tiny_processor(max_tiles=1)
+    processor.video_processor.max_frames = 3
+    for options in ({}, {"num_frames": 2}, {"max_frames": 2}):
+        counted = processor._get_num_multimodal_tokens(video_sizes=[(20, 28, 28)], **options)["num_video_tokens"][0]
+        made = processor(text="<video>", videos=[stamped_frames(20, 28, 28)], **options)["input_ids"]
+        assert counted == int((made == processor.token_id("<IMG_CONTEXT>")).sum()), options
+    with pytest.raises(ValueError, match="video_metadata"):
+        processor._get_num_multimodal_tokens(video_sizes=[(20, 28, 28)], fps=2)
+
+
+def test_call_options_win_over_saved_settings():
+    """A frame count asked for in a call wins over a saved fps; min_tiles and use_thumbnail in a call are honoured;
+    size and video_max_tiles that disagree are an error naming both."""
+    videos = PVCVideoProcessor(image_size=28, fps=5)
+    metadata = VideoMetadata(total_num_frames=30, fps=25)
+    picked = videos(stamped_frames(30), num_frames=3, video_metadata=metadata, return_metadata=True)
+    assert list(picked["video_metadata"][0].frames_indices) == authors_rule(30, 3)
+    wide = np.zeros((2, 28, 56, 3), np.uint8)
+    assert videos(wide, num_frames=2, video_max_tiles=2)["video_num_tiles"].tolist() == [3]
+    assert videos(wide, num_frames=2, video_max_tiles=2, use_thumbnail=False)["video_num_tiles"].tolist() == [2]
+    with pytest.raises(ValueError, match="video_max_tiles=2: give one"):
+        videos(wide, size={"height": 56, "width": 56}, video_max_tiles=2)
+    with pytest.raises(ValueError, match="video_max_tiles=2: give one"):
+        PVCVideoProcessor(image_size=28, size={"height": 56, "width": 56}, video_max_tiles=2)
+
+
+def test_metadata_of_sampled_frames_numpy_numbers_and_empty_inputs():
+    """Frames with transformers' load_video metadata (frames_indices as many as the frames, total_num_frames the
+    source's) are accepted, and keys no VideoMetadata has are left out; numpy numbers are numbers; no video, or a
+    video of no frames, is an error saying so."""
+    videos = PVCVideoProcessor(image_size=28, num_frames=4)
+    sampled = {"total_num_frames": 300, "fps": 30, "frames_indices": list(range(0, 300, 38)), "do_sample_frames": True}
+    out = videos(stamped_frames(8), video_metadata=sampled, return_metadata=True)
+    assert out["video_num_frames"].tolist() == [4] and list(out["video_metadata"][0].frames_indices) == authors_rule(
+        8, 4
+    )
+    with pytest.raises(ValueError, match="says 12 frames.*frames_indices"):
+        videos(stamped_frames(8), video_metadata={"total_num_frames": 12})
+    assert videos(stamped_frames(8), num_frames=np.int64(2))["video_num_frames"].tolist() == [2]
+    window = videos(
+        stamped_frames(30), start=1, end=np.float32(2.0), video_metadata={"total_num_frames": 30, "fps": 10}
+    )
+    assert window["video_num_frames"].tolist() == [4]
+    processor = tiny_processor()
+    assert processor(
+        text="<video>",
+        videos=[stamped_frames(30)],
+        start=1,
+        end=2,
+        video_metadata=[{"total_num_frames": 30, "fps": 10}],
+    )
+    with pytest.raises(ValueError, match="No video was given"):
+        videos([])
+    with pytest.raises(ValueError, match="has no frames"):
+        videos(np.zeros((0, 8, 8, 3), np.uint8))

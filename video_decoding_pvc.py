@@ -174,7 +174,7 @@ def _read(av, source, name, show, pick, num_frames, fps, max_frames, start, end)
         rate = float(stream.average_rate or stream.guessed_rate or 0)
         if times and len(times) == count:
             by_time = functools.partial(
-                _sample_by_time, times, stream.time_base, num_frames, fps, max_frames, start, end, name
+                _sample_by_time, times, stream.time_base, num_frames, fps, max_frames, start, end, name, rate
             )
             span = float((times[-1] - times[0]) * stream.time_base)
             positions = pick(len(times), (len(times) - 1) / span if span else rate, by_time)
@@ -261,7 +261,7 @@ def frame_window(total: int, start, end, rate: float, path) -> tuple[int, int]:
     return first, last
 
 
-def _sample_by_time(times, time_base, num_frames, fps, max_frames, start, end, path) -> list[int]:
+def _sample_by_time(times, time_base, num_frames, fps, max_frames, start, end, path, nominal=0.0) -> list[int]:
     """Positions (in `times`) of the frames to decode: the sampling rule's instants, each the nearest frame."""
     seconds = [float((stamp - times[0]) * time_base) for stamp in times]
 
@@ -271,10 +271,19 @@ def _sample_by_time(times, time_base, num_frames, fps, max_frames, start, end, p
             return after - 1
         return after
 
-    first = 0 if start is None else nearest(start)
-    last = len(times) - 1 if end is None else nearest(end)
+    # the container's rate where the frames keep it (1/25 s in floats is not exact: 0.3 s * 24.99999 rounds down)
+    rate = nominal or ((len(seconds) - 1) / seconds[-1] if seconds[-1] else 0.0)
+    if rate and all(abs(second - index / rate) < 0.25 / rate for index, second in enumerate(seconds)):
+        # a constant rate: the window is the authors' frames round(start * rate) .. round(end * rate)
+        first, last = frame_window(len(times), start, end, rate, path)
+    else:
+        first = 0 if start is None else nearest(start)
+        last = len(times) - 1 if end is None else nearest(end)
     if last < first or (start is not None and start > seconds[-1]):
-        raise ValueError(f"The window [{start}, {end}] s holds no frame of {path} ({len(times)} frames).")
+        raise ValueError(
+            f"The window [{start}, {end}] s holds no frame of {path} ({len(times)} frames, shown from 0 to "
+            f"{seconds[-1]:.3f} s)."
+        )
     # The rules pick among `count` evenly spaced instants from the first to the last frame of the window; at a
     # constant rate these instants are the frames' own.
     count, span = last - first + 1, seconds[last] - seconds[first]

@@ -262,3 +262,19 @@ def test_videos_that_cannot_work_are_errors_naming_the_file(tmp_path, stamped):
     broken.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=re.escape(str(broken))):
         processor.sample_frames(str(broken), 4)
+
+
+def test_time_windows_of_a_constant_rate_file_are_the_authors_frames(stamped):
+    """start/end select frames round(start * rate) .. round(end * rate), as the authors' `get_index(bound)` does
+    (Python's rounding, half to even), the same frames `PVCVideoProcessor.sample_frames` names without decoding."""
+    path = stamped("mp4 (H.264, B-frames)", 50)
+    processor = PVCImageProcessor(image_size=SIDE)
+    videos = PVCVideoProcessor(image_size=SIDE)
+    metadata = {"total_num_frames": TOTAL, "fps": RATE}
+    for start, end, count in ((0.3, 2.5, 4), (0.3, None, 4), (1.02, 3.1, 5), (None, 0.7, 3), (2.0, 2.06, 2)):
+        first = 0 if start is None else round(start * RATE)
+        last = TOTAL - 1 if end is None else min(TOTAL - 1, round(end * RATE))
+        expected = [first + index for index in authors_rule(last - first + 1, count)]
+        assert indices(processor.sample_frames(str(path), count, start=start, end=end)) == expected, (start, end)
+        named = videos.sample_frames(metadata, num_frames=count, start=start, end=end).tolist()
+        assert named == expected, (start, end)

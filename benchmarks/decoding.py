@@ -13,7 +13,7 @@ regular keyframes are one encoded minute repeated (its packets muxed again with 
 Each row samples the same frames with each method: the authors' rule (segment middles, `sample_indices`) over the
 frame count, every frame returned as an RGB image or array at full resolution. Each measurement runs in a fresh
 process that imports only what its method needs: CPU seconds are the process's user + system time (every thread)
-spent reading (the least of `--repeats` runs), peak memory its maximum resident set size.
+spent reading (the least of `--repeats` runs), peak memory its maximum resident set size during the first run.
 - pvc: `video_decoding_pvc.read_video` (the file this repo's processor uses).
 - decord: `VideoReader(path).get_batch(indices)` (decord 0.6, an optional extra: `pip install decord`).
 - linear: transformers' `read_video_pyav`, which decodes every frame up to the last pick.
@@ -194,15 +194,16 @@ def measure(method: str, path: str, count: int, repeats: int = 1) -> dict:
 
     indices = picks(path, count)
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times = []
+    times, peak = [], None
     for _ in range(repeats):
         start = time.process_time()
         frames = globals()[f"run_{method}"](path, count, indices)
         times.append(time.process_time() - start)
         assert len(frames) == count, (method, len(frames), count)
         del frames
+        # the first run's peak: later runs reuse (or fragment) the memory the first one freed
+        peak = peak or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     seconds = min(times)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     return {"cpu_s": seconds, "peak_mib": peak / 1024, "added_mib": (peak - baseline) / 1024}
 
 

@@ -21,7 +21,7 @@ from transformers.image_utils import ImageInput
 from transformers.processing_utils import ImagesKwargs, ProcessingKwargs
 from transformers.utils.chat_template_utils import render_jinja_template
 from transformers.video_processing_utils import BaseVideoProcessor
-from transformers.video_utils import VideoInput, VideoMetadata
+from transformers.video_utils import VideoInput
 
 from .image_processing_pvc import (
     STANDARD_OPTIONS,
@@ -385,26 +385,15 @@ class PVCProcessor(ProcessorMixin):
             data["num_image_patches"] = tiles
         if video_sizes is not None:
             video_processor = self.video_processor
-            frame_pixels = video_processor.pixels()
-            max_tiles = videos.get("video_max_tiles") or video_processor.video_max_tiles
-            if videos.get("size") is not None:
-                max_tiles = frame_pixels.tile_limit(videos.get("video_max_tiles"), videos["size"])
-            asked = {key: videos.get(key) for key in ("num_frames", "fps", "max_frames")}
-            sampling = {key: getattr(video_processor, key) if value is None else value for key, value in asked.items()}
-            if asked["num_frames"] is not None and asked["fps"] is None:
-                sampling["fps"] = None  # a frame count asked for wins over a saved rate, as in the video processor
-
-            def sampled(frames: int) -> int:  # frames the video processor keeps of a video of this many
-                return len(video_processor._indices(VideoMetadata(frames), **sampling, start=None, end=None))
-
+            video_options = video_processor.call_options(**videos)  # as the video processor's call reads them
+            frame_pixels = video_processor.pixels(**video_options)
+            max_tiles = video_options["video_max_tiles"]
             data["num_video_tokens"] = [
                 visual_tokens(
                     **counted,
                     kind=VIDEO,
                     tiles=frame_pixels.num_frame_tiles(width, height, max_tiles),
-                    frames=frames
-                    if videos.get("do_sample_frames", video_processor.do_sample_frames) is False
-                    else sampled(frames),
+                    frames=video_processor.frames_kept(frames, **video_options),
                 )
                 for frames, height, width in video_sizes
             ]

@@ -154,6 +154,23 @@ class PVCVideoProcessor(PixelBackend, BaseVideoProcessor):
             output["auto_map"] = self.auto_map
         return output
 
+    def call_options(self, **given) -> dict:
+        """The settings a call uses: those given (None is not given), else this processor's. A frame count given wins
+        over a saved rate; `size` gives the frames' tile limit."""
+        options = {key: getattr(self, key) if given.get(key) is None else given[key] for key in SETTINGS}
+        if given.get("num_frames") is not None and given.get("fps") is None:
+            options["fps"] = None
+        if given.get("size") is not None:
+            options["video_max_tiles"] = _frame_tiles(given["size"], given.get("video_max_tiles"), options)
+        return options
+
+    def frames_kept(self, total_num_frames: int, **options) -> int:
+        """How many frames a call with `options` (as `call_options` returns them) keeps of a video of this many."""
+        if options["do_sample_frames"] is False:
+            return total_num_frames
+        sampling = [options[key] for key in ("num_frames", "fps", "max_frames")]
+        return len(self._indices(VideoMetadata(total_num_frames), *sampling, None, None))
+
     def pixels(self, **options) -> PVCImageProcessor:
         """The image processor that makes the frames' tiles: this processor's tiling, normalisation and backend
         (`options` override the tiling and normalisation settings)."""
@@ -247,11 +264,7 @@ class PVCVideoProcessor(PixelBackend, BaseVideoProcessor):
             raise TypeError(
                 f"Unexpected arguments: {sorted(set(kwargs) - known)}; options: {', '.join(sorted(known))}."
             )
-        options = {key: getattr(self, key) if kwargs.get(key) is None else kwargs[key] for key in SETTINGS}
-        if kwargs.get("num_frames") is not None and kwargs.get("fps") is None:
-            options["fps"] = None  # a frame count asked for in the call wins over a saved rate
-        if kwargs.get("size") is not None:
-            options["video_max_tiles"] = _frame_tiles(kwargs["size"], kwargs.get("video_max_tiles"), options)
+        options = self.call_options(**kwargs)
         sampling = {key: options[key] for key in ("num_frames", "fps", "max_frames")}
         window = {key: kwargs.get(key) for key in ("start", "end")}
         check_sampling(**sampling, **window)

@@ -30,6 +30,7 @@ import shutil
 import sys
 import tempfile
 import time
+import types
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -43,7 +44,7 @@ from ..conversion.rules import init_seeded
 from ..image_processing_pvc import PVCImageProcessor
 from ..modeling_pvc import PVCForConditionalGeneration, relative_timestamps
 from ..processing_pvc import PVCProcessor, build_chat_template
-from ..training.trainer import PVCTrainer, parameter_groups
+from ..training.trainer import PVCTrainer, new_parameter_rule, parameter_groups
 from .toy_task import (
     IMAGE_QUESTION,
     SYSTEM_MESSAGE,
@@ -314,12 +315,79 @@ def diagnostics(model, task: Task, samples: int = 64) -> dict:
     if projector.adaptive:
         (vision, _), _ = captured["projector"][0]  # the tower's output, as encode_clips passed it on
         shuffled = projector.pixel_shuffle(vision, repeat)  # [S, T, M, k*k*C]
-        embeds = projector.temporal_embedding(relative_timestamps(repeat))[None, :, None]
-        condition = shuffled + embeds if projector.condition_on_input else embeds.expand_as(shuffled)
+        condition = projector_condition(projector, shuffled, repeat)  # what the AdaLN saw (a control's own)
         result["projector_adaln_spread"] = _modulation_spread(projector.adaln, condition, frame_dim=1)
-        result["projector_temporal_embedding_rms"] = embeds.pow(2).mean().sqrt().item()
+        if hasattr(projector, "temporal_embedding"):
+            embeds = projector.temporal_embedding(relative_timestamps(repeat))
+            result["projector_temporal_embedding_rms"] = embeds.pow(2).mean().sqrt().item()
         result["projector_input_rms"] = shuffled.pow(2).mean().sqrt().item()
     return result
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Controls of the projector AdaLN's condition (issue 32), applied by the experiment to a loaded model
+# ------------------------------------------------------------------------------------------------------------------
+
+# What a control's projector AdaLN is conditioned on (the model's own choices are "input+timestamp", PVC, and
+# "timestamp", Table 3's TE' row):
+# - "input": x_hat alone, no temporal embedding (the TE' module is removed): a projector of PVC's kind and size whose
+#   condition holds no timestamp, so identical frames are normalised alike (row c-wide);
+# - "frame-mean": PVC's x_hat + TE', averaged over the clip's frames, so every frame of a clip gets the same
+#   condition (row pvc-flat; over a video this looks at later frames, which is not frame-causal: a control only).
+PROJECTOR_CONDITIONS = ("input", "frame-mean")
+
+
+def projector_condition(projector, hidden_states, num_frames: int):
+    """The projector AdaLN's condition for pixel-shuffled features [S, T, M, W]: the model's own (x_hat + TE', or
+    TE' alone), or a control's (`set_projector_condition`)."""
+    mode = getattr(projector, "toy_condition", None)
+    if mode == "input":
+        return hidden_states
+    timestamps = relative_timestamps(num_frames, hidden_states.device)
+    embeds = projector.temporal_embedding(timestamps)[None, :, None]  # [1, T, 1, W]
+    if mode == "frame-mean":
+        return (hidden_states + embeds).mean(dim=1, keepdim=True).expand_as(hidden_states)
+    return hidden_states + embeds if projector.condition_on_input else embeds.expand_as(hidden_states)
+
+
+def _controlled_projector_forward(self, vision_features, num_frames: int):
+    """The projector's forward (modeling_pvc.PVCMultiModalProjector.forward, adaptive branch) with the condition
+    of `projector_condition`; a test checks that with the model's own condition it gives the model's output."""
+    hidden_states = self.pixel_shuffle(vision_features, num_frames)  # [S, T, M, k*k*C]
+    hidden_states = self.adaln(hidden_states, projector_condition(self, hidden_states, num_frames))
+    return self.linear_2(self.act(self.linear_1(hidden_states)))  # [S, T, M, D]
+
+
+def set_projector_condition(model, mode: str):
+    """Condition the projector AdaLN of a PVC model on `mode` (one of `PROJECTOR_CONDITIONS`), in place."""
+    if mode not in PROJECTOR_CONDITIONS:
+        raise ValueError(f"mode must be one of {PROJECTOR_CONDITIONS}, got {mode!r}")
+    projector = model.model.multi_modal_projector
+    if not projector.adaptive:
+        raise ValueError("the model's projector has no AdaLN to condition")
+    if mode == "input":
+        del projector.temporal_embedding  # unused: it would count as capacity the row does not have
+    projector.toy_condition = mode
+    projector.forward = types.MethodType(_controlled_projector_forward, projector)
+    return model
+
+
+def parameter_budget(model, learning_rate: float, new_module_lr_multiplier: float) -> dict:
+    """Parameters of a model ready to train, and how many train at which rate (the trainer's rule: what the
+    converter initialised trains at the larger rate), in all and in the projector."""
+    is_new = new_parameter_rule(model)
+    counts = {"all": 0, "new": 0, "projector": 0, "projector_new": 0}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        new, projector = is_new(name), ".multi_modal_projector." in f".{name}"
+        counts["all"] += param.numel()
+        counts["new"] += param.numel() * new
+        counts["projector"] += param.numel() * projector
+        counts["projector_new"] += param.numel() * (new and projector)
+    counts["base_rate"] = learning_rate
+    counts["new_rate"] = learning_rate * new_module_lr_multiplier
+    return counts
 
 
 def _capture(store: list):
@@ -369,6 +437,12 @@ CONVERT_ROWS = {
     "pvc-te": dict(ablation="pvc", load=dict(projector_adaln_condition="timestamp"), against="pvc"),
     "b-drawn": dict(ablation="b", repeats="drawn", against="b"),
     "pvc-drawn": dict(ablation="pvc", repeats="drawn", against="pvc"),
+    # Controls of the image result (issue 32). c-wide: (c) with a projector of PVC's kind, size and learning rates
+    # but a condition without a timestamp (x_hat alone; the modulation width 1344 instead of 1024 makes up for the
+    # removed TE', so that its parameters match PVC's to 0.03%). pvc-flat: PVC with a condition that is the same for
+    # every frame of a clip (x_hat + TE' averaged over the frames).
+    "c-wide": dict(ablation="pvc", convert=["--projector-adaln-hidden-size", "1344"], condition="input", against="c"),
+    "pvc-flat": dict(ablation="pvc", condition="frame-mean", against="pvc"),
 }
 
 
@@ -487,12 +561,41 @@ def finetune(model, stream: ToyStream, toy: ToyConfig, seed: int, folder: Path):
     return model.eval(), losses
 
 
+def load_converted_row(source: Path, destination: Path, row: str, seed: int, toy: ToyConfig):
+    """Convert row (a)'s checkpoint `source` into row `row` with `pvc-convert` (into `destination`) and load it,
+    with the row's load-time settings and projector condition."""
+    from ..conversion.cli import main as pvc_convert
+
+    spec = CONVERT_ROWS[row]
+    command = ["--src", str(source), "--dst", str(destination), "--ablation", spec["ablation"], "--seed", str(seed)]
+    command += ["--num-temporal-layers", str(toy.temporal_layers), "--overwrite", *spec.get("convert", [])]
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = pvc_convert(command)
+    if code:
+        raise RuntimeError(f"pvc-convert {' '.join(command)} failed with exit code {code}")
+    model = PVCForConditionalGeneration.from_pretrained(destination, dtype=torch.float32, **spec.get("load", {}))
+    if "condition" in spec:
+        set_projector_condition(model, spec["condition"])
+    return model
+
+
+def row_parameter_budget(row: str, toy: ToyConfig) -> dict:
+    """`parameter_budget` of a convert-protocol row as its runs start (for runs logged before they recorded it):
+    an untrained row (a) at toy size, converted and loaded as a run does; the counts do not depend on the weights."""
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer = tiny_tokenizer()
+        model = build_model("a", toy, 0, tokenizer)
+        source = Path(scratch) / "a"
+        model.save_pretrained(source)
+        build_processor(model, toy, tokenizer).save_pretrained(source)
+        converted = load_converted_row(source, Path(scratch) / row, row, 0, toy)
+        return parameter_budget(converted, toy.finetune_learning_rate, toy.finetune_new_module_lr_multiplier)
+
+
 def run_convert_job(job: dict) -> dict:
     """The user's path for one row and seed: convert the seed's trained row (a) with `pvc-convert` (the row's
     --ablation, a seed of its own for the new modules, so every row starts from the same values for what it
     shares), load it, fine-tune with `PVCTrainer`, and score both tasks on held-out samples."""
-    from ..conversion.cli import main as pvc_convert
-
     torch.set_num_threads(1)
     toy, row, seed = ToyConfig(**job["toy"]), job["row"], job["seed"]
     spec = CONVERT_ROWS[row]
@@ -500,13 +603,7 @@ def run_convert_job(job: dict) -> dict:
     folder = Path(job["work"])
     source = pretrained_row_a(folder, toy, seed)
     destination = folder / f"seed{seed}" / f"{row}-converted"
-    command = ["--src", str(source), "--dst", str(destination), "--ablation", spec["ablation"], "--seed", str(seed)]
-    command += ["--num-temporal-layers", str(toy.temporal_layers), "--overwrite"]
-    with contextlib.redirect_stdout(io.StringIO()):
-        code = pvc_convert(command)
-    if code:
-        raise RuntimeError(f"pvc-convert {' '.join(command)} failed with exit code {code}")
-    model = PVCForConditionalGeneration.from_pretrained(destination, dtype=torch.float32, **spec.get("load", {}))
+    model = load_converted_row(source, destination, row, seed, toy)
     tokenizer = tiny_tokenizer()
     processor = build_processor(model, toy, tokenizer)
     drawn = None
@@ -514,10 +611,11 @@ def run_convert_job(job: dict) -> dict:
         drawn = {repeat: with_repeat(model, toy, repeat) for repeat in toy.repeats}
         model.config.image_repeat = 4
     stream = ToyStream(convert_tasks(processor, toy), toy, seed, drawn)
+    budget = parameter_budget(model, toy.finetune_learning_rate, toy.finetune_new_module_lr_multiplier)
     with tempfile.TemporaryDirectory() as scratch:
         model, losses = finetune(model, stream, toy, seed, Path(scratch))
     model.config.image_repeat = ROWS[spec["ablation"]]["image_repeat"]
-    result = {"protocol": "convert", "row": row, "seed": seed, "losses": losses}
+    result = {"protocol": "convert", "row": row, "seed": seed, "losses": losses, "parameters": budget}
     result.update(score_both(model, processor, toy, seed))
     result["pretrained"] = json.loads((source / "toy_scores.json").read_text())
     if spec["ablation"] != "a":

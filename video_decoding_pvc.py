@@ -1,8 +1,8 @@
 """Frames of a video: which to keep (InternVL2's and PVC's sampling rule) and decoding only those with PyAV.
 
-`read_video` opens a file, an http(s) URL (downloaded once) or a base64 data: URL, reads the packets' timestamps and
-keyframe flags without decoding, maps the sampling rule's instants to the frames nearest in time and decodes in one
-forward pass, seeking only over groups of pictures that hold no pick; frames come upright by the container's display
+`read_video` opens a file, an http(s) URL (downloaded once) or a base64 data: URL, reads the frames' timestamps and
+keyframes without decoding (from an MP4/MOV file's index, else from the packets), maps the sampling rule's instants to
+the frames nearest in time and decodes in one forward pass, seeking only over groups of pictures that hold no pick; frames come upright by the container's display
 matrix. PyAV is imported only when a video file is read, so the
 image half of PVC needs no video library.
 """
@@ -93,8 +93,9 @@ def read_video(
 ):
     """Decode only the sampled frames of a video file, an http(s) URL or a base64 data: URL with PyAV.
 
-    The packets' timestamps and keyframe flags are read first, without decoding (as decord does when it opens a file):
-    they give the exact frame count, and each sampling rule's instants are mapped to the frame nearest in time. For a
+    The frames' timestamps and keyframes are read first, without decoding: from the index an MP4/MOV file lists where
+    it is regular (see `_listed_index`), else from the packets (as decord does when it opens a file). They give the
+    exact frame count, and each sampling rule's instants are mapped to the frame nearest in time. For a
     constant frame rate that is frame index i for instant i / rate, so the picks are the authors'; for a variable frame
     rate the picks are spread evenly in time, not in frame count (a slow-motion or screen-recorded stretch holds many
     more frames per second than the rest). Frames are then decoded in order, seeking only where the next pick's
@@ -156,6 +157,38 @@ def _av():
 
 
 def _read(av, source, name, show, pick, num_frames, fps, max_frames, start, end) -> list:
+    def decode(container, stream, times, keyframes, listed=False):
+        by_time = functools.partial(
+            _sample_by_time, times, stream.time_base, num_frames, fps, max_frames, start, end, name, _rate(stream)
+        )
+        span = float((times[-1] - times[0]) * stream.time_base)
+        positions = pick(len(times), (len(times) - 1) / span if span else _rate(stream), by_time)
+        return _decode_at(container, stream, times, keyframes, positions, _shown(show, stream), name, listed)
+
+    with _opened(av, source, name) as (container, stream):
+        listed = _listed_index(container, stream)
+        if listed is not None:
+            try:
+                return decode(container, stream, *listed, listed=True)
+            except _IndexMismatch as mismatch:
+                logger.debug("%s: %s; reading its packets instead.", name, mismatch)
+    with _opened(av, source, name) as (container, stream):  # afresh: the listed index's attempt has read packets
+        times, keyframes, count = _index(container, stream)
+        if times and len(times) == count:
+            return decode(container, stream, times, keyframes)
+    # Timestamps missing (a raw elementary stream: .h264, .hevc, which cannot seek either) or repeated (some MPEG-PS
+    # muxers): the packets still count the frames. They are taken by position, at the nominal rate, in one pass.
+    with _opened(av, source, name) as (container, stream):
+        positions = pick(count, _rate(stream))
+        return _decode_in_order(_decoded(container, stream), positions, _shown(show, stream))
+
+
+@contextlib.contextmanager
+def _opened(av, source, name):
+    """The container at `source` (from its start) and its first video stream; errors name the file where it is not a
+    video."""
+    if isinstance(source, io.BytesIO):
+        source.seek(0)
     with av.open(source) as container:
         form = container.format.name
         if form == "image2" or form.endswith("_pipe"):  # FFmpeg's readers of single pictures
@@ -168,25 +201,17 @@ def _read(av, source, name, show, pick, num_frames, fps, max_frames, start, end)
             raise ValueError(
                 f"{name} holds no video stream (container {form}, streams: {kinds}): it is damaged or not a video."
             )
-        stream = container.streams.video[0]
-        times, keyframes, count = _index(container, stream)
-        upright = functools.partial(_upright, rotate_tag=_rotate_tag(stream))
-        rate = float(stream.average_rate or stream.guessed_rate or 0)
-        if times and len(times) == count:
-            by_time = functools.partial(
-                _sample_by_time, times, stream.time_base, num_frames, fps, max_frames, start, end, name, rate
-            )
-            span = float((times[-1] - times[0]) * stream.time_base)
-            positions = pick(len(times), (len(times) - 1) / span if span else rate, by_time)
-            return _decode_at(container, stream, times, keyframes, positions, lambda frame: show(upright(frame)), name)
-    # Timestamps missing (a raw elementary stream: .h264, .hevc, which cannot seek either) or repeated (some MPEG-PS
-    # muxers): the packets still count the frames. They are taken by position, at the nominal rate, in one pass.
-    positions = pick(count, rate)
-    if isinstance(source, io.BytesIO):
-        source.seek(0)
-    with av.open(source) as container:
-        decoder = _decoded(container, container.streams.video[0])
-        return _decode_in_order(decoder, positions, lambda frame: show(upright(frame)))
+        yield container, container.streams.video[0]
+
+
+def _rate(stream) -> float:
+    return float(stream.average_rate or stream.guessed_rate or 0)
+
+
+def _shown(show, stream):
+    """`show` of a decoded frame turned upright (see `_upright`)."""
+    rotate_tag = _rotate_tag(stream)
+    return lambda frame: show(_upright(frame, rotate_tag))
 
 
 @contextlib.contextmanager
@@ -252,6 +277,70 @@ def _index(container, stream) -> tuple[list[int], list[int], int]:
     return times, keyframes, count
 
 
+class _IndexMismatch(Exception):
+    """The frames decoded disagree with the container's listed index (see `_listed_index`)."""
+
+
+def _listed_index(container, stream) -> tuple[list[int], list[int]] | None:
+    """Every frame's presentation timestamp and the keyframes' positions, as `_index`, from the index an MP4/MOV file
+    lists when it is opened (its sample tables) instead of from its packets: an hour of video lists 100,000 frames,
+    which the packet pass reads one by one (0.5 s of Python at 360p, longer than decoding 16 picks).
+
+    The index holds decoding times and keyframe flags, not the presentation times the decoder stamps frames with, so
+    it is used only where the two are one grid apart: every frame listed (as many as the stream counts, none
+    discarded or empty, the last inside the file), decoding times at one constant step, and the first packets (read up
+    to a little past the second keyframe) shown on that grid, shifted by the first frame's delay (B-frames), with each
+    keyframe shown before the frames decoded after it (closed groups of pictures). Decoding checks every frame it
+    meets against the grid (`_IndexMismatch`); a file that breaks these (a variable rate, open groups of pictures, a
+    cut tail) is read by its packets instead. None for other containers (MKV, WebM and MPEG-TS list keyframes at most;
+    AVI lists empty packets as frames)."""
+    if "mp4" not in container.format.name.split(","):
+        return None
+    entries = stream.index_entries
+    count = len(entries)
+    if count < 2 or count != stream.frames:
+        return None
+    stamps, keyframes, end = [], [], 0
+    for position, entry in enumerate(entries):
+        if entry.is_discard or not entry.size:
+            return None
+        stamps.append(entry.timestamp)
+        end = max(end, entry.pos + entry.size)
+        if entry.is_keyframe:
+            keyframes.append(position)
+    step = stamps[1] - stamps[0]
+    if step <= 0 or not keyframes or keyframes[0] != 0 or end > container.size > 0:
+        return None
+    if any(later - earlier != step for earlier, later in itertools.pairwise(stamps)):
+        return None
+    head = min(keyframes[1] + 16 if len(keyframes) > 1 else 64, 2000)
+    first = [packet for packet in itertools.islice(container.demux(stream), head) if packet.size]
+    if not first or any(packet.pts is None or packet.dts != stamp for packet, stamp in zip(first, stamps)):
+        return None
+    delay = first[0].pts - stamps[0]
+    on_grid = all((packet.pts - delay - stamps[0]) % step == 0 and packet.pts >= first[0].pts for packet in first)
+    keys_shown_first = all(packet.pts == packet.dts + delay for packet in first if packet.is_keyframe)
+    if not (on_grid and keys_shown_first and _tail_on_grid(container, stream, stamps, delay)):
+        return None
+    return [stamps[0] + delay + position * step for position in range(count)], keyframes
+
+
+def _tail_on_grid(container, stream, stamps: list[int], delay: int, length: int = 64) -> bool:
+    """Whether the last `length` packets are the index's last entries and are shown on its grid up to its very end:
+    a gap in the shown times anywhere before them (a stretch of the file whose frames are delayed more, as after
+    joining two encodes) pushes the last frames past the end of the grid."""
+    step, end = stamps[1] - stamps[0], stamps[-1] + delay
+    container.seek(stamps[max(0, len(stamps) - length)], stream=stream, backward=True, any_frame=True)
+    last = [packet for packet in container.demux(stream) if packet.size]
+    offset = len(stamps) - len(last)
+    return (
+        offset >= 0
+        and all(packet.dts == stamps[offset + index] for index, packet in enumerate(last))
+        and all(packet.pts is not None and (end - packet.pts) % step == 0 for packet in last)
+        and max(packet.pts for packet in last) == end
+    )
+
+
 def frame_window(total: int, start, end, rate: float, path) -> tuple[int, int]:
     """First and last frame (inclusive, as `load_video`) of the start/end window at a constant rate."""
     first = 0 if start is None else max(0, round(start * rate))
@@ -295,19 +384,24 @@ def _sample_by_time(times, time_base, num_frames, fps, max_frames, start, end, p
     return list(dict.fromkeys(positions)) if fps is not None else positions
 
 
-def _decode_at(container, stream, times: list[int], keyframes: list[int], positions: list[int], show, name) -> list:
+def _decode_at(
+    container, stream, times: list[int], keyframes: list[int], positions: list[int], show, name, listed: bool = False
+) -> list:
     """`show` of the frames at the given (possibly repeated) positions in `times`, in the order given.
 
     The picks are visited in order. The decoder goes forward from where it is unless the pick's keyframe (the last
     keyframe at or before it) lies past the decoder's position: then it seeks to that keyframe, skipping frames it
     would otherwise decode for nothing. So each group of pictures that holds a pick is decoded once, up to its last
     pick, and no frame twice. A pick past the last frame that decodes (a cut or damaged tail) is that last frame.
-    Where timestamps shift after a seek (see `_Seeker`), the frames are taken in one pass from the start instead."""
+    Where timestamps shift after a seek (see `_Seeker`), the frames are taken in one pass from the start instead.
+    With `listed` times (see `_listed_index`), a frame off their grid or an early end is an `_IndexMismatch`."""
     wanted = sorted(set(positions))
     seek = _Seeker(container, stream, times, keyframes)
     try:
-        found, decoded = _visit(seek, wanted, show, name, seeking=True)
+        found, decoded = _visit(seek, wanted, show, name, seeking=True, listed=listed)
     except _UnreliableSeek:
+        if listed:
+            raise _IndexMismatch("a keyframe decodes at a time its index does not list") from None
         logger.debug("%s: timestamps shift after a seek; decoding from the start without seeking.", name)
         found, decoded = _visit(seek, wanted, show, name, seeking=False)
     logger.debug(
@@ -321,9 +415,10 @@ def _decode_at(container, stream, times: list[int], keyframes: list[int], positi
     return [found[index] for index in positions if index in found]
 
 
-def _visit(seek, wanted: list[int], show, name, seeking: bool) -> tuple[dict, int]:
+def _visit(seek, wanted: list[int], show, name, seeking: bool, listed: bool = False) -> tuple[dict, int]:
     """`{position: show(frame)}` for the sorted positions `wanted`, and how many frames were decoded: seeking past
-    keyframes (positions from the frames' timestamps), or in one pass from the start (positions by counting)."""
+    keyframes (positions from the frames' timestamps), or in one pass from the start (positions by counting).
+    `listed`: the times are a container's listed grid, which each decoded frame must lie on (`_IndexMismatch`)."""
     times, keyframes = seek.times, seek.keyframes
     found, decoder, position, current, decoded = {}, None, -1, None, 0
     for target in wanted:
@@ -334,17 +429,23 @@ def _visit(seek, wanted: list[int], show, name, seeking: bool) -> tuple[dict, in
         if decoder is None or (seeking and keyframe > position):
             decoder, landed = seek(target) if seeking else seek.start(check=False)
             if decoder is None:  # nothing decodes from here on
+                if listed:
+                    raise _IndexMismatch(f"nothing decodes from position {target} of the {len(times)} listed")
                 break
             position = landed - 1 if seeking else -1
         for frame in decoder:  # (a decoding error ends it, see `_decoded`)
             decoded += 1
             counted = not seeking or frame.pts is None
             position = position + 1 if counted else bisect.bisect_left(times, frame.pts)
+            if listed and (counted or position == len(times) or times[position] != frame.pts):
+                raise _IndexMismatch(f"a frame decodes at time {frame.pts}, off the grid its index lists")
             current = frame
             if position >= target:
                 found[target] = show(frame)
                 break
         else:  # the stream ends before the target: this and every later pick are its last frame
+            if listed:
+                raise _IndexMismatch(f"the frames end at position {position} of the {len(times)} listed")
             if current is None:
                 break
             later = [index for index in wanted if index >= target]

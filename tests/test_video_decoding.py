@@ -6,6 +6,7 @@ of the code under test (InternVL2's and PVC's `load_video`), and the decoding co
 here from the keyframes the file's packets mark.
 """
 
+import contextlib
 import functools
 import http.server
 import logging
@@ -69,23 +70,30 @@ FORMATS = {
     "MPEG-TS (H.264, B-frames)": ("ts", "libx264", x264),
     "MPEG-TS (MPEG-2, B-frames)": ("ts", "mpeg2video", gop_size),
     "MPEG-PS (MPEG-2, B-frames)": ("mpg", "mpeg2video", gop_size),
+    # the index (moov) before the frames, as web videos are written: a cut file's index lists frames it lacks
+    "mp4, index first (H.264, B-frames)": ("mp4", "libx264", x264, {"movflags": "faststart"}),
 }
 TOTAL, RATE = 300, 25  # 12 s
 SINGLE = 100_000  # a keyframe spacing longer than the video: one keyframe
 
 
-def write_stamped(path, suffix_codec_options, gop, total=TOTAL, rate=RATE):
-    _, codec, options = suffix_codec_options
-    with av.open(str(path), "w") as container:
+def write_stamped(path, suffix_codec_options, gop, total=TOTAL, rate=RATE, shift=None):
+    """Frames 0 .. total - 1 stamped, in the container and codec given; `shift(index)`: ticks (of 1 / rate) added to
+    the packets' presentation times (decoding times unchanged)."""
+    _, codec, options, *muxer_options = suffix_codec_options
+    with av.open(str(path), "w", options=muxer_options[0] if muxer_options else None) as container:
         stream = container.add_stream(codec, rate=rate, options=options(gop))
         stream.width = stream.height = SIDE
         stream.pix_fmt = "yuv420p"
         stream.codec_context.gop_size = min(gop, 600)  # options decide where they apply; the context otherwise
         stream.codec_context.bit_rate = 2_000_000
+        packets = []
         for index in range(total):
-            for packet in stream.encode(av.VideoFrame.from_ndarray(stamp(index), format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
+            packets += stream.encode(av.VideoFrame.from_ndarray(stamp(index), format="rgb24"))
+        packets += stream.encode()
+        for packet in packets:
+            if shift is not None:
+                packet.pts += shift(round(packet.pts * packet.time_base * rate))
             container.mux(packet)
     return path
 
@@ -158,7 +166,15 @@ def test_every_sampled_frame_is_the_one_the_rule_names(stamped, name, gop, caplo
     assert indices(processor.sample_frames(str(path), TOTAL)) == list(range(TOTAL))
 
 
-@pytest.mark.parametrize("name", ["mkv (H.264, B-frames)", "MPEG-TS (H.264, B-frames)", "MPEG-TS (MPEG-2, B-frames)"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "mkv (H.264, B-frames)",
+        "MPEG-TS (H.264, B-frames)",
+        "MPEG-TS (MPEG-2, B-frames)",
+        "mp4, index first (H.264, B-frames)",
+    ],
+)
 def test_a_cut_file_gives_its_last_real_frame_only_past_its_end(stamped, tmp_path, name, caplog):
     """A file cut short (a download broken off) is read as far as it goes: the picks are among the frames its packets
     list, in display order, and only a pick past the last frame that decodes is that frame (with a warning)."""
@@ -167,8 +183,10 @@ def test_a_cut_file_gives_its_last_real_frame_only_past_its_end(stamped, tmp_pat
     cut.write_bytes(data[: int(len(data) * 0.7)])
     with av.open(str(cut)) as container:  # what the cut file holds, read here with plain PyAV
         listed = sorted(p.pts for p in container.demux(video=0) if p.pts is not None and p.size)
-    with av.open(str(cut)) as container:
-        decodable = {frame.pts: read_stamp(frame.to_image()) for frame in container.decode(video=0)}
+    decodable = {}
+    with av.open(str(cut)) as container, contextlib.suppress(av.error.InvalidDataError):  # (an MP4's cut packet)
+        for frame in container.decode(video=0):
+            decodable[frame.pts] = read_stamp(frame.to_image())
     last = decodable[max(decodable)]
     assert 0 < len(decodable) <= len(listed) < TOTAL and last < TOTAL - 1
     # The frames just before the cut may be missing (B-frames whose packets were cut off), so the frames listed are
@@ -180,6 +198,63 @@ def test_a_cut_file_gives_its_last_real_frame_only_past_its_end(stamped, tmp_pat
         with caplog.at_level(logging.WARNING):
             picked = indices(PVCImageProcessor(image_size=SIDE).sample_frames(str(cut), count))
         assert picked == [decodable.get(pts, last) for pts in nearest], count
+
+
+def nearest_in_time(listed: list, count: int) -> list[int]:
+    """Positions among the presentation times `listed` (sorted) nearest to the authors' picks spread evenly in time
+    from the first to the last (ties to the earlier)."""
+    span = listed[-1] - listed[0]
+    instants = [listed[0] + span * index / (len(listed) - 1) for index in authors_rule(len(listed), count)]
+    return [
+        min(range(len(listed)), key=lambda position: (abs(listed[position] - instant), position))
+        for instant in instants
+    ]
+
+
+@pytest.mark.parametrize("gop", [50, SINGLE], ids=["keyframe every 2 s", "one keyframe"])
+def test_mp4_and_mov_frames_come_from_their_index_not_their_packets(stamped, gop, monkeypatch):
+    """An MP4/MOV file lists every frame when it is opened: its packets are not read one by one to count the frames
+    and find the keyframes (an hour at 30 fps is 108,000 packets, 0.5 s of Python at 360p, where decoding 16 picks
+    takes 0.1 s). Other containers list no such index and are counted from their packets."""
+    from pvc import video_decoding_pvc
+
+    def packet_pass(*args):
+        raise AssertionError("the packet pass ran")
+
+    monkeypatch.setattr(video_decoding_pvc, "_index", packet_pass)
+    processor = PVCImageProcessor(image_size=SIDE)
+    for name in ("mp4 (H.264, B-frames)", "mov (H.264, B-frames)", "mp4, index first (H.264, B-frames)"):
+        for count in (5, 16, 64):
+            assert indices(processor.sample_frames(str(stamped(name, gop)), count)) == authors_rule(TOTAL, count)
+    with pytest.raises(AssertionError, match="the packet pass ran"):
+        processor.sample_frames(str(stamped("mkv (H.264, B-frames)", gop)), 5)
+
+
+MISLEADING = {
+    # keyframes shown after the B-frames decoded after them (which refer to the group before)
+    "open groups of pictures": (
+        ("mp4", "libx264", lambda gop: {**x264(gop), "x264-params": x264(gop)["x264-params"] + ":open-gop=1"}),
+        100,
+        None,
+    ),
+    # decoding times at one step, but the frames from 150 on are shown one frame later (a gap, as after joining two
+    # encodes whose delays differ); with one keyframe no seek lands off the grid, only the file's last packets show it
+    "a gap in the shown times": (("mp4", "libx264", x264), SINGLE, lambda index: int(index >= 150)),
+}
+
+
+@pytest.mark.parametrize("case", list(MISLEADING))
+def test_an_mp4_whose_index_would_mislead_is_read_by_its_packets(tmp_path, case):
+    """The index lists decoding times; frames are placed by the times they are shown. Where the two are not one grid
+    apart, the frames are the ones the packets' times name, as for any other container."""
+    form, gop, shift = MISLEADING[case]
+    path = write_stamped(tmp_path / "video.mp4", form, gop, shift=shift)
+    with av.open(str(path)) as container:  # the shown times, read here with plain PyAV
+        listed = sorted(p.pts for p in container.demux(video=0) if p.pts is not None and p.size)
+    assert len(listed) == TOTAL
+    processor = PVCImageProcessor(image_size=SIDE)
+    for count in (5, 16, 64):
+        assert indices(processor.sample_frames(str(path), count)) == nearest_in_time(listed, count), (case, count)
 
 
 def test_a_video_url_is_transferred_once(stamped):

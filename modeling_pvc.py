@@ -22,6 +22,7 @@ from typing import NamedTuple
 import torch
 from einops import rearrange
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoModel, GenerationMixin, GradientCheckpointingLayer, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -360,11 +361,21 @@ class PVCVisionProgressiveLayer(PVCVisionLayer):
         # chunk_size * N tokens (all S streams of T frames take part in each chunk).
         tokens_per_position = num_streams * num_frames
         positions = None if chunk_size is None else max(1, chunk_size * hidden_states.shape[2] // tokens_per_position)
-        temporal = in_chunks(lambda part: self.temporal_block(part, temporal_embeds), hidden_states, positions, dim=2)
+        temporal = in_chunks(lambda part: self.temporal_branch(part, temporal_embeds), hidden_states, positions, dim=2)
         # The residual add goes into the fresh temporal buffer where no gradient needs the operands (inference).
         hidden_states = temporal.add_(hidden_states) if not torch.is_grad_enabled() else hidden_states + temporal
         hidden_states = rearrange(hidden_states, "s t n c -> (s t) n c")
         return in_chunks(self.mlp_block, hidden_states, chunk_size)  # [S * T, N, C]
+
+    def temporal_branch(self, hidden_states, temporal_embeds):  # [S, T, n, C], [T, C]
+        """`temporal_block`, whose activations are recomputed in the backward pass rather than kept when gradients
+        are on (torch's non-reentrant checkpoint; dropout and drop-path draw the same masks again). Kept, they made a
+        progressive layer hold 1.9x an ordinary layer's tensors for backward (the rearranged copies, the AdaLN's
+        condition and modulation, the gate's product); recomputed, it holds its input and little more (see
+        benchmarks/README.md, training memory), for one more forward of this branch, about 5% of a tower's step."""
+        if not torch.is_grad_enabled():
+            return self.temporal_block(hidden_states, temporal_embeds)
+        return checkpoint(self.temporal_block, hidden_states, temporal_embeds, use_reentrant=False)
 
     def temporal_block(self, hidden_states, temporal_embeds):  # [S, T, n, C], [T, C]
         """g * T-MHA(AdaLN(x; x + TE)) for some token positions of all frames."""

@@ -16,6 +16,8 @@
 3. Peak memory of the vision tower on 16, 64 and 96 frames at 448px, each in a fresh process: activation peak
    (process peak RSS minus the peak after loading) at InternViT-300M's width, which does not depend on depth in
    inference, plus the fp32 weights of the full 24-layer tower.
+4. `--parts train-memory` (not in the default parts; about 15 minutes): training memory and step time of the vision
+   tower against transformers' InternVL tower, see train_memory.py. `--quick` runs it on a small shape.
 """
 
 import argparse
@@ -434,6 +436,7 @@ def main(argv=None):
     parser.add_argument("--parts", default="flops,cpu,memory", help="comma-separated parts to run (default: all)")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="train-memory on a small shape (a test runs it)")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     parts = {"flops"} if args.flops_only else set(args.parts.split(","))
@@ -447,6 +450,12 @@ def main(argv=None):
     if "memory" in parts:
         results["memory"] = memory_part()
         print_memory(results["memory"])
+    if "train-memory" in parts:
+        sys.path.insert(0, str(Path(__file__).parent))
+        import train_memory
+
+        results["train_memory"] = train_memory.train_memory_part(quick=args.quick)
+        train_memory.print_train_memory(results["train_memory"])
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2, default=str) + "\n")
     return results

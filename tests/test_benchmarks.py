@@ -134,3 +134,25 @@ def test_processing_benchmark_quick_form_times_every_row_and_its_pixels_agree(tm
     # a 2 x 1 grid and its thumbnail, twice that for 2 photos, one tile per frame of 8
     assert [row["tiles"] for row in rows[:: len(bench.PROCESSORS)]] == [3, 6, 8]
     assert json.loads((tmp_path / "processing.json").read_text())["pixels_agree"] is True
+
+
+def test_training_memory_benchmark_quick_form_measures_both_towers():
+    """bench.py --parts train-memory --quick: every table entry measured for both towers, in fp32 and bf16, and the
+    step time beside its FLOPs ratio."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import train_memory
+
+    results = train_memory.train_memory_part(quick=True)
+    train_memory.print_train_memory(results)
+    for dtype in ("float32", "bfloat16"):
+        assert all(value > 0 for value in results["layers"][dtype].values())
+        for towers in results["towers"][dtype].values():
+            assert set(towers) == {"internvl", "pvc"} and all(value > 0 for value in towers.values())
+    # bf16 keeps half of fp32's bytes
+    layers = results["layers"]
+    assert abs(layers["bfloat16"]["pvc"] / layers["float32"]["pvc"] - 0.5) < 0.05
+    assert all(peak > 0 for peaks in results["peaks_fp32"].values() for peak in peaks.values())
+    step = results["step"]
+    assert step["flops"]["pvc"] > step["flops"]["internvl"] > 0 and min(step["seconds"].values()) > 0

@@ -9,6 +9,20 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+# A quick run's row sees the pictures if it beats the best score of any model that does not see them (the share of
+# the commonest answer on the held-out samples, `blind_ceiling`) by at least this much (fixed from a pilot: working
+# rows scored 0.73 where the commonest answer's share is near 0.3).
+SEES_THE_PICTURES = 0.15
+
+
+def image_blind_ceiling(report: dict) -> float:
+    """The best image score of a model blind to the pixels, on the held-out samples of a quick report (seed 0)."""
+    from pvc.experiments.toy_ablation import blind_ceiling
+    from pvc.experiments.toy_task import ToyConfig, grid_image
+
+    toy = ToyConfig(**report["config"]["toy"])
+    assert toy.grid == 1, "the bound holds for one-character answers (the quick form's one-cell pictures)"
+    return blind_ceiling(lambda rng: grid_image(toy, rng), toy.eval_samples, seed=0)
 
 
 def test_quick_ablation_writes_the_report(tmp_path):
@@ -30,6 +44,11 @@ def test_quick_ablation_writes_the_report(tmp_path):
     (pvc_diagnostics,) = report["diagnostics"]["pvc"]
     assert len(pvc_diagnostics["gate_mean_abs"]) == 2 and len(pvc_diagnostics["attention_to_earlier_frames"]) == 2
     assert report["config"]["toy"]["steps"] == 20
+    # every row learned to read the pictures: a row that cannot see them (a broken projector, zeroed visual tokens)
+    # scores at most the blind ceiling
+    ceiling = image_blind_ceiling(report)
+    for row in ("a", "b", "c", "pvc"):
+        assert report["rows"][row]["mean"] >= ceiling + SEES_THE_PICTURES, (row, report["rows"][row], ceiling)
     # a second run with the same settings reuses the finished runs (resumable), and gives the same report
     main(["--quick", "--out", str(out), "--workers", "1", "--rows", "b"])
     assert json.loads(out.read_text())["rows"]["b"] == report["rows"]["b"]
@@ -51,10 +70,19 @@ def test_quick_convert_protocol_writes_the_report(tmp_path):
         assert sorted(values["video"], key=int) == ["2", "4"]
     assert sorted(report["repeats"]["pvc-drawn"]) == ["1", "2", "3", "4"] and "a" not in report["repeats"]
     assert 0 <= report["pretrained"]["image"]["mean"] <= 1
+    ceiling = image_blind_ceiling(report)  # every row reads the pictures (see the scratch test)
+    for row, values in report["rows"].items():
+        assert values["image"]["mean"] >= ceiling + SEES_THE_PICTURES, (row, values["image"], ceiling)
     runs = [json.loads(line)["result"] for line in out.with_name(out.name + ".runs.jsonl").read_text().splitlines()]
     first = {run["row"]: run["losses"][0] for run in runs}
-    for row in ("c", "pvc", "pvc-te"):
+    for row in ("c", "pvc", "pvc-te", "c-wide", "pvc-flat"):
         assert first[row] == pytest.approx(first["b"], rel=1e-5), row
+    # the controls: c-wide's projector matches PVC's in size (to 0.1%) and rate, pvc-flat's is PVC's own
+    budget = {run["row"]: run["parameters"] for run in runs}
+    assert budget["pvc-flat"] == budget["pvc"]
+    assert abs(budget["c-wide"]["projector_new"] / budget["pvc"]["projector_new"] - 1) < 1e-3
+    assert budget["c"]["projector_new"] == 0 and budget["c-wide"]["new_rate"] == budget["pvc"]["new_rate"]
+    assert budget["a"]["new"] == 0  # row (a) is the source: nothing in it is new
     assert (tmp_path / "convert.json.work" / "seed0" / "a-pretrained" / "config.json").exists()
     # the READMEs' tables are written from this JSON: the numbers in them are the report's
     import pvc.experiments.report as writer
@@ -71,6 +99,71 @@ def test_quick_convert_protocol_writes_the_report(tmp_path):
         writer.rewrite(readme, tables)
         == f"x\n<!-- report:convert-table3 -->\n{tables['convert-table3']}\n<!-- /report:convert-table3 -->\ny"
     )
+
+
+def test_a_quick_run_tells_a_row_that_cannot_see_the_pictures_from_one_that_can(tmp_path, monkeypatch):
+    """The quick runs' check of every row (above) is not passed blind: with its visual tokens zeroed, row (c) scores
+    no more than the blind ceiling, where row (b), trained beside it in the same quick run, clears it."""
+    import pvc.experiments.toy_ablation as toy_ablation
+
+    build = toy_ablation.build_model
+
+    def build_broken_c(row, *args, **kwargs):
+        model = build(row, *args, **kwargs)
+        if row == "c":  # the planted bug: the language model gets zeros where the visual tokens go
+            model.model.multi_modal_projector.register_forward_hook(lambda module, inputs, output: output * 0)
+        return model
+
+    monkeypatch.setattr(toy_ablation, "build_model", build_broken_c)
+    out = tmp_path / "broken.json"
+    toy_ablation.main(
+        ["--quick", "--task", "image", "--rows", "b,c", "--repeats", "4", "--out", str(out), "--workers", "1"]
+    )
+    report = json.loads(out.read_text())
+    ceiling = image_blind_ceiling(report)
+    assert report["rows"]["c"]["mean"] <= ceiling + 1e-9
+    assert report["rows"]["b"]["mean"] >= ceiling + SEES_THE_PICTURES
+
+
+def test_projector_condition_controls():
+    """The experiment's projector forward computes the model's own with the model's own condition; pvc-flat's
+    condition is the same for every frame of a clip, c-wide's is x_hat alone (its TE' removed)."""
+    import copy
+
+    from pvc.experiments.toy_ablation import build_model, projector_condition, set_projector_condition
+    from pvc.experiments.toy_task import ToyConfig, tiny_tokenizer
+
+    model = build_model("pvc", ToyConfig(), 0, tiny_tokenizer())
+    projector = model.model.multi_modal_projector
+    with torch.no_grad():  # a trained-looking AdaLN, so that the condition matters
+        for param in projector.adaln.parameters():
+            param.normal_(0, 0.05)
+    features = torch.randn(2 * 4, 65, 64)  # 2 clips x 4 frames, CLS + 8 x 8 patches, width 64
+    own = projector(features, 4)
+    flat = set_projector_condition(copy.deepcopy(model), "frame-mean").model.multi_modal_projector
+    wide = set_projector_condition(copy.deepcopy(model), "input").model.multi_modal_projector
+    projector.toy_condition = None  # the model's own condition through the experiment's forward
+    from pvc.experiments.toy_ablation import _controlled_projector_forward
+
+    torch.testing.assert_close(_controlled_projector_forward(projector, features, 4), own)
+    shuffled = projector.pixel_shuffle(features, 4)
+    condition = projector_condition(flat, shuffled, 4)
+    torch.testing.assert_close(condition, condition[:, :1].expand_as(condition))
+    assert not torch.allclose(flat(features, 4), own)
+    assert not hasattr(wide, "temporal_embedding")
+    torch.testing.assert_close(projector_condition(wide, shuffled, 4), shuffled)
+
+
+def test_blind_ceiling_is_the_commonest_answers_share_on_the_scored_samples():
+    """Counted by hand on the draws `evaluate` makes (held_out_rng, in batches), for a task with a known answer."""
+    from pvc.experiments.toy_ablation import blind_ceiling, held_out_rng
+
+    answers = lambda rng: (None, "xy"[int(rng.integers(0, 2))] + "z")  # noqa: E731
+    rng = held_out_rng(3)
+    drawn = [answers(rng)[1] for _ in range(70)]
+    share_x = sum(answer[0] == "x" for answer in drawn) / 70
+    expected = (max(share_x, 1 - share_x) + 1.0) / 2  # the second character is always "z"
+    assert blind_ceiling(answers, 70, seed=3, batch_size=64) == pytest.approx(expected)
 
 
 def test_z_order_reads_blocks_whole():

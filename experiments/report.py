@@ -3,8 +3,9 @@
     python -m pvc.experiments.report            # rewrites the marked sections of README.md and experiments/README.md
     python -m pvc.experiments.report --print    # prints them instead
 
-Reads experiments/results/: toy_convert.json (the convert protocol), toy_paired.json (from scratch, rows paired)
-and toy_ablation.json (from scratch, the first report, rows not paired). A section is the text between
+Reads experiments/results/: toy_convert.json (the convert protocol), toy_controls.json (its controls of the image
+result, issue 32), toy_budget.json (video at an equal token budget, issue 32), toy_paired.json (from scratch, rows
+paired) and toy_ablation.json (from scratch, the first report, rows not paired). A section is the text between
 `<!-- report:NAME -->` and `<!-- /report:NAME -->`; a report that is missing leaves its sections as they are.
 """
 
@@ -16,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .toy_ablation import diagnostics_table, table, table_convert
+from .toy_ablation import diagnostics_table, row_parameter_budget, table, table_budget, table_convert
+from .toy_task import ToyConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
@@ -90,6 +92,64 @@ def figure3(convert: dict) -> str:
     return "\n".join(lines)
 
 
+def _millions(count: int) -> str:
+    return f"{count / 1e6:.2f}M"
+
+
+def parameters_cell(counts: dict) -> str:
+    """A row's parameters and rates: all, those at the larger rate (what the converter initialised), the rest."""
+    base, new = counts["base_rate"], counts["new_rate"]
+    return (
+        f"{_millions(counts['all'])}: {_millions(counts['new'])} at {new:g}, {_millions(counts['all'] - counts['new'])} "
+        f"at {base:g} (projector {_millions(counts['projector'])}, {_millions(counts['projector_new'])} of it at {new:g})"
+    )
+
+
+def convert_parameters(convert: dict) -> str:
+    """Parameters and learning rates of the convert protocol's rows, counted on each row as its runs start (the
+    runs logged before runs recorded it are counted on a freshly converted row: the counts do not depend on the
+    weights)."""
+    toy = ToyConfig(**convert["config"]["toy"])
+    lines = ["| row | parameters: all: at the larger rate, at the base rate (projector) |", "|---|---|"]
+    for row in convert["rows"]:
+        counts = convert["rows"][row].get("parameters") or row_parameter_budget(row, toy)
+        lines.append(f"| {row} | {parameters_cell(counts)} |")
+    return "\n".join(lines)
+
+
+def controls(report: dict) -> str:
+    """The controls of the image result (issue 32): each row's scores, parameters and rates, the projector AdaLN's
+    gain and the visual tokens' size, and the differences seed by seed against the row each control changes."""
+    rows = report["rows"]
+    frames = sorted({f for values in rows.values() for f in values["video"]}, key=int)
+    lines = [
+        "| row | image (mean +- std) | image per seed | "
+        + " | ".join(f"video, {f} frames" for f in frames)
+        + " | parameters: all: at the larger rate, at the base rate (projector) |",
+        "|---|---|---|" + "---|" * len(frames) + "---|",
+    ]
+    start = report.get("pretrained")
+    if start:
+        video = " | ".join(_cell(start["video"][f]) for f in frames)
+        lines.append(f"| (a) before fine-tuning | {_cell(start['image'])} | {_runs(start['image'])} | {video} | - |")
+    for row, values in rows.items():
+        video = " | ".join(_cell(values["video"][f]) for f in frames)
+        counts = values.get("parameters")
+        cell = parameters_cell(counts) if counts else "-"
+        lines.append(f"| {row} | {_cell(values['image'])} | {_runs(values['image'])} | {video} | {cell} |")
+    lines += ["", "| control - the row it changes | image per seed | mean | seeds where the control >= the row |"]
+    lines.append("|---|---|---|---|")
+    for control, against in (("c-wide", "c"), ("c-wide", "pvc"), ("pvc-flat", "pvc"), ("pvc-flat", "c"), ("pvc", "c")):
+        if {control, against} <= set(rows) and rows[control]["seeds"] == rows[against]["seeds"]:
+            differences = np.array(rows[control]["image"]["runs"]) - np.array(rows[against]["image"]["runs"])
+            cells = ", ".join(f"{d:+.3f}" for d in differences)
+            wins = int((differences >= 0).sum())
+            lines.append(
+                f"| {control} - {against} | {cells} | {differences.mean():+.3f} | {wins} of {len(differences)} |"
+            )
+    return "\n".join(lines + diagnostics_table(report["diagnostics"]))
+
+
 def run_time(names: dict) -> str:
     """Runs and time of each report, from its log of finished runs (a run's seconds include, for the first run of
     a seed in the convert protocol, training that seed's row (a)); wall time of the last invocation that wrote it."""
@@ -112,12 +172,18 @@ def sections() -> dict:
     """Every section's Markdown, by name, from the reports that exist."""
     load = lambda name: json.loads((RESULTS / name).read_text()) if (RESULTS / name).exists() else None  # noqa: E731
     convert, paired, first = load("toy_convert.json"), load("toy_paired.json"), load("toy_ablation.json")
+    controls_report, budget = load("toy_controls.json"), load("toy_budget.json")
     out = {}
     if convert:
         out["convert-table4"] = table_convert(dict(convert, repeats={}, diagnostics={}))
         out["convert-table3"] = table3(convert)
         out["convert-figure3"] = figure3(convert)
         out["convert-diagnostics"] = "\n".join(diagnostics_table(convert["diagnostics"])).strip()
+        out["convert-parameters"] = convert_parameters(convert)
+    if controls_report:
+        out["controls"] = controls(controls_report)
+    if budget:
+        out["budget"] = table_budget(budget)
     if paired:
         out["scratch-paired"] = table(dict(paired, diagnostics={}))
         out["scratch-paired-diagnostics"] = "\n".join(diagnostics_table(paired["diagnostics"])).strip()
@@ -127,6 +193,8 @@ def sections() -> dict:
     out["run-time"] = run_time(
         {
             "convert protocol": "toy_convert.json",
+            "controls of the image result (issue 32)": "toy_controls.json",
+            "video at an equal token budget (issue 32)": "toy_budget.json",
             "from scratch, paired": "toy_paired.json",
             "from scratch, first report": "toy_ablation.json",
         }

@@ -46,10 +46,13 @@ from ..modeling_pvc import PVCForConditionalGeneration, relative_timestamps
 from ..processing_pvc import PVCProcessor, build_chat_template
 from ..training.trainer import PVCTrainer, new_parameter_rule, parameter_groups
 from .toy_task import (
+    FLASH_QUESTION,
     IMAGE_QUESTION,
     SYSTEM_MESSAGE,
     VIDEO_QUESTION,
+    BudgetConfig,
     ToyConfig,
+    flash_video,
     grid_image,
     repaint_video,
     tiny_tokenizer,
@@ -173,8 +176,20 @@ class Task:
     """Batches of one task for one model: the prompt as the model's processor writes it, pixels as its image
     processor normalises them, and the loss on the answer's tokens (and the end of the turn)."""
 
-    def __init__(self, kind: str, processor: PVCProcessor, toy: ToyConfig, num_frames: int | None = None):
+    def __init__(
+        self,
+        kind: str,
+        processor: PVCProcessor,
+        toy: ToyConfig,
+        num_frames: int | None = None,
+        total_frames: int | None = None,
+        kept: list[int] | None = None,
+        visible: list[int] | None = None,
+    ):
+        """`kind`: image, video (repainted grids) or flash (the equal-budget task: videos of `total_frames` frames,
+        of which the model sees those in `kept`, default all, and whose flashes show only in `visible`)."""
         self.kind, self.toy, self.num_frames = kind, toy, num_frames
+        self.total_frames, self.kept, self.visible = total_frames, kept, visible
         self.processor = processor
         sample = self.sample(np.random.default_rng(0))[0]
         media = {"images": [sample]} if kind == "image" else {"videos": [sample], "num_frames": num_frames}
@@ -183,13 +198,16 @@ class Task:
 
     def prompt(self) -> str:
         item = {"type": "image"} if self.kind == "image" else {"type": "video"}
-        question = IMAGE_QUESTION if self.kind == "image" else VIDEO_QUESTION
+        question = {"image": IMAGE_QUESTION, "video": VIDEO_QUESTION, "flash": FLASH_QUESTION}[self.kind]
         messages = [{"role": "user", "content": [item, {"type": "text", "text": question}]}]
         return self.processor.apply_chat_template(messages, add_generation_prompt=True)
 
     def sample(self, rng):
         if self.kind == "image":
             return grid_image(self.toy, rng)
+        if self.kind == "flash":
+            frames, answer = flash_video(self.toy, self.total_frames, rng, self.visible)
+            return (frames if self.kept is None else frames[self.kept]), answer
         return repaint_video(self.toy, self.num_frames, rng)
 
     def batch(self, rng: np.random.Generator, size: int) -> dict:
@@ -219,9 +237,9 @@ class Task:
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def train(model, tasks: list["Task"], toy: ToyConfig, seed: int, log_every: int = 0, log=print):
+def train(model, tasks: list["Task"], toy: ToyConfig, seed: int, log_every: int = 0, log=print, losses_out=None):
     """AdamW, warm-up then cosine decay; PVC's new modules at `new_module_lr_multiplier` x the rate. With several
-    tasks, the steps go round them in turn."""
+    tasks, the steps go round them in turn. Each step's loss is appended to `losses_out` (a list) if given."""
     groups = parameter_groups(model, toy.learning_rate, toy.new_module_lr_multiplier, weight_decay=0.01)
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.98))
     base_rates = [group["lr"] for group in optimizer.param_groups]
@@ -242,6 +260,8 @@ def train(model, tasks: list["Task"], toy: ToyConfig, seed: int, log_every: int 
         losses.append(loss.item())
         if log_every and (step + 1) % log_every == 0:
             log(f"step {step + 1}: loss {np.mean(losses[-log_every:]):.3f}")
+    if losses_out is not None:
+        losses_out.extend(losses)
     return model.eval()
 
 
@@ -543,7 +563,7 @@ class ToyTrainer(PVCTrainer):
         return super().compute_loss(model, inputs, *args, **kwargs)
 
 
-def finetune(model, stream: ToyStream, toy: ToyConfig, seed: int, folder: Path):
+def finetune(model, stream: ToyStream, toy: ToyConfig, seed: int, folder: Path, log_every: int | None = None):
     """Fine-tune with `PVCTrainer` and the paper's recipe: all parameters, what the converter initialised (the
     config's `new_parameters`) at 10x the rate; AdamW, warm-up then cosine decay, clipping at 1, as the from-scratch
     loop."""
@@ -570,7 +590,7 @@ def finetune(model, stream: ToyStream, toy: ToyConfig, seed: int, folder: Path):
         seed=seed,
         disable_tqdm=True,
         log_level="warning",
-        logging_steps=max(1, toy.finetune_steps // 8),
+        logging_steps=log_every or max(1, toy.finetune_steps // 8),
     )
     trainer = ToyTrainer(
         model=model,
@@ -584,12 +604,12 @@ def finetune(model, stream: ToyStream, toy: ToyConfig, seed: int, folder: Path):
     return model.eval(), losses
 
 
-def load_converted_row(source: Path, destination: Path, row: str, seed: int, toy: ToyConfig):
-    """Convert row (a)'s checkpoint `source` into row `row` with `pvc-convert` (into `destination`) and load it,
-    with the row's load-time settings and projector condition."""
+def load_converted_row(source: Path, destination: Path, row: str, seed: int, toy: ToyConfig, rows=None):
+    """Convert row (a)'s checkpoint `source` into row `row` of `rows` (default `CONVERT_ROWS`) with `pvc-convert`
+    (into `destination`) and load it, with the row's load-time settings and projector condition."""
     from ..conversion.cli import main as pvc_convert
 
-    spec = CONVERT_ROWS[row]
+    spec = (rows or CONVERT_ROWS)[row]
     command = ["--src", str(source), "--dst", str(destination), "--ablation", spec["ablation"], "--seed", str(seed)]
     command += ["--num-temporal-layers", str(toy.temporal_layers), "--overwrite", *spec.get("convert", [])]
     with contextlib.redirect_stdout(io.StringIO()):
@@ -602,7 +622,7 @@ def load_converted_row(source: Path, destination: Path, row: str, seed: int, toy
     return model
 
 
-def row_parameter_budget(row: str, toy: ToyConfig) -> dict:
+def row_parameter_budget(row: str, toy: ToyConfig, rows=None) -> dict:
     """`parameter_budget` of a convert-protocol row as its runs start (for runs logged before they recorded it):
     an untrained row (a) at toy size, converted and loaded as a run does; the counts do not depend on the weights."""
     with tempfile.TemporaryDirectory() as scratch:
@@ -611,7 +631,7 @@ def row_parameter_budget(row: str, toy: ToyConfig) -> dict:
         source = Path(scratch) / "a"
         model.save_pretrained(source)
         build_processor(model, toy, tokenizer).save_pretrained(source)
-        converted = load_converted_row(source, Path(scratch) / row, row, 0, toy)
+        converted = load_converted_row(source, Path(scratch) / f"{row}-converted", row, 0, toy, rows)
         return parameter_budget(converted, toy.finetune_learning_rate, toy.finetune_new_module_lr_multiplier)
 
 
@@ -655,6 +675,220 @@ def run_convert_job(job: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# The equal-token-budget video task (issue 32): rows at the same number of visual tokens
+# ------------------------------------------------------------------------------------------------------------------
+
+# Rows: (a) at T/4 frames (16 tokens each) and (b), (c), PVC at T frames (4 tokens each): the same visual tokens;
+# (a) at T frames, 4x the tokens, is the ceiling. `frames: "kept"` marks the row that sees T/4 of the frames.
+BUDGET_ROWS = {
+    "a-kept": dict(ablation="a", frames="kept"),
+    "b": dict(ablation="b"),
+    "c": dict(ablation="c"),
+    "pvc": dict(ablation="pvc"),
+    "a": dict(ablation="a"),
+}
+QUICK_BUDGET = dict(pretrain_steps=20, finetune_steps=10, log_every=2)
+
+
+def flash_tasks(processor, toy: ToyConfig, budget: BudgetConfig, frames: str = "all", visible=None) -> "Task":
+    """The flash task as a row sees it: all T frames, or the T/4 kept ones (`frames="kept"`)."""
+    kept = budget.kept() if frames == "kept" else None
+    seen = budget.kept_frames if frames == "kept" else budget.frames
+    return Task("flash", processor, toy, num_frames=seen, total_frames=budget.frames, kept=kept, visible=visible)
+
+
+def uniform_plateau(budget: BudgetConfig) -> float:
+    """The training loss of a model that knows the answer's form but not the colours: ln 4 on each of the T colour
+    tokens, nothing on the end of the turn (the loss is the mean over those T + 1 tokens)."""
+    return budget.frames * math.log(4) / (budget.frames + 1)
+
+
+@torch.no_grad()
+def evaluate_positions(model, task: Task, samples: int, seed: int, batch_size: int = 64) -> list[float]:
+    """`evaluate` per answer position: for the flash task, the share right of each frame's flash."""
+    rng = held_out_rng(seed)
+    right, total = None, 0
+    model.eval()
+    for start in range(0, samples, batch_size):
+        batch = task.batch(rng, min(batch_size, samples - start))
+        labels = batch.pop("labels")
+        predicted = model(**batch).logits[:, :-1].argmax(-1)
+        target = labels[:, 1:]
+        answer = (target != -100) & (target != task.end_id)
+        hits = ((predicted == target) & answer).float().sum(0)[answer[0]]  # [answer length]
+        right = hits if right is None else right + hits
+        total += labels.shape[0]
+    return (right / total).tolist()
+
+
+def budget_scores(model, processor, toy: ToyConfig, budget: BudgetConfig, frames: str, seed: int) -> dict:
+    """Held-out flash scores of a model seeing `frames` ("all" or "kept"): the share of flashes right, per frame,
+    and, seeing all T frames, with the flashes shown only in the kept frames (how much the answer needs the rest)."""
+    positions = evaluate_positions(model, flash_tasks(processor, toy, budget, frames), toy.eval_samples, seed)
+    scores = {"score": float(np.mean(positions)), "by_frame": positions}
+    if frames == "all":
+        masked = flash_tasks(processor, toy, budget, "all", visible=budget.kept())
+        scores["flashes_only_in_kept_frames"] = float(
+            np.mean(evaluate_positions(model, masked, toy.eval_samples, seed))
+        )
+    return scores
+
+
+def pretrained_flash_a(folder: Path, toy: ToyConfig, budget: BudgetConfig, seed: int) -> Path:
+    """Row (a) trained from scratch on the flash task (batches of T frames and of the T/4 kept frames in turn) and
+    saved: the checkpoint every row of the seed is converted from. Made once per seed."""
+    import fcntl
+
+    checkpoint = folder / f"seed{seed}" / "a-flash-pretrained"
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    with open(checkpoint.parent / "a-flash-pretrained.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (checkpoint / "toy_scores.json").exists():
+            return checkpoint
+        started = time.perf_counter()
+        tokenizer = tiny_tokenizer()
+        model = build_model("a", toy, seed, tokenizer)
+        processor = build_processor(model, toy, tokenizer)
+        tasks = [flash_tasks(processor, toy, budget, "all"), flash_tasks(processor, toy, budget, "kept")]
+        losses = []
+        train(model, tasks, replace(toy, steps=budget.pretrain_steps), seed, losses_out=losses)
+        every = budget.log_every
+        scores = {frames: budget_scores(model, processor, toy, budget, frames, seed) for frames in ("all", "kept")}
+        # the steps go round T and T/4 frames in turn: the curve of each, averaged over `every` of its steps
+        scores["losses"] = {
+            frames: [float(np.mean(losses[start::2][i : i + every])) for i in range(0, len(losses[start::2]), every)]
+            for start, frames in ((0, "all"), (1, "kept"))
+        }
+        staging = checkpoint.with_name(checkpoint.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        scores["seconds"] = round(time.perf_counter() - started, 1)
+        (staging / "toy_scores.json").write_text(json.dumps(scores))
+        shutil.rmtree(checkpoint, ignore_errors=True)
+        staging.replace(checkpoint)
+    return checkpoint
+
+
+def run_budget_job(job: dict) -> dict:
+    """One row and seed of the equal-budget task: the seed's row (a) converted to the row, fine-tuned with
+    `PVCTrainer` (the convert protocol's recipe) on flash videos at the row's frame count, scored on held-out ones."""
+    torch.set_num_threads(1)
+    toy, budget, row, seed = ToyConfig(**job["toy"]), BudgetConfig(**job["budget"]), job["row"], job["seed"]
+    spec = BUDGET_ROWS[row]
+    started = time.perf_counter()
+    folder = Path(job["work"])
+    source = pretrained_flash_a(folder, toy, budget, seed)
+    destination = folder / f"seed{seed}" / f"{row}-converted"
+    model = load_converted_row(source, destination, row, seed, toy, BUDGET_ROWS)
+    processor = build_processor(model, toy, tiny_tokenizer())
+    frames = spec.get("frames", "all")
+    tuning = replace(toy, finetune_steps=budget.finetune_steps)
+    stream = ToyStream([flash_tasks(processor, toy, budget, frames)], tuning, seed)
+    parameters = parameter_budget(model, toy.finetune_learning_rate, toy.finetune_new_module_lr_multiplier)
+    with tempfile.TemporaryDirectory() as scratch:
+        model, losses = finetune(model, stream, tuning, seed, Path(scratch), log_every=budget.log_every)
+    seen = budget.kept_frames if frames == "kept" else budget.frames
+    result = {
+        "protocol": "budget",
+        "row": row,
+        "seed": seed,
+        "frames_seen": seen,
+        "visual_tokens": seen * model.config.tokens_per_frame,
+        "losses": losses,
+        "parameters": parameters,
+        **budget_scores(model, processor, toy, budget, frames, seed),
+        "pretrained": json.loads((source / "toy_scores.json").read_text()),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    shutil.rmtree(destination, ignore_errors=True)
+    print(f"  {json.dumps({k: v for k, v in result.items() if k not in ('losses', 'pretrained')})}", flush=True)
+    return result
+
+
+def collect_budget(results: list[dict], toy: ToyConfig, budget: BudgetConfig, argv) -> dict:
+    """The equal-budget report: per row, the score (mean, std, runs in seed order), per frame, with the flashes only
+    in the kept frames, the loss curve (mean over seeds), visual tokens and parameters; row (a) before fine-tuning."""
+    report = {"protocol": "budget", "budget": asdict(budget), "uniform_plateau": uniform_plateau(budget), "rows": {}}
+    report["kept_frames"] = budget.kept()
+    for row in BUDGET_ROWS:
+        runs = sorted((r for r in results if r["row"] == row), key=lambda r: r["seed"])
+        if not runs:
+            continue
+        entry = {
+            "seeds": [r["seed"] for r in runs],
+            "frames_seen": runs[0]["frames_seen"],
+            "visual_tokens": runs[0]["visual_tokens"],
+            "parameters": runs[0]["parameters"],
+            "score": summary([r["score"] for r in runs]),
+            "by_frame": np.mean([r["by_frame"] for r in runs], axis=0).tolist(),
+            "losses": np.mean([r["losses"] for r in runs], axis=0).tolist(),
+            "final_loss": summary([r["losses"][-1] for r in runs]),
+        }
+        if "flashes_only_in_kept_frames" in runs[0]:
+            entry["flashes_only_in_kept_frames"] = summary([r["flashes_only_in_kept_frames"] for r in runs])
+        report["rows"][row] = entry
+    pretrained = {r["seed"]: r["pretrained"] for r in results}
+    if pretrained:
+        seeds = sorted(pretrained)
+        report["pretrained"] = {
+            "seeds": seeds,
+            **{frames: summary([pretrained[s][frames]["score"] for s in seeds]) for frames in ("all", "kept")},
+            "flashes_only_in_kept_frames": summary(
+                [pretrained[s]["all"]["flashes_only_in_kept_frames"] for s in seeds]
+            ),
+            "losses": {
+                frames: np.mean([pretrained[s]["losses"][frames] for s in seeds], axis=0).tolist()
+                for frames in ("all", "kept")
+            },
+            "seconds": [pretrained[s]["seconds"] for s in seeds],
+        }
+    report["config"] = run_config(toy, BUDGET_ROWS, argv, results, lambda r: f"{r['row']}/seed{r['seed']}")
+    return report
+
+
+def table_budget(report: dict) -> str:
+    """The equal-budget report as Markdown: scores at equal visual tokens, then the loss curves."""
+    plateau = report["uniform_plateau"]
+    lines = [
+        "| row | frames seen x tokens each = visual tokens | flashes right (mean +- std) | per seed | per frame "
+        "(mean over seeds) | flashes only in the kept frames | parameters: all / at 10x the rate |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    start = report.get("pretrained")
+    if start:
+        lines.append(
+            f"| (a) before fine-tuning, T frames / T/4 frames | - | {_cell(start['all'])} / {_cell(start['kept'])} "
+            f"| - | - | {_cell(start['flashes_only_in_kept_frames'])} | - |"
+        )
+    for row, values in report["rows"].items():
+        per_frame = ", ".join(f"{v:.2f}" for v in values["by_frame"])
+        masked = values.get("flashes_only_in_kept_frames")
+        tokens = values["visual_tokens"] // values["frames_seen"]
+        counts = values["parameters"]
+        lines.append(
+            f"| {row} | {values['frames_seen']} x {tokens} = {values['visual_tokens']} | {_cell(values['score'])} | "
+            + ", ".join(f"{run:.3f}" for run in values["score"]["runs"])
+            + f" | {per_frame} | {_cell(masked) if masked else '-'} | {counts['all']:,} / {counts['new']:,} |"
+        )
+    curves = {row: values["losses"] for row, values in report["rows"].items()}
+    if curves:
+        every = report["budget"]["log_every"]
+        points = max(len(curve) for curve in curves.values())
+        picks = sorted({0, 1, 3, points // 4, points // 2, points - 1} & set(range(points)))
+        lines += [
+            "",
+            f"Fine-tuning loss (mean over seeds; the uniform plateau, every colour at 1/4, is {plateau:.3f}):",
+            "",
+            "| row \\ step | " + " | ".join(str((p + 1) * every) for p in picks) + " |",
+            "|---|" + "---|" * len(picks),
+        ]
+        for row, curve in curves.items():
+            lines.append(f"| {row} | " + " | ".join(f"{curve[p]:.3f}" if p < len(curve) else "-" for p in picks) + " |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # Runs
 # ------------------------------------------------------------------------------------------------------------------
 
@@ -663,6 +897,8 @@ def run_job(job: dict) -> dict:
     """Train one model on one task with one seed and score it; a job is a dict so that it pickles to a worker."""
     if job.get("protocol") == "convert":
         return run_convert_job(job)
+    if job.get("protocol") == "budget":
+        return run_budget_job(job)
     torch.set_num_threads(1)
     toy, row, seed = ToyConfig(**job["toy"]), job["row"], job["seed"]
     started = time.perf_counter()
@@ -691,7 +927,12 @@ def run_job(job: dict) -> dict:
     return result
 
 
-def jobs_for(toy: ToyConfig, rows, seeds, tasks, protocol: str = "scratch", work: Path | None = None) -> list[dict]:
+def jobs_for(
+    toy: ToyConfig, rows, seeds, tasks, protocol: str = "scratch", work: Path | None = None, budget=None
+) -> list[dict]:
+    if protocol == "budget":  # seed by seed: a seed's row (a) is trained by its first run
+        jobs = [dict(protocol="budget", task="budget", row=row, seed=seed) for seed in seeds for row in rows]
+        return [dict(job, toy=asdict(toy), budget=asdict(budget), work=str(work)) for job in jobs]
     if protocol == "convert":  # row by row, so that the seeds' row (a) checkpoints are trained side by side first
         jobs = [dict(protocol="convert", task="both", row=row, seed=seed) for row in rows for seed in seeds]
         return [dict(job, toy=asdict(toy), work=str(work)) for job in jobs]
@@ -714,6 +955,7 @@ IRRELEVANT = {
     "image": ("video_frames", "video_batch_size", "repaint", *CONVERT_ONLY),
     "video": ("repeats", "batch_size", "video_frames", *CONVERT_ONLY),
     "both": (),
+    "budget": ("repeats", "video_frames", "batch_size", "repaint", "steps", "pretrain_steps", "finetune_steps"),
 }
 
 
@@ -740,7 +982,9 @@ def summary(values) -> dict:
     return {"mean": float(np.mean(values)), "std": float(np.std(values)), "runs": [float(v) for v in values]}
 
 
-def collect(results: list[dict], toy: ToyConfig, argv) -> dict:
+def collect(results: list[dict], toy: ToyConfig, argv, budget=None) -> dict:
+    if results and results[0].get("protocol") == "budget":
+        return collect_budget(results, toy, budget, argv)
     if results and results[0].get("protocol") == "convert":
         return collect_convert(results, toy, argv)
     image = [r for r in results if r["task"] == "image"]
@@ -789,6 +1033,8 @@ def collect_convert(results: list[dict], toy: ToyConfig, argv) -> dict:
             "video": {f: summary([r["video"][f] for r in runs]) for f in runs[0]["video"]},
             "final_loss": summary([r["losses"][-1] for r in runs if r["losses"]] or [float("nan")]),
         }
+        if "parameters" in runs[0]:  # counted as the run started (runs logged before this have none)
+            report["rows"][row]["parameters"] = runs[0]["parameters"]
         if "repeats" in runs[0]:
             report["repeats"][row] = {k: summary([r["repeats"][k] for r in runs]) for k in runs[0]["repeats"]}
             report["diagnostics"][row] = [r["diagnostics"] for r in runs]
@@ -821,6 +1067,8 @@ def table(report: dict) -> str:
     """The report as Markdown: Table 4's rows, Figure 3's two curves, and the diagnostics (means over seeds)."""
     if report.get("protocol") == "convert":
         return table_convert(report)
+    if report.get("protocol") == "budget":
+        return table_budget(report)
     lines = [
         "| row | image: share of cells right (mean +- std) | per seed | the paper's direction |",
         "|---|---|---|---|",
@@ -908,16 +1156,17 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, default=3, help="how many seeds (seed, seed + 1, ...)")
     parser.add_argument(
         "--protocol",
-        choices=["scratch", "convert"],
+        choices=["scratch", "convert", "budget"],
         default="scratch",
         help="scratch (default): every row trained from scratch; convert: the user's path, row (a) trained, then "
-        "converted with pvc-convert and fine-tuned with PVCTrainer",
+        "converted with pvc-convert and fine-tuned with PVCTrainer; budget: the equal-token-budget video task, "
+        "by the convert path",
     )
     parser.add_argument(
         "--rows",
         default=None,
         help=f"rows to train; scratch: {', '.join([*ROWS, *SCRATCH_VARIANTS])} (default a,b,c,pvc); convert: "
-        f"{', '.join(CONVERT_ROWS)} (default all)",
+        f"{', '.join(CONVERT_ROWS)} (default all); budget: {', '.join(BUDGET_ROWS)} (default all)",
     )
     parser.add_argument(
         "--unpaired-init", action="store_true", help="scratch: initialise as the first report did (rows not paired)"
@@ -938,8 +1187,8 @@ def main(argv=None):
     )
     args = parser.parse_args(argv)
 
-    known = list(CONVERT_ROWS) if args.protocol == "convert" else [*ROWS, *SCRATCH_VARIANTS]
-    default_rows = ",".join(CONVERT_ROWS) if args.protocol == "convert" else "a,b,c,pvc"
+    known = {"convert": list(CONVERT_ROWS), "budget": list(BUDGET_ROWS)}.get(args.protocol, [*ROWS, *SCRATCH_VARIANTS])
+    default_rows = ",".join(known) if args.protocol in ("convert", "budget") else "a,b,c,pvc"
     rows = [row.strip() for row in (args.rows or default_rows).split(",") if row.strip()]
     unknown = sorted(set(rows) - set(known))
     if unknown or not rows:
@@ -961,7 +1210,8 @@ def main(argv=None):
     seeds = [args.seed] if args.quick else list(range(args.seed, args.seed + args.seeds))
     tasks = ["image", "video"] if args.task == "all" else [args.task]
     work = args.out.with_name(args.out.name + ".work")  # the convert protocol's checkpoints
-    jobs = jobs_for(toy, rows, seeds, tasks, args.protocol, work)
+    budget = BudgetConfig(**(QUICK_BUDGET if args.quick else {}))
+    jobs = jobs_for(toy, rows, seeds, tasks, args.protocol, work, budget)
 
     # Each finished run is appended to a log beside the report; a rerun with the same settings reuses it, so an
     # interrupted run resumes and the image and video parts can run one after the other.
@@ -977,6 +1227,8 @@ def main(argv=None):
     steps = (
         f"row (a) trained {toy.pretrain_steps} steps, then {toy.finetune_steps} fine-tuning steps each"
         if args.protocol == "convert"
+        else f"row (a) trained {budget.pretrain_steps} steps, then {budget.finetune_steps} fine-tuning steps each"
+        if args.protocol == "budget"
         else f"{toy.steps} steps each"
     )
     print(f"{len(jobs)} runs ({finished} done before) on {args.workers} worker(s), {steps}")
@@ -990,7 +1242,7 @@ def main(argv=None):
     results = [done[_job_key(job)] for job in jobs if _job_key(job) in done]
     if not results:
         parser.error(f"no finished run matches these settings in {log}.")
-    report = collect(results, toy, argv)
+    report = collect(results, toy, argv, budget)
     missing = [{k: v for k, v in job.items() if k not in ("toy", "work")} for job in jobs if _job_key(job) not in done]
     if missing:  # only with --collect-only: said in the report, not hidden
         report["config"]["missing_runs"] = missing
@@ -999,7 +1251,7 @@ def main(argv=None):
     partial.write_text(json.dumps(report, indent=1))
     partial.replace(args.out)  # never a half-written report
     print(table(report))
-    if args.plot:
+    if args.plot and args.protocol != "budget":
         from .plots import plot_convert, plot_report
 
         for path in (plot_convert if args.protocol == "convert" else plot_report)(report, args.out.parent):

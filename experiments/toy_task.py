@@ -14,6 +14,8 @@ COLOUR_NAMES = "rgby"  # one character, hence one token, per colour
 SYSTEM_MESSAGE = "Toy PVC."
 IMAGE_QUESTION = "Colours of the cells?"
 VIDEO_QUESTION = "Colours at the end?"
+FLASH_QUESTION = "Colours of the flashes?"
+GREYS = np.array([[40, 40, 40], [100, 100, 100], [160, 160, 160], [220, 220, 220]], np.uint8)  # the flash task's scene
 
 
 @dataclass
@@ -118,3 +120,42 @@ def repaint_video(toy: ToyConfig, num_frames: int, rng: np.random.Generator) -> 
         cells = np.where(repainted, rng.integers(0, len(PALETTE), cells.shape), cells)
         frames.append(draw(cells, toy, rng))
     return np.stack(frames), "".join(COLOUR_NAMES[cells[r, c]] for r, c in z_order(toy.grid))
+
+
+@dataclass
+class BudgetConfig:
+    """The equal-token-budget video task ("flashes", issue 32) and its protocol; the models and the rest of the
+    recipe are `ToyConfig`'s. See experiments/README.md: these settings were fixed before the first scored run."""
+
+    frames: int = 8  # T: frames of every video; rows b, c and PVC see all of them at 4 tokens each
+    kept_frames: int = 2  # T/4: the frames row (a) sees at 16 tokens each (segment midpoints), the same 32 tokens
+    pretrain_steps: int = 1500  # row (a) from scratch, batches of T and of T/4 frames in turn
+    finetune_steps: int = 600  # each row after conversion, at its own frame count
+    log_every: int = 25  # fine-tuning loss logged every this many steps (the loss curves)
+
+    def kept(self) -> list[int]:
+        """The frames of a T-frame video that a T/4-frame sample keeps, as the video processor (and InternVL2's
+        `load_video`) picks them: frames 0 .. T-1 in equal segments of s = (T - 1) / n, frame int(s/2 + round(s k))."""
+        segment = (self.frames - 1) / self.kept_frames
+        return [int(segment / 2 + round(segment * index)) for index in range(self.kept_frames)]
+
+
+def flash_video(toy: ToyConfig, num_frames: int, rng: np.random.Generator, visible=None) -> tuple[np.ndarray, str]:
+    """The equal-budget task: frames [T, H, W, 3] of a still scene (a grid of grey cells, the same in every frame;
+    fresh pixel noise in each) in which one cell per frame, drawn anew for every frame, flashes in one of the 4
+    colours for that frame only. The answer: the flashes' colours in frame order, one character per frame. A frame
+    not in `visible` (frame indices; default all) is drawn without its flash, though its colour stays in the
+    answer (to measure how much of the answer needs that frame)."""
+    greys = rng.integers(0, len(GREYS), (toy.grid, toy.grid))
+    colours = rng.integers(0, len(PALETTE), num_frames)
+    cells = rng.integers(0, toy.grid * toy.grid, num_frames)
+    side = toy.image_size // toy.grid
+    frames = []
+    for index in range(num_frames):
+        picture = GREYS[greys].repeat(side, axis=0).repeat(side, axis=1).astype(np.int16)
+        if visible is None or index in visible:
+            row, column = divmod(int(cells[index]), toy.grid)
+            picture[row * side : (row + 1) * side, column * side : (column + 1) * side] = PALETTE[colours[index]]
+        noise = rng.integers(-toy.noise, toy.noise + 1, picture.shape, dtype=np.int16)
+        frames.append(np.clip(picture + noise, 0, 255).astype(np.uint8))
+    return np.stack(frames), "".join(COLOUR_NAMES[c] for c in colours)

@@ -89,8 +89,13 @@ def test_quick_convert_protocol_writes_the_report(tmp_path):
 
     (tmp_path / "results").mkdir()
     (tmp_path / "results" / "toy_convert.json").write_text(out.read_text())
+    (tmp_path / "results" / "toy_controls.json").write_text(out.read_text())
     writer.RESULTS = tmp_path / "results"
     tables = writer.sections()
+    control = report["rows"]["c-wide"]["image"]["mean"] - report["rows"]["c"]["image"]["mean"]
+    assert f"| c-wide - c | {control:+.3f} | {control:+.3f} | " in tables["controls"]
+    assert f"| pvc | {writer.parameters_cell(budget['pvc'])} |" in tables["convert-parameters"]
+    assert "5.51M of it at 0.002" in writer.parameters_cell(budget["pvc"])
     pvc_image, c_image = report["rows"]["pvc"]["image"]["mean"], report["rows"]["c"]["image"]["mean"]
     assert f"| convert | image | {pvc_image - c_image:+.3f} |" in tables["paired-differences"]
     assert f"| pvc | {pvc_image:.3f} +- 0.000 |" in tables["convert-table4"]
@@ -164,6 +169,61 @@ def test_blind_ceiling_is_the_commonest_answers_share_on_the_scored_samples():
     share_x = sum(answer[0] == "x" for answer in drawn) / 70
     expected = (max(share_x, 1 - share_x) + 1.0) / 2  # the second character is always "z"
     assert blind_ceiling(answers, 70, seed=3, batch_size=64) == pytest.approx(expected)
+
+
+def test_flash_video_is_a_still_scene_with_one_flash_per_frame():
+    """The equal-budget task: the grey scene is the same in every frame (up to the pixel noise), one cell per frame
+    holds a colour of the palette, and the answer lists those colours in frame order; a frame left out of `visible`
+    has no flash, though its colour stays in the answer."""
+    from pvc.experiments.toy_task import COLOUR_NAMES, GREYS, PALETTE, ToyConfig, flash_video
+
+    toy = ToyConfig()
+    side = toy.image_size // toy.grid
+    frames, answer = flash_video(toy, 8, np.random.default_rng(0))
+    assert frames.shape == (8, 32, 32, 3) and len(answer) == 8
+    cells = frames.reshape(8, toy.grid, side, toy.grid, side, 3).astype(int).mean(axis=(2, 4))  # [T, g, g, 3]
+    nearest = lambda colours: np.abs(cells[..., None, :] - colours).sum(-1).argmin(-1)  # noqa: E731
+    coloured = np.abs(cells[..., None, :] - PALETTE).sum(-1).min(-1) < np.abs(cells[..., None, :] - GREYS).sum(-1).min(
+        -1
+    )
+    assert (coloured.sum(axis=(1, 2)) == 1).all()  # one flash per frame
+    assert "".join(COLOUR_NAMES[nearest(PALETTE)[t][coloured[t]][0]] for t in range(8)) == answer
+    greys = nearest(GREYS)
+    for t in range(1, 8):  # the scene is still: outside the flashes, every cell keeps its grey
+        still = ~coloured[0] & ~coloured[t]
+        assert (greys[t][still] == greys[0][still]).all()
+    hidden, same_answer = flash_video(toy, 8, np.random.default_rng(0), visible=[1, 5])
+    assert same_answer == answer
+    shown = np.abs(hidden.astype(int) - frames.astype(int)).max(axis=(1, 2, 3)) > 2 * toy.noise
+    assert shown.tolist() == [True, False, True, True, True, False, True, True]  # only the hidden flashes differ
+
+
+def test_the_budget_rows_see_the_frames_the_video_processor_keeps_at_equal_tokens(tmp_path):
+    """Row (a) at T/4 frames sees the frames PVCVideoProcessor keeps of a T-frame video (segment midpoints), and
+    the rows of the equal-budget report get the same number of visual tokens, (a) at T frames 4x as many. A quick
+    run: the converted (b), (c) and PVC compute the same first loss (as in the convert protocol)."""
+    from pvc.experiments.toy_ablation import main
+    from pvc.experiments.toy_task import BudgetConfig
+    from pvc.video_decoding_pvc import sample_indices
+
+    budget = BudgetConfig()
+    assert budget.kept() == list(sample_indices(budget.frames, budget.kept_frames, None, None, None))
+    out = tmp_path / "budget.json"
+    main(["--quick", "--protocol", "budget", "--rows", "a-kept,b,pvc", "--out", str(out), "--workers", "1"])
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    assert [rows[row]["visual_tokens"] for row in ("a-kept", "b", "pvc")] == [32, 32, 32]
+    assert rows["a-kept"]["frames_seen"] == budget.kept_frames and rows["pvc"]["frames_seen"] == budget.frames
+    assert len(rows["pvc"]["by_frame"]) == budget.frames == len(rows["a-kept"]["by_frame"])
+    assert "flashes_only_in_kept_frames" in rows["pvc"] and "flashes_only_in_kept_frames" not in rows["a-kept"]
+    runs = [json.loads(line)["result"] for line in out.with_name(out.name + ".runs.jsonl").read_text().splitlines()]
+    first = {run["row"]: run["losses"][0] for run in runs}
+    assert first["pvc"] == pytest.approx(first["b"], rel=1e-5)
+    assert report["uniform_plateau"] == pytest.approx(8 * np.log(4) / 9)
+    from pvc.experiments.toy_ablation import table_budget
+
+    score = rows["pvc"]["score"]["mean"]
+    assert f"| pvc | 8 x 4 = 32 | {score:.3f} +- 0.000 |" in table_budget(report)
 
 
 def test_z_order_reads_blocks_whole():

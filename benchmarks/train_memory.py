@@ -109,43 +109,35 @@ def layer_saved(dtype) -> dict:
     return result
 
 
-def tower_saved(dtype, checkpointing: bool) -> dict:
-    """Saved bytes per frame of the whole towers, from one forward on `FRAMES` frames."""
+def build_tower(name: str, dtype=torch.float32, checkpointing: bool = False):
     from transformers.models.internvl import InternVLVisionModel
 
     torch.manual_seed(0)
+    tower = InternVLVisionModel(internvl_config()) if name == "internvl" else PVCVisionModel(pvc_config())
+    tower = tower.to(dtype).train()
+    if checkpointing:
+        checkpointed(tower)
     pixels = torch.randn(FRAMES, 3, SHAPE["image_size"], SHAPE["image_size"], dtype=dtype)
-    result = {}
-    for name, tower, run in (
-        ("internvl", InternVLVisionModel(internvl_config()), lambda tower: tower(pixels)),
-        ("pvc", PVCVisionModel(pvc_config()), lambda tower: tower(pixels, num_frames=FRAMES)),
-    ):
-        tower = tower.to(dtype).train()
-        if checkpointing:
-            checkpointed(tower)
-        result[name] = saved_bytes(tower, functools.partial(run, tower)) / FRAMES
-        del tower
-    return result
+    return tower, functools.partial(tower, pixels, **({} if name == "internvl" else {"num_frames": FRAMES}))
 
 
-def peak_probe(name: str, checkpointing: bool, quick: bool) -> int:
-    """Run in a child process: resident-set peak in bytes of one forward + backward of a tower, over the peak after
-    building it and its input."""
-    from transformers.models.internvl import InternVLVisionModel
+def tower_saved(name: str, dtype: str, checkpointing: bool, quick: bool) -> float:
+    """Run in a child process: saved bytes per frame of a whole tower, from one forward on `FRAMES` frames."""
+    SHAPE.update(QUICK if quick else FULL)
+    tower, forward = build_tower(name, getattr(torch, dtype), checkpointing)
+    return saved_bytes(tower, forward) / FRAMES
 
+
+def peak_probe(name: str, checkpointing: bool, quick: bool) -> float:
+    """Run in a child process: resident-set peak in bytes per frame of one forward + backward of a tower, over the
+    peak after building it and its input."""
     SHAPE.update(QUICK if quick else FULL)
 
     def resident() -> int:
         with open("/proc/self/statm") as handle:
             return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
-    torch.manual_seed(0)
-    tower = InternVLVisionModel(internvl_config()) if name == "internvl" else PVCVisionModel(pvc_config())
-    tower.train()
-    if checkpointing:
-        checkpointed(tower)
-    pixels = torch.randn(FRAMES, 3, SHAPE["image_size"], SHAPE["image_size"])
-    kwargs = {} if name == "internvl" else {"num_frames": FRAMES}
+    tower, forward = build_tower(name, checkpointing=checkpointing)
     baseline = peak = resident()
     done = threading.Event()
 
@@ -157,24 +149,19 @@ def peak_probe(name: str, checkpointing: bool, quick: bool) -> int:
 
     sampler = threading.Thread(target=sample)
     sampler.start()
-    tower(pixels, **kwargs).last_hidden_state.float().square().mean().backward()
+    forward().last_hidden_state.float().square().mean().backward()
     done.set()
     sampler.join()
-    return max(peak, resident()) - baseline
+    return (max(peak, resident()) - baseline) / FRAMES
 
 
-def tower_peaks(quick: bool) -> dict:
+def in_child(call: str) -> float:
+    """`train_memory.<call>` evaluated in a fresh process, whose memory goes back to the system as it is freed
+    (glibc's mmap threshold set low): a 24-layer tower's saved tensors are gigabytes."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    result = {}
-    for checkpointing in (False, True):
-        for name in ("internvl", "pvc"):
-            code = (
-                f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import train_memory; "
-                f"print(train_memory.peak_probe({name!r}, {checkpointing}, {quick}))"
-            )
-            output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
-            result.setdefault(checkpointing, {})[name] = int(output.stdout.strip().splitlines()[-1]) / FRAMES
-    return result
+    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import train_memory; print(train_memory.{call})"
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    return float(output.stdout.strip().splitlines()[-1])
 
 
 def step_time(repeats: int = 3) -> dict:
@@ -216,15 +203,16 @@ def step_time(repeats: int = 3) -> dict:
 
 def train_memory_part(quick: bool = False) -> dict:
     SHAPE.update(QUICK if quick else FULL)
-    results = {"layers": {}, "towers": {}, "frames": FRAMES, "shape": dict(SHAPE)}
-    for dtype in (torch.float32, torch.bfloat16):
-        name = str(dtype).removeprefix("torch.")
-        results["layers"][name] = layer_saved(dtype)
-        results["towers"][name] = {
-            "no checkpointing": tower_saved(dtype, False),
-            "checkpointing": tower_saved(dtype, True),
+    results = {"layers": {}, "towers": {}, "peaks_fp32": {}, "frames": FRAMES, "shape": dict(SHAPE)}
+    names = ("internvl", "pvc")
+    for dtype in ("float32", "bfloat16"):
+        results["layers"][dtype] = layer_saved(getattr(torch, dtype))
+        results["towers"][dtype] = {
+            setting: {name: in_child(f"tower_saved({name!r}, {dtype!r}, {on}, {quick})") for name in names}
+            for setting, on in (("no checkpointing", False), ("checkpointing", True))
         }
-    results["peaks_fp32"] = tower_peaks(quick)
+    for on in (False, True):
+        results["peaks_fp32"][on] = {name: in_child(f"peak_probe({name!r}, {on}, {quick})") for name in names}
     results["step"] = step_time()
     return results
 

@@ -185,11 +185,12 @@ class Task:
         total_frames: int | None = None,
         kept: list[int] | None = None,
         visible: list[int] | None = None,
+        flash_cells: int = 1,
     ):
         """`kind`: image, video (repainted grids) or flash (the equal-budget task: videos of `total_frames` frames,
         of which the model sees those in `kept`, default all, and whose flashes show only in `visible`)."""
         self.kind, self.toy, self.num_frames = kind, toy, num_frames
-        self.total_frames, self.kept, self.visible = total_frames, kept, visible
+        self.total_frames, self.kept, self.visible, self.flash_cells = total_frames, kept, visible, flash_cells
         self.processor = processor
         sample = self.sample(np.random.default_rng(0))[0]
         media = {"images": [sample]} if kind == "image" else {"videos": [sample], "num_frames": num_frames}
@@ -206,7 +207,7 @@ class Task:
         if self.kind == "image":
             return grid_image(self.toy, rng)
         if self.kind == "flash":
-            frames, answer = flash_video(self.toy, self.total_frames, rng, self.visible)
+            frames, answer = flash_video(self.toy, self.total_frames, rng, self.visible, self.flash_cells)
             return (frames if self.kept is None else frames[self.kept]), answer
         return repaint_video(self.toy, self.num_frames, rng)
 
@@ -694,7 +695,16 @@ def flash_tasks(processor, toy: ToyConfig, budget: BudgetConfig, frames: str = "
     """The flash task as a row sees it: all T frames, or the T/4 kept ones (`frames="kept"`)."""
     kept = budget.kept() if frames == "kept" else None
     seen = budget.kept_frames if frames == "kept" else budget.frames
-    return Task("flash", processor, toy, num_frames=seen, total_frames=budget.frames, kept=kept, visible=visible)
+    return Task(
+        "flash",
+        processor,
+        toy,
+        seen,
+        total_frames=budget.frames,
+        kept=kept,
+        visible=visible,
+        flash_cells=budget.flash_cells,
+    )
 
 
 def uniform_plateau(budget: BudgetConfig) -> float:

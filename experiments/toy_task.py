@@ -129,6 +129,7 @@ class BudgetConfig:
 
     frames: int = 8  # T: frames of every video; rows b, c and PVC see all of them at 4 tokens each
     kept_frames: int = 2  # T/4: the frames row (a) sees at 16 tokens each (segment midpoints), the same 32 tokens
+    flash_cells: int = 4  # side of a flash, in cells: a quarter of the frame (1 and 2 were not learnt: the README)
     pretrain_steps: int = 1500  # row (a) from scratch, batches of T and of T/4 frames in turn
     finetune_steps: int = 600  # each row after conversion, at its own frame count
     log_every: int = 25  # fine-tuning loss logged every this many steps (the loss curves)
@@ -140,21 +141,25 @@ class BudgetConfig:
         return [int(segment / 2 + round(segment * index)) for index in range(self.kept_frames)]
 
 
-def flash_video(toy: ToyConfig, num_frames: int, rng: np.random.Generator, visible=None) -> tuple[np.ndarray, str]:
+def flash_video(
+    toy: ToyConfig, num_frames: int, rng: np.random.Generator, visible=None, size: int = 1
+) -> tuple[np.ndarray, str]:
     """The equal-budget task: frames [T, H, W, 3] of a still scene (a grid of grey cells, the same in every frame;
-    fresh pixel noise in each) in which one cell per frame, drawn anew for every frame, flashes in one of the 4
-    colours for that frame only. The answer: the flashes' colours in frame order, one character per frame. A frame
+    fresh pixel noise in each) in which one square of `size` x `size` cells per frame (aligned to its size), drawn
+    anew for every frame, flashes in one of the 4 colours for that frame only. The answer: the flashes' colours in frame order, one character per frame. A frame
     not in `visible` (frame indices; default all) is drawn without its flash, though its colour stays in the
     answer (to measure how much of the answer needs that frame)."""
     greys = rng.integers(0, len(GREYS), (toy.grid, toy.grid))
     colours = rng.integers(0, len(PALETTE), num_frames)
-    cells = rng.integers(0, toy.grid * toy.grid, num_frames)
-    side = toy.image_size // toy.grid
+    places = toy.grid // size
+    cells = rng.integers(0, places * places, num_frames)
+    side = toy.image_size // toy.grid * size  # pixels per side of a flash
     frames = []
     for index in range(num_frames):
-        picture = GREYS[greys].repeat(side, axis=0).repeat(side, axis=1).astype(np.int16)
+        picture = GREYS[greys].repeat(toy.image_size // toy.grid, axis=0)
+        picture = picture.repeat(toy.image_size // toy.grid, axis=1).astype(np.int16)
         if visible is None or index in visible:
-            row, column = divmod(int(cells[index]), toy.grid)
+            row, column = divmod(int(cells[index]), places)
             picture[row * side : (row + 1) * side, column * side : (column + 1) * side] = PALETTE[colours[index]]
         noise = rng.integers(-toy.noise, toy.noise + 1, picture.shape, dtype=np.int16)
         frames.append(np.clip(picture + noise, 0, 255).astype(np.uint8))

@@ -192,6 +192,10 @@ def test_flash_video_is_a_still_scene_with_one_flash_per_frame():
     for t in range(1, 8):  # the scene is still: outside the flashes, every cell keeps its grey
         still = ~coloured[0] & ~coloured[t]
         assert (greys[t][still] == greys[0][still]).all()
+    quadrants, _ = flash_video(toy, 8, np.random.default_rng(0), size=4)  # the protocol's flash: a quadrant
+    means = quadrants.reshape(8, 2, 16, 2, 16, 3).astype(int).mean(axis=(2, 4))  # [T, 2, 2, 3]
+    in_colour = np.abs(means[..., None, :] - PALETTE).sum(-1).min(-1) < 3 * toy.noise
+    assert (in_colour.sum(axis=(1, 2)) == 1).all()  # one whole quadrant in one colour, per frame
     hidden, same_answer = flash_video(toy, 8, np.random.default_rng(0), visible=[1, 5])
     assert same_answer == answer
     shown = np.abs(hidden.astype(int) - frames.astype(int)).max(axis=(1, 2, 3)) > 2 * toy.noise

@@ -33,16 +33,10 @@ from transformers.utils import can_return_tuple, logging
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_pvc import PVCConfig, PVCVisionConfig, _as_pair
-from .visuals_pvc import GRID_INPUTS, IMAGE, VIDEO, counts_from_grids, in_text_order, items_per_sample, visual_tokens
+from .visuals_pvc import GRID_INPUTS, IMAGE, VIDEO, VisualLayout, items_per_sample, visual_layout, visual_tokens
 
 logger = logging.get_logger(__name__)
 
-# What the installed transformers calls the language model's cache argument: `past_key_values` (5.0) or `cache`.
-CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
-# Where it is `cache`, the old name is deprecated as in transformers' own models (a FutureWarning, then renamed).
-renames_the_cache_kwarg = (
-    deprecate_kwarg("past_key_values", "5.40.0", new_name="cache") if CACHE_NAME == "cache" else lambda forward: forward
-)
 # Names of the modules PVC adds to InternVL2: the new parts of the progressive layers, the temporal embeddings and
 # the projector's AdaLN. Fine-tuning gives them a larger learning rate; conversion initialises them.
 PVC_MODULE_NAMES = ("temporal_attention", "temporal_norm", "temporal_gate", "temporal_embedding", "adaln")
@@ -51,6 +45,42 @@ PVC_MODULE_NAMES = ("temporal_attention", "temporal_norm", "temporal_gate", "tem
 def is_pvc_parameter(name: str) -> bool:
     """Whether a parameter (by its qualified name) belongs to a module PVC adds to InternVL2."""
     return any(part in PVC_MODULE_NAMES for part in name.split("."))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# transformers 5.0 to 5.25: what differs between the releases this file runs on (setup.py's floor and the newest
+# tested). Each difference names the release that lets it go: once the floor reaches it, keep the newer side only.
+# --------------------------------------------------------------------------------------------------------------
+
+# Until 5.24: the language model's cache argument is `past_key_values` up to 5.23, `cache` from 5.24 on, where the old
+# name is deprecated as in transformers' own models (a FutureWarning, then renamed). PVCForConditionalGeneration's
+# forward names both (so that generate lets a cache through under either), as does _skip_keys_device_placement.
+CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+renames_the_cache_kwarg = (
+    deprecate_kwarg("past_key_values", "5.40.0", new_name="cache") if CACHE_NAME == "cache" else lambda forward: forward
+)
+
+
+def vision_attention_interface(self):
+    """`PVCVisionAttention.attention_interface`: the attention of `config._attn_implementation` (eager, sdpa,
+    flash_attention_2, ...) from transformers' attention interface, looked up at each call, so that
+    `set_attn_implementation` switches the vision tower too. Until 5.1, which has `get_interface`: 5.0 registers no
+    eager attention, and lets a model switch only where its file reads the interface by
+    `self.config._attn_implementation`, as here (5.1 on: where it calls `get_interface`)."""
+    if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
+        return ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+    if self.config._attn_implementation == "eager":
+        return eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+
+
+def without_pixels_after_prefill(model_inputs: dict, is_first_iteration: bool, use_cache: bool) -> dict:
+    """Until 5.15, whose generate leaves the pixel inputs out after the prefill itself: the visual features entered
+    the cache at prefill, so the decoding steps do not encode the pixels again."""
+    if not is_first_iteration and use_cache:
+        model_inputs.pop("pixel_values", None)
+        model_inputs.pop("pixel_values_videos", None)
+    return model_inputs
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -135,14 +165,7 @@ class PVCVisionAttention(nn.Module):
         weights = None if flex else weights  # flex gives the softmax's log-sum-exp (on GPUs), not its weights
         return self.projection_dropout(self.projection_layer(output)), weights  # weights: eager attention only
 
-    def attention_interface(self):
-        """The attention of `config._attn_implementation` (eager, sdpa, flash_attention_2, ...) from transformers'
-        attention interface, which also lets `set_attn_implementation` switch the vision tower after loading."""
-        if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):  # later 5.x releases: the name is checked too
-            return ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
-        if self.config._attn_implementation == "eager":  # transformers 5.0
-            return eager_attention_forward
-        return ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+    attention_interface = vision_attention_interface  # differs by transformers release (see the banner above)
 
 
 def causal_block_mask(length: int, device) -> "BlockMask":  # noqa: F821 (torch's, imported only for flex attention)
@@ -417,9 +440,6 @@ class PVCVisionModelOutput(BaseModelOutputWithPooling):
 
     temporal_attentions: tuple | None = None
 
-    def to_tuple(self):
-        return tuple(self[key] for key in self.keys())
-
 
 class PVCMultimodalOutput:
     """The outputs of the image and video encoders beside the language model's (transformers' `image_outputs` /
@@ -462,7 +482,7 @@ class PVCPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
     _no_split_modules = ["PVCVisionLayer", "PVCVisionProgressiveLayer"]
-    _skip_keys_device_placement = ["past_key_values", "cache"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]  # the cache's two names (until 5.24)
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
@@ -559,7 +579,15 @@ class PVCVisionEncoder(nn.Module):
 @contextlib.contextmanager
 def recorded_attention_weights(modules):
     """The attention weights each of `modules` (`PVCVisionAttention`) computes while the block runs, call by call
-    (chunked layers call it once per chunk)."""
+    (chunked layers call it once per chunk).
+
+    Hooks of its own, not transformers' output recording (`_can_record_outputs`), for two reasons. The releases share
+    no way to it: 5.0 records with `transformers.utils.generic.check_model_inputs` and `OutputRecorder`, 5.2 on with
+    `transformers.utils.output_capturing.capture_outputs` (5.25 keeps `check_model_inputs` as a name that records
+    nothing), and 5.0 records a second key such as `temporal_attentions` on `output_attentions` where 5.25 asks for
+    `output_temporal_attentions`. And what it records does not fit chunked layers: it returns every call as one flat
+    tuple, set into the output after `forward` has returned, where the tower needs each layer's chunks joined (frames,
+    or token positions in temporal attention), temporal weights per stream and a static clip's weights per frame."""
     weights = {module: [] for module in modules}
 
     def keep(module, args, output):
@@ -761,26 +789,8 @@ class PVCModel(PVCPreTrainedModel):
             tokens in LLM order (frame-major), one `[tokens, D]` tensor per image; `last_hidden_state` is the vision
             tower's output per tile, `[tiles, image_repeat, N, C]`; hidden states and attention weights on request.
         """
-        image_num_tiles = counts_from_grids(image_grid_thw=image_grid_thw).get("image_num_tiles", image_num_tiles)
-        tiles = _counts(image_num_tiles, pixel_values.shape[0], "image_num_tiles", "pixel_values")
-        repeat = self.config.image_repeat
-        vision = self.vision_tower(
-            pixel_values,
-            num_frames=repeat,
-            static=True,
-            output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions,
-            return_dict=True,
-        )
-        features = self.multi_modal_projector(vision.last_hidden_state, repeat)  # [tiles, T, M, D]
-        output = PVCVisionModelOutput(
-            last_hidden_state=vision.last_hidden_state.unflatten(0, (-1, repeat)),  # [tiles, T, N, C]
-            pooler_output=tuple(rearrange(image, "p t m d -> (t p m) d") for image in features.split(tiles)),
-            hidden_states=vision.hidden_states,
-            attentions=vision.attentions,
-            temporal_attentions=_per_item(vision.temporal_attentions, tiles),
-        )
-        return output
+        layout = visual_layout(pixel_values, image_num_tiles=image_num_tiles, image_grid_thw=image_grid_thw)
+        return self.image_features(pixel_values, layout, output_hidden_states, output_attentions)
 
     @can_return_tuple
     def get_video_features(
@@ -804,13 +814,46 @@ class PVCModel(PVCPreTrainedModel):
             the hidden states and spatial attention weights on request, one row per row of `pixel_values_videos`
             (in its frame-major order); temporal attention weights one tensor per video.
         """
-        counts = counts_from_grids(video_grid_thw=video_grid_thw)
-        video_num_frames = counts.get("video_num_frames", video_num_frames)
-        video_num_tiles = counts.get("video_num_tiles", video_num_tiles)
-        if video_num_frames is None:
-            raise ValueError("get_video_features needs video_num_frames (or video_grid_thw).")
-        frames, tiles, rows = video_layout(pixel_values_videos, video_num_frames, video_num_tiles)
-        clips = pixel_values_videos.split(rows)
+        layout = visual_layout(
+            pixel_values_videos=pixel_values_videos,
+            video_num_frames=video_num_frames,
+            video_num_tiles=video_num_tiles,
+            video_grid_thw=video_grid_thw,
+        )
+        return self.video_features(pixel_values_videos, layout, output_hidden_states, output_attentions)
+
+    def image_features(
+        self, pixel_values, layout: VisualLayout, output_hidden_states=None, output_attentions=None
+    ) -> PVCVisionModelOutput:
+        """`get_image_features` for the tiles per image of a `layout` already read: the vision path of images, which
+        reads no count tensor (compiled, it is one graph)."""
+        tiles = layout.image_tiles
+        repeat = self.config.image_repeat
+        vision = self.vision_tower(
+            pixel_values,
+            num_frames=repeat,
+            static=True,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            return_dict=True,
+        )
+        features = self.multi_modal_projector(vision.last_hidden_state, repeat)  # [tiles, T, M, D]
+        output = PVCVisionModelOutput(
+            last_hidden_state=vision.last_hidden_state.unflatten(0, (-1, repeat)),  # [tiles, T, N, C]
+            pooler_output=tuple(rearrange(image, "p t m d -> (t p m) d") for image in features.split(tiles)),
+            hidden_states=vision.hidden_states,
+            attentions=vision.attentions,
+            temporal_attentions=_per_item(vision.temporal_attentions, tiles),
+        )
+        return output
+
+    def video_features(
+        self, pixel_values_videos, layout: VisualLayout, output_hidden_states=None, output_attentions=None
+    ) -> PVCVisionModelOutput:
+        """`get_video_features` for the frames and tiles per video of a `layout` already read: the vision path of
+        videos, which reads no count tensor (compiled, it is one graph for each set of video shapes)."""
+        frames, tiles = layout.video_frames, layout.video_tiles
+        clips = pixel_values_videos.split(layout.video_rows)
         per_video = [None] * len(clips)  # each video's (features, tower output)
         for shape in dict.fromkeys(zip(frames, tiles)):
             num_frames, num_tiles = shape
@@ -857,10 +900,19 @@ class PVCModel(PVCPreTrainedModel):
     ):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
-        counts = counts_from_grids(image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw)  # grid_layout
-        image_num_tiles = counts.get("image_num_tiles", image_num_tiles)
-        video_num_frames = counts.get("video_num_frames", video_num_frames)
-        video_num_tiles = counts.get("video_num_tiles", video_num_tiles)
+        # The count inputs, read once: every shape and split of the vision path follows from `layout`, which is passed
+        # along. Under torch.compile the graph breaks here, before any work, where the counts come as tensors (they
+        # must become Python ints; lists of ints need no break); the vision path after it is one graph.
+        layout = visual_layout(
+            pixel_values,
+            pixel_values_videos,
+            image_num_tiles=image_num_tiles,
+            video_num_frames=video_num_frames,
+            video_num_tiles=video_num_tiles,
+            visual_order=visual_order,
+            image_grid_thw=image_grid_thw,
+            video_grid_thw=video_grid_thw,
+        )
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)  # [B, L, D]
         # the language model's options, which the vision tower follows too (else its own config's)
@@ -868,28 +920,25 @@ class PVCModel(PVCPreTrainedModel):
 
         image_outputs = video_outputs = None
         if pixel_values is not None:
-            image_outputs = self.get_image_features(pixel_values, image_num_tiles, return_dict=True, **options)
+            image_outputs = self.image_features(pixel_values, layout, **options)
         if pixel_values_videos is not None:
-            video_outputs = self.get_video_features(
-                pixel_values_videos, video_num_frames, video_num_tiles, return_dict=True, **options
-            )
+            video_outputs = self.video_features(pixel_values_videos, layout, **options)
         images = [] if image_outputs is None else list(image_outputs.pooler_output)
         videos = [] if video_outputs is None else list(video_outputs.pooler_output)
         if images or videos:
-            items = in_text_order(images, videos, visual_order)
-            if input_ids is not None:  # every sample's tokens take whole items of its own
-                placeholders = (input_ids == self.config.image_token_id).sum(1).tolist()
-                if sum(placeholders) == sum(len(item) for item in items):
-                    items_per_sample(items, placeholders, [len(item) for item in items])
+            items = layout.in_text_order(images, videos)
             features = torch.cat(items)
             mask = self.placeholder_mask(input_ids, inputs_embeds)  # [B, L]
-            num_placeholders = int(mask.sum())
-            if num_placeholders != features.shape[0]:
+            # Each sample's placeholders, read to check that its tokens take whole items: under torch.compile the
+            # graph breaks here too (after the vision path), as the check needs the numbers.
+            placeholders = mask.sum(1).tolist()
+            if sum(placeholders) != features.shape[0]:
                 raise ValueError(
-                    f"The text holds {num_placeholders} image tokens (id {self.config.image_token_id}) but the "
+                    f"The text holds {sum(placeholders)} image tokens (id {self.config.image_token_id}) but the "
                     f"images and videos give {features.shape[0]} features. Build the prompt with PVCProcessor, "
                     f"which expands each <image>/<video> placeholder to the right number of tokens."
                 )
+            items_per_sample(items, placeholders, [len(item) for item in items])  # each sample takes whole items
             features = features.to(inputs_embeds.device, inputs_embeds.dtype)
             inputs_embeds = inputs_embeds.masked_scatter(mask[..., None].to(inputs_embeds.device), features)
         elif self.training and torch.is_grad_enabled():
@@ -1051,12 +1100,7 @@ class PVCForConditionalGeneration(PVCPreTrainedModel, GenerationMixin):
         model_inputs = super().prepare_inputs_for_generation(
             input_ids, inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs
         )
-        if not is_first_iteration and kwargs.get("use_cache", True):
-            # The visual features entered the cache at prefill: decoding steps do not encode the pixels again
-            # (newer transformers drop these keys itself, older ones need it done here).
-            model_inputs.pop("pixel_values", None)
-            model_inputs.pop("pixel_values_videos", None)
-        return model_inputs
+        return without_pixels_after_prefill(model_inputs, is_first_iteration, kwargs.get("use_cache", True))
 
     def _maybe_initialize_input_ids_for_generation(self, inputs=None, bos_token_id=None, model_kwargs=None):
         """`generate` without `input_ids` counts the samples in the first tensor among its inputs; pixel rows are
@@ -1070,45 +1114,39 @@ class PVCForConditionalGeneration(PVCPreTrainedModel, GenerationMixin):
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
         """Beam search and `num_return_sequences` repeat every sample; the visuals must follow their sample as a
         whole (the default would repeat each tile, or frame, on its own)."""
-        model_kwargs.update(counts_from_grids(model_kwargs))
-        visual = {key: model_kwargs.pop(key) for key in self.VISUAL_INPUTS if model_kwargs.get(key) is not None}
+        visual_inputs = self.VISUAL_INPUTS + GRID_INPUTS
+        visual = {key: model_kwargs.pop(key) for key in visual_inputs if model_kwargs.get(key) is not None}
         if visual and expand_size > 1:
             # each sample's placeholders, from its ids or (generate(inputs_embeds=...): no ids) its embeddings
             text = input_ids if input_ids is not None and input_ids.shape[-1] else None
             mask = self.model.placeholder_mask(text, None if text is not None else model_kwargs.get("inputs_embeds"))
-            visual = self._repeat_visuals_per_sample(mask.sum(1).tolist(), expand_size, **visual)
+            layout = visual_layout(**visual)
+            pixels = (visual.get("pixel_values"), visual.get("pixel_values_videos"))
+            visual = self._repeat_visuals_per_sample(mask.sum(1).tolist(), expand_size, layout, *pixels)
         input_ids, model_kwargs = super()._expand_inputs_for_generation(
             expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
         )
         return input_ids, {**model_kwargs, **visual}
 
     def _repeat_visuals_per_sample(
-        self,
-        placeholders,
-        times,
-        pixel_values=None,
-        image_num_tiles=None,
-        pixel_values_videos=None,
-        video_num_frames=None,
-        video_num_tiles=None,
-        visual_order=None,
+        self, placeholders, times, layout: VisualLayout, pixel_values=None, pixel_values_videos=None
     ):
         """Each sample's images and videos, `times` over, in the sample's place: the batch's visuals in text order
         are dealt to the samples by their `<IMG_CONTEXT>` counts (`placeholders`, one per sample), each item whole
-        (an error when a sample's count does not end on an item's boundary)."""
+        (an error when a sample's count does not end on an item's boundary). The counts come out one entry per item
+        (`image_num_tiles`, `video_num_frames`, `video_num_tiles`), with `visual_order` where both kinds are there."""
         config = self.config
         images, videos = [], []
         if pixel_values is not None:
-            tiles = _counts(image_num_tiles, pixel_values.shape[0], "image_num_tiles", "pixel_values")
-            for rows, count in zip(pixel_values.split(tiles), tiles):
-                tokens = visual_tokens(config.tokens_per_frame, config.image_repeat, IMAGE, count)
-                images.append(VisualItem(IMAGE, rows, config.image_repeat, count, tokens))
+            for rows, tiles in zip(pixel_values.split(layout.image_tiles), layout.image_tiles):
+                tokens = visual_tokens(config.tokens_per_frame, config.image_repeat, IMAGE, tiles)
+                images.append(VisualItem(IMAGE, rows, config.image_repeat, tiles, tokens))
         if pixel_values_videos is not None:
-            frames, tiles, rows = video_layout(pixel_values_videos, video_num_frames, video_num_tiles)
-            for clip, count, tile in zip(pixel_values_videos.split(rows), frames, tiles):
-                tokens = visual_tokens(config.tokens_per_frame, config.image_repeat, VIDEO, tile, count)
-                videos.append(VisualItem(VIDEO, clip, count, tile, tokens))
-        ordered = in_text_order(images, videos, visual_order)
+            clips = pixel_values_videos.split(layout.video_rows)
+            for clip, frames, tiles in zip(clips, layout.video_frames, layout.video_tiles):
+                tokens = visual_tokens(config.tokens_per_frame, config.image_repeat, VIDEO, tiles, frames)
+                videos.append(VisualItem(VIDEO, clip, frames, tiles, tokens))
+        ordered = layout.in_text_order(images, videos)
         per_sample = items_per_sample(ordered, placeholders, [item.tokens for item in ordered])
         repeated = [item for sample in per_sample for _ in range(times) for item in sample]
         out = {}
@@ -1121,7 +1159,7 @@ class PVCForConditionalGeneration(PVCPreTrainedModel, GenerationMixin):
             out["pixel_values_videos"] = torch.cat([item.pixels for item in video_items])
             out["video_num_frames"] = torch.tensor([item.frames for item in video_items])
             out["video_num_tiles"] = torch.tensor([item.tiles for item in video_items])
-        if visual_order is not None:
+        if image_items and video_items:
             out["visual_order"] = torch.tensor([item.kind for item in repeated])
         return out
 
@@ -1172,25 +1210,6 @@ def _concatenated_layers(outputs: list[dict], key: str):
 def _layers_per_item(outputs: list[dict], key: str):
     """Per layer, one tensor per item."""
     return None if outputs[0][key] is None else tuple(zip(*(output[key] for output in outputs)))
-
-
-def video_layout(pixel_values_videos, video_num_frames, video_num_tiles=None):
-    """Frames, tiles per frame and pixel rows of each video, checked against `pixel_values_videos`."""
-    if video_num_frames is None:
-        raise ValueError("pixel_values_videos needs video_num_frames: the number of frames of each video.")
-    frames = [int(count) for count in video_num_frames]
-    tiles = [1] * len(frames) if video_num_tiles is None else [int(count) for count in video_num_tiles]
-    rows = [count * tile for count, tile in zip(frames, tiles)]
-    _counts(rows, pixel_values_videos.shape[0], "video_num_frames (x video_num_tiles)", "pixel_values_videos")
-    return frames, tiles, rows
-
-
-def _counts(counts, total: int, counts_name: str, tensor_name: str) -> list[int]:
-    """Per-item row counts as a list of ints (one row each when `counts` is None), checked against the total."""
-    counts = [1] * total if counts is None else [int(count) for count in counts]
-    if sum(counts) != total or any(count < 1 for count in counts):
-        raise ValueError(f"{counts_name} {counts} must be positive and add up to the {total} rows of {tensor_name}.")
-    return counts
 
 
 # Saving writes the code files and the `auto_map` beside the weights, however this file was imported.

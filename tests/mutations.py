@@ -364,6 +364,21 @@ MUTATIONS = [
         "if False:",
         "tests/test_model_machinery.py -k assisted",
     ),
+    # issue 30: one count resolver, a vision path without graph breaks
+    (
+        "the vision path reads its counts from a tensor",
+        "modeling_pvc.py",
+        "        tiles = layout.image_tiles\n",
+        "        tiles = torch.tensor(layout.image_tiles).tolist()\n",
+        "tests/test_model_machinery.py -k compiles",
+    ),
+    (
+        "visual_order checked where decoding steps have no pixels",
+        "visuals_pvc.py",
+        "    if order is None or not num_images + num_videos:",
+        "    if order is None:",
+        "tests/test_modeling.py -k beam_expansion",
+    ),
 ]
 
 

@@ -242,6 +242,45 @@ def test_mixed_batch_matches_samples_one_by_one(pixels):
         model(**dict(batch, visual_order=torch.tensor([0, 0, 0, 1])))
 
 
+def test_visual_layout_reads_the_counts_in_either_layout():
+    """`visual_layout`, the model's one reading of the count inputs: per-item counts and the grid rows of vLLM's layout
+    give the same layout; an image without counts has one tile, a video's frame one tile; a batch without pixels (a
+    decoding step after the prefill) leaves its counts and order unread; wrong counts and orders are named."""
+    from pvc.visuals_pvc import VisualLayout, as_grids, visual_layout
+
+    images, videos = torch.zeros(5, 3, 2, 2), torch.zeros(3 + 2 * 2, 3, 2, 2)
+    counts = dict(
+        image_num_tiles=torch.tensor([2, 3]),
+        video_num_frames=torch.tensor([3, 2]),
+        video_num_tiles=torch.tensor([1, 2]),
+        visual_order=torch.tensor([1, 0, 0, 1]),
+    )
+    expected = VisualLayout(image_tiles=(2, 3), video_frames=(3, 2), video_tiles=(1, 2), order=(1, 0, 0, 1))
+    assert visual_layout(images, videos, **counts) == expected
+    assert visual_layout(images, videos, **as_grids(counts)) == expected
+    assert expected.video_rows == (3, 4)
+    assert expected.in_text_order(["image 1", "image 2"], ["video 1", "video 2"]) == [
+        "video 1",
+        "image 1",
+        "image 2",
+        "video 2",
+    ]
+    assert visual_layout(images[:2]) == VisualLayout(image_tiles=(1, 1), order=(0, 0))
+    one_video = VisualLayout(video_frames=(3,), video_tiles=(1,), order=(1,))
+    assert visual_layout(pixel_values_videos=videos[:3], video_num_frames=[3]) == one_video
+    assert visual_layout(**counts) == VisualLayout()
+    with pytest.raises(ValueError, match=r"needs video_num_frames \(or video_grid_thw\)"):
+        visual_layout(pixel_values_videos=videos)
+    with pytest.raises(ValueError, match=r"image_num_tiles \[2, 2\] must be positive and add up to the 5 rows"):
+        visual_layout(images, image_num_tiles=torch.tensor([2, 2]))
+    with pytest.raises(ValueError, match=r"video_num_frames \(x video_num_tiles\) \[3, 2\] must be positive"):
+        visual_layout(pixel_values_videos=videos, video_num_frames=torch.tensor([3, 2]))
+    with pytest.raises(ValueError, match="Pass `visual_order`"):
+        visual_layout(images, videos, **dict(counts, visual_order=None))
+    with pytest.raises(ValueError, match=r"visual_order \[0, 0, 0, 1\] must hold one 0 per image \(2 given\)"):
+        visual_layout(images, videos, **dict(counts, visual_order=torch.tensor([0, 0, 0, 1])))
+
+
 def test_every_parameter_gets_a_gradient(pixels):
     model = tiny_model("pvc").train()
     inputs = mixed_sample(model, pixels, ["image", "video"])

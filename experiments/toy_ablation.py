@@ -688,7 +688,7 @@ BUDGET_ROWS = {
     "pvc": dict(ablation="pvc"),
     "a": dict(ablation="a"),
 }
-QUICK_BUDGET = dict(pretrain_steps=20, finetune_steps=10, log_every=2)
+QUICK_BUDGET = dict(pretrain_steps=20, finetune_steps=10, log_every=2, flash_cells=1)  # the quick pictures: 1 cell
 
 
 def flash_tasks(processor, toy: ToyConfig, budget: BudgetConfig, frames: str = "all", visible=None) -> "Task":

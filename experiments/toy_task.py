@@ -151,6 +151,8 @@ def flash_video(
     answer (to measure how much of the answer needs that frame)."""
     greys = rng.integers(0, len(GREYS), (toy.grid, toy.grid))
     colours = rng.integers(0, len(PALETTE), num_frames)
+    if size < 1 or toy.grid % size:
+        raise ValueError(f"a flash of {size} cells does not tile a grid of {toy.grid}")
     places = toy.grid // size
     cells = rng.integers(0, places * places, num_frames)
     side = toy.image_size // toy.grid * size  # pixels per side of a flash

@@ -166,13 +166,16 @@ def _read(av, source, name, show, pick, num_frames, fps, max_frames, start, end)
         return _decode_at(container, stream, times, keyframes, positions, _shown(show, stream), name, listed)
 
     with _opened(av, source, name) as (container, stream):
-        listed = _listed_index(container, stream)
+        try:
+            listed = _listed_index(container, stream)
+        except av.error.FFmpegError:  # damaged where the index is checked: its packets may still be read
+            listed = None
         if listed is not None:
             try:
                 return decode(container, stream, *listed, listed=True)
             except _IndexMismatch as mismatch:
                 logger.debug("%s: %s; reading its packets instead.", name, mismatch)
-    with _opened(av, source, name) as (container, stream):  # afresh: the listed index's attempt has read packets
+    with _opened(av, source, name) as (container, stream):  # afresh: an MP4's listed index may have read and sought
         times, keyframes, count = _index(container, stream)
         if times and len(times) == count:
             return decode(container, stream, times, keyframes)
@@ -291,8 +294,11 @@ def _listed_index(container, stream) -> tuple[list[int], list[int]] | None:
     discarded or empty, the last inside the file), decoding times at one constant step, and the first packets (read up
     to a little past the second keyframe) shown on that grid, shifted by the first frame's delay (B-frames), with each
     keyframe shown before the frames decoded after it (closed groups of pictures). Decoding checks every frame it
-    meets against the grid (`_IndexMismatch`); a file that breaks these (a variable rate, open groups of pictures, a
-    cut tail) is read by its packets instead. None for other containers (MKV, WebM and MPEG-TS list keyframes at most;
+    meets: each must be the next time on the grid, and each keyframe sought must be at its listed time
+    (`_IndexMismatch`). A file that breaks these (a variable rate, open groups of pictures, a cut tail, a stretch
+    shown later than the rest) is read by its packets instead, also after decoding has begun. (A stretch shown off
+    the grid whose shift is undone before the last packets goes unseen only where no decoding enters or crosses
+    it, and then none of its frames is returned.) None for other containers (MKV, WebM and MPEG-TS list keyframes at most;
     AVI lists empty packets as frames)."""
     if "mp4" not in container.format.name.split(","):
         return None
@@ -334,7 +340,8 @@ def _tail_on_grid(container, stream, stamps: list[int], delay: int, length: int 
     last = [packet for packet in container.demux(stream) if packet.size]
     offset = len(stamps) - len(last)
     return (
-        offset >= 0
+        bool(last)
+        and offset >= 0
         and all(packet.dts == stamps[offset + index] for index, packet in enumerate(last))
         and all(packet.pts is not None and (end - packet.pts) % step == 0 for packet in last)
         and max(packet.pts for packet in last) == end
@@ -418,7 +425,8 @@ def _decode_at(
 def _visit(seek, wanted: list[int], show, name, seeking: bool, listed: bool = False) -> tuple[dict, int]:
     """`{position: show(frame)}` for the sorted positions `wanted`, and how many frames were decoded: seeking past
     keyframes (positions from the frames' timestamps), or in one pass from the start (positions by counting).
-    `listed`: the times are a container's listed grid, which each decoded frame must lie on (`_IndexMismatch`)."""
+    `listed`: the times are a container's listed grid: each decoded frame must be the next time on it (after a seek,
+    the keyframe sought), else `_IndexMismatch`."""
     times, keyframes = seek.times, seek.keyframes
     found, decoder, position, current, decoded = {}, None, -1, None, 0
     for target in wanted:
@@ -436,9 +444,10 @@ def _visit(seek, wanted: list[int], show, name, seeking: bool, listed: bool = Fa
         for frame in decoder:  # (a decoding error ends it, see `_decoded`)
             decoded += 1
             counted = not seeking or frame.pts is None
-            position = position + 1 if counted else bisect.bisect_left(times, frame.pts)
-            if listed and (counted or position == len(times) or times[position] != frame.pts):
-                raise _IndexMismatch(f"a frame decodes at time {frame.pts}, off the grid its index lists")
+            shown = position + 1  # the next frame in display order: a decoder skips none
+            position = shown if counted else bisect.bisect_left(times, frame.pts)
+            if listed and (counted or position != shown or position == len(times) or times[position] != frame.pts):
+                raise _IndexMismatch(f"a frame decodes at time {frame.pts}, not the next time its index lists")
             current = frame
             if position >= target:
                 found[target] = show(frame)

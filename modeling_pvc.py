@@ -392,13 +392,24 @@ class PVCVisionProgressiveLayer(PVCVisionLayer):
 
     def temporal_branch(self, hidden_states, temporal_embeds):  # [S, T, n, C], [T, C]
         """`temporal_block`, whose activations are recomputed in the backward pass rather than kept when gradients
-        are on (torch's non-reentrant checkpoint; dropout and drop-path draw the same masks again). Kept, they made a
-        progressive layer hold 1.9x an ordinary layer's tensors for backward (the rearranged copies, the AdaLN's
+        flow through it (torch's non-reentrant checkpoint; dropout and drop-path draw the same masks again). Kept, they
+        made a progressive layer hold 1.9x an ordinary layer's tensors for backward (the rearranged copies, the AdaLN's
         condition and modulation, the gate's product); recomputed, it holds its input and little more (see
-        benchmarks/README.md, training memory), for one more forward of this branch, about 5% of a tower's step."""
-        if not torch.is_grad_enabled():
+        benchmarks/README.md, training memory). The cost is one more forward of this branch per step; with gradient
+        checkpointing, whose recomputation of the layer runs it again, two more (the layer's recomputation then peaks
+        at an ordinary layer's tensors too)."""
+        needs_gradients = torch.is_grad_enabled() and (
+            hidden_states.requires_grad
+            or temporal_embeds.requires_grad
+            or any(parameter.requires_grad for parameter in self.temporal_parameters())
+        )
+        if not needs_gradients:  # inference, or a frozen tower: nothing is kept for backward anyway
             return self.temporal_block(hidden_states, temporal_embeds)
         return checkpoint(self.temporal_block, hidden_states, temporal_embeds, use_reentrant=False)
+
+    def temporal_parameters(self):
+        for module in (self.temporal_norm, self.temporal_attention, self.temporal_gate):
+            yield from module.parameters()
 
     def temporal_block(self, hidden_states, temporal_embeds):  # [S, T, n, C], [T, C]
         """g * T-MHA(AdaLN(x; x + TE)) for some token positions of all frames."""

@@ -76,7 +76,9 @@ def as_grids(inputs: dict) -> dict:
 class VisualLayout:
     """How a batch's pixel rows divide into images and videos, and their order in its text: what `visual_layout` reads
     from the count inputs, once, as plain ints. The model's shapes and splits follow from it without reading a tensor
-    again (so a compiled vision path has no graph break: torch.compile specialises on these numbers)."""
+    again, so a compiled vision path has no graph break; torch.compile specialises on these numbers, so each distinct
+    layout is a graph of its own (past torch._dynamo.config.recompile_limit, 8 by default, the rest run eagerly: with
+    tiling that varies per batch, compile the tower and projector, which see only pixel shapes)."""
 
     image_tiles: tuple[int, ...] = ()  # tiles of each image
     video_frames: tuple[int, ...] = ()  # frames of each video
@@ -125,6 +127,11 @@ def visual_layout(
             )
         video_frames = _ints(video_num_frames)
         video_tiles = (1,) * len(video_frames) if video_num_tiles is None else _ints(video_num_tiles)
+        if len(video_tiles) != len(video_frames):
+            raise ValueError(
+                f"video_num_frames counts {len(video_frames)} videos ({list(video_frames)}), video_num_tiles "
+                f"{len(video_tiles)} ({list(video_tiles)}): give one count of each per video."
+            )
         rows = tuple(frames * tiles for frames, tiles in zip(video_frames, video_tiles))
         _check_rows(rows, pixel_values_videos.shape[0], "video_num_frames (x video_num_tiles)", "pixel_values_videos")
     order = _text_order(visual_order, len(image_tiles), len(video_frames))
@@ -133,7 +140,8 @@ def visual_layout(
 
 def _ints(counts) -> tuple[int, ...]:
     """Counts (a tensor, an array, a list) as Python ints; a tensor is read in one go (one device sync)."""
-    return tuple(int(count) for count in (counts.tolist() if isinstance(counts, torch.Tensor) else counts))
+    counts = counts.reshape(-1).tolist() if isinstance(counts, torch.Tensor) else counts  # a 0-d tensor: one item
+    return tuple(int(count) for count in counts)
 
 
 def _check_rows(counts: tuple[int, ...], total: int, counts_name: str, tensor_name: str):

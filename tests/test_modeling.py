@@ -275,6 +275,10 @@ def test_visual_layout_reads_the_counts_in_either_layout():
         visual_layout(images, image_num_tiles=torch.tensor([2, 2]))
     with pytest.raises(ValueError, match=r"video_num_frames \(x video_num_tiles\) \[3, 2\] must be positive"):
         visual_layout(pixel_values_videos=videos, video_num_frames=torch.tensor([3, 2]))
+    with pytest.raises(ValueError, match=r"video_num_frames counts 2 videos \(\[4, 4\]\), video_num_tiles 1 \(\[2\]\)"):
+        # (zipped, the counts matched the 8 rows and one video went missing later, a bare StopIteration)
+        visual_layout(pixel_values_videos=torch.zeros(8, 3, 28, 28), video_num_frames=[4, 4], video_num_tiles=[2])
+    assert visual_layout(images[:3], image_num_tiles=torch.tensor(3)).image_tiles == (3,)  # a 0-d count: one item
     with pytest.raises(ValueError, match="Pass `visual_order`"):
         visual_layout(images, videos, **dict(counts, visual_order=None))
     with pytest.raises(ValueError, match=r"visual_order \[0, 0, 0, 1\] must hold one 0 per image \(2 given\)"):

@@ -20,6 +20,14 @@ def tiny_config(**overrides) -> PVCVisionConfig:
     return config
 
 
+def checkpointed(tower, reentrant: bool = False):
+    """Gradient checkpointing of every layer (5.x's later releases call it activation checkpointing)."""
+    if hasattr(tower, "activation_checkpointing_enable"):
+        tower.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+    else:
+        tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+
+
 def kept_for_backward(module, run) -> int:
     """Bytes of the tensors autograd saves while `run()` runs a forward, each storage once, `module`'s parameters
     left out (counted here, with saved-tensor hooks)."""
@@ -81,7 +89,7 @@ def test_gradients_equal_those_of_the_layer_that_kept_everything(case, monkeypat
     if case == "positions in chunks":
         kwargs["frame_chunk_size"] = 1  # chunks of a few token positions in the temporal attention
     if case.endswith("checkpointing"):
-        tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": case.startswith("re")})
+        checkpointed(tower, reentrant=case.startswith("re"))
     loss, pixel_grad, grads = gradients(tower, pixels, **kwargs)
     monkeypatch.setattr(PVCVisionProgressiveLayer, "temporal_branch", reference_temporal_branch)
     reference_loss, reference_pixel_grad, reference_grads = gradients(tower, pixels, **kwargs)
@@ -122,7 +130,7 @@ def test_the_tower_keeps_at_most_a_tenth_more_than_internvl(checkpointing):
     pvc = PVCVisionModel(tiny_config(num_temporal_layers=1)).train()
     if checkpointing:
         for tower in (internvl, pvc):
-            tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            checkpointed(tower)
     pixels = torch.randn(4, 3, 56, 56)
     theirs = kept_for_backward(internvl, lambda: internvl(pixels))
     ours = kept_for_backward(pvc, lambda: pvc(pixels, num_frames=4))

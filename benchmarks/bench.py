@@ -354,20 +354,27 @@ MEMORY_VISION = dict(hidden_size=1024, num_hidden_layers=2, num_attention_heads=
 def memory_probe(frames: int, chunk: int | None) -> int:
     """Run in a child process: activation peak in bytes of the vision tower on `frames` 448px frames, sampled from
     the resident set every 2 ms (large allocations go straight back to the system, see `memory_part`)."""
-    import os
-    import threading
 
     from pvc import PVCVisionConfig
     from pvc.modeling_pvc import PVCVisionModel
-
-    def resident() -> int:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
     config = PVCVisionConfig(**MEMORY_VISION, num_temporal_layers=1, frame_chunk_size=chunk)
     config._attn_implementation = "sdpa"
     tower = PVCVisionModel(config).eval()
     pixels = torch.randn(frames, 3, 448, 448)
+    with torch.inference_mode():
+        return resident_peak(lambda: tower(pixels, num_frames=frames))
+
+
+def resident_peak(run) -> int:
+    """Bytes the resident set rises to while `run()` runs, over where it stood before, sampled every 2 ms."""
+    import os
+    import threading
+
+    def resident() -> int:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
     baseline = peak = resident()
     done = threading.Event()
 
@@ -379,10 +386,11 @@ def memory_probe(frames: int, chunk: int | None) -> int:
 
     sampler = threading.Thread(target=sample)
     sampler.start()
-    with torch.inference_mode():
-        tower(pixels, num_frames=frames)
-    done.set()
-    sampler.join()
+    try:
+        run()
+    finally:
+        done.set()
+        sampler.join()
     return max(peak, resident()) - baseline
 
 

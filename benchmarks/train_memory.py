@@ -15,7 +15,6 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -134,27 +133,12 @@ def peak_probe(name: str, checkpointing: bool, quick: bool) -> float:
     has a fifth more parameters)."""
     SHAPE.update(QUICK if quick else FULL)
 
-    def resident() -> int:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    from bench import resident_peak
 
     tower, forward = build_tower(name, checkpointing=checkpointing)
-    baseline = peak = resident()
-    done = threading.Event()
-
-    def sample():
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, resident())
-            time.sleep(0.002)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    forward().last_hidden_state.float().square().mean().backward()
-    done.set()
-    sampler.join()
+    peak = resident_peak(lambda: forward().last_hidden_state.float().square().mean().backward())
     gradients = sum(parameter.grad.nbytes for parameter in tower.parameters() if parameter.grad is not None)
-    return (max(peak, resident()) - baseline - gradients) / FRAMES
+    return (peak - gradients) / FRAMES
 
 
 def measured(call: str, quick: bool) -> float:

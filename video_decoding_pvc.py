@@ -299,10 +299,10 @@ def _listed_index(container, stream) -> tuple[list[int], list[int]] | None:
     shown later than the rest) is read by its packets instead, also after decoding has begun. (A stretch shown off
     the grid whose shift is undone before the last packets goes unseen only where no decoding enters or crosses
     it, and then none of its frames is returned.) None for other containers (MKV, WebM and MPEG-TS list keyframes at most;
-    AVI lists empty packets as frames)."""
-    if "mp4" not in container.format.name.split(","):
+    AVI lists empty packets as frames), and under a PyAV older than 17, which does not expose the index."""
+    entries = getattr(stream, "index_entries", None)
+    if entries is None or "mp4" not in container.format.name.split(","):
         return None
-    entries = stream.index_entries
     count = len(entries)
     if count < 2 or count != stream.frames:
         return None

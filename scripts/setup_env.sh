@@ -8,7 +8,7 @@ venv=$1 spec=$2 extras=${3:-test}
 root="$(cd "$(dirname "$0")/.." && pwd)"
 constraints=${4:-$root/constraints.txt}
 stamp="$venv/.pvc-setup"
-wanted="$spec [$extras] $(cat "$root/setup.py" "$constraints" | sha256sum | cut -c1-16)"
+wanted="$spec [$extras] $(cat "$root/setup.py" "$constraints" "$root"/constraints*.txt | sha256sum | cut -c1-16)"
 if [ -x "$venv/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$wanted" ]; then
     exit 0
 fi

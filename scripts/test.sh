@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# The test suite three times: on the lowest transformers this repo supports and on the newest 5.x release, both
-# without torchvision (PIL and PyAV only), then on the newest with torchvision (constraints-vision.txt: the torchvision
-# backends and transformers' video processor); then serving with vLLM and evaluating with lmms-eval, each in its own
-# environment (scripts/test_vllm.sh and scripts/test_lmms_eval.sh; PVC_SKIP_VLLM=1 and PVC_SKIP_LMMS_EVAL=1 leave
-# them out).
+# The test suite three times: on the lowest transformers and PyAV this repo supports (constraints-floor.txt) and on
+# the newest 5.x release, both without torchvision (PIL and PyAV only), then on the newest with torchvision
+# (constraints-vision.txt: the torchvision backends and transformers' video processor); then serving with vLLM and
+# evaluating with lmms-eval, each in its own environment (scripts/test_vllm.sh and scripts/test_lmms_eval.sh;
+# PVC_SKIP_VLLM=1 and PVC_SKIP_LMMS_EVAL=1 leave them out).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 status=0
-for setting in ".venv-floor transformers==5.0.0 test constraints.txt" ".venv transformers>=5.0,<6 test constraints.txt" \
+for setting in ".venv-floor transformers==5.0.0 test constraints-floor.txt" ".venv transformers>=5.0,<6 test constraints.txt" \
     ".venv-vision transformers>=5.0,<6 test,vision constraints-vision.txt"; do
     read -r venv spec extras constraints <<<"$setting"
     echo "=== $spec, extras $extras ($venv)"

@@ -109,8 +109,8 @@ MUTATIONS = [
     (
         "normalisation x / std - mean",
         "image_processing_pvc.py",
-        'array = (array - mean) / np.asarray(settings["image_std"], dtype=np.float32)',
-        'array = array / np.asarray(settings["image_std"], dtype=np.float32) - mean',
+        'scale, shift = scale / std, -torch.tensor(settings["image_mean"], dtype=torch.float32) / std',
+        'scale, shift = scale / std, -torch.tensor(settings["image_mean"], dtype=torch.float32)',
         "tests/test_processing.py",
     ),
     (

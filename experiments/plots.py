@@ -1,6 +1,6 @@
 """Figure-3-style plots of a toy_ablation report (matplotlib, the `plots` extra).
 
-python -m pvc.experiments.plots experiments/results/toy_ablation.json
+python -m pvc.experiments.plots experiments/results/toy_ablation.json   # or toy_convert.json, toy_budget.json
 """
 
 import json
@@ -130,9 +130,52 @@ def plot_convert(report: dict, folder: Path) -> list[Path]:
     return [path]
 
 
+BUDGET_STYLES = {row: (STYLES[row].lstrip("k"), COLOURS[row]) for row in STYLES} | {"a-kept": ("x--", "grey")}
+
+
+def plot_budget(report: dict, folder: Path) -> list[Path]:
+    """budget_flashes.png, video at an equal token budget: each row's fine-tuning loss against the step, mean over
+    seeds, with the uniform plateau (left), and its share of flashes right per frame (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    every = report["budget"]["log_every"]
+    for row, values in report["rows"].items():
+        style, colour = BUDGET_STYLES.get(row, ("-", None))
+        tokens = values["visual_tokens"] // values["frames_seen"]
+        label = f"{row}: {values['frames_seen']} frames x {tokens} tokens"
+        curve = values["losses"]
+        left.plot([every * (step + 1) for step in range(len(curve))], curve, style, color=colour, label=label)
+        frames = range(1, len(values["by_frame"]) + 1)
+        right.plot(frames, values["by_frame"], style, color=colour, label=label)
+    left.axhline(report["uniform_plateau"], color="grey", linewidth=0.8, label="uniform plateau")
+    left.set_xlabel("fine-tuning step")
+    left.set_ylabel("loss (mean over seeds)")
+    left.set_yscale("log")
+    left.set_title("Flashes: fine-tuning loss")
+    right.axhline(0.25, color="grey", linewidth=0.8, label="chance")
+    right.set_xlabel("frame")
+    right.set_ylabel("share of flashes right (mean over seeds)")
+    right.set_ylim(0, 1.02)
+    right.set_title("Flashes: share right per frame")
+    for axis in (left, right):
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "budget_flashes.png"
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return [path]
+
+
+PLOTS = {"convert": plot_convert, "budget": plot_budget}
+
 if __name__ == "__main__":
     report_path = Path(sys.argv[1])
     report = json.loads(report_path.read_text())
-    plot = plot_convert if report.get("protocol") == "convert" else plot_report
+    plot = PLOTS.get(report.get("protocol"), plot_report)
     for path in plot(report, report_path.parent):
         print(f"wrote {path}")

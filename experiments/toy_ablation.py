@@ -1261,10 +1261,10 @@ def main(argv=None):
     partial.write_text(json.dumps(report, indent=1))
     partial.replace(args.out)  # never a half-written report
     print(table(report))
-    if args.plot and args.protocol != "budget":
-        from .plots import plot_convert, plot_report
+    if args.plot:
+        from .plots import PLOTS, plot_report
 
-        for path in (plot_convert if args.protocol == "convert" else plot_report)(report, args.out.parent):
+        for path in PLOTS.get(args.protocol, plot_report)(report, args.out.parent):
             print(f"wrote {path}")
     print(f"wrote {args.out} in {report['config']['seconds']:.0f} s")
 

@@ -497,23 +497,18 @@ def convert_tasks(processor, toy: ToyConfig) -> list["Task"]:
     return [task for video in videos for task in (image, video)]
 
 
-def pretrained_row_a(folder: Path, toy: ToyConfig, seed: int) -> Path:
-    """Row (a), InternVL2 at toy size, trained from scratch on both tasks and saved with `save_pretrained` (model,
-    tokenizer, processor): the checkpoint a user would convert. Made once per seed; parallel runs wait for it."""
+def made_once(checkpoint: Path, make) -> Path:
+    """`checkpoint`, trained and saved by `make()` -> (model, processor, scores) unless it is there: once per
+    folder, as parallel runs wait on a lock, and never half-written (saved beside it, then renamed into place)."""
     import fcntl
 
-    checkpoint = folder / f"seed{seed}" / "a-pretrained"
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    with open(checkpoint.parent / "a-pretrained.lock", "w") as lock:
+    with open(checkpoint.parent / f"{checkpoint.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (checkpoint / "toy_scores.json").exists():
             return checkpoint
         started = time.perf_counter()
-        tokenizer = tiny_tokenizer()
-        model = build_model("a", toy, seed, tokenizer)
-        processor = build_processor(model, toy, tokenizer)
-        train(model, convert_tasks(processor, toy), replace(toy, steps=toy.pretrain_steps), seed)
-        scores = score_both(model, processor, toy, seed)
+        model, processor, scores = make()
         staging = checkpoint.with_name(checkpoint.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         model.save_pretrained(staging)
@@ -523,6 +518,20 @@ def pretrained_row_a(folder: Path, toy: ToyConfig, seed: int) -> Path:
         shutil.rmtree(checkpoint, ignore_errors=True)
         staging.replace(checkpoint)
     return checkpoint
+
+
+def pretrained_row_a(folder: Path, toy: ToyConfig, seed: int) -> Path:
+    """Row (a), InternVL2 at toy size, trained from scratch on both tasks and saved with `save_pretrained` (model,
+    tokenizer, processor): the checkpoint a user would convert. Made once per seed; parallel runs wait for it."""
+
+    def make():
+        tokenizer = tiny_tokenizer()
+        model = build_model("a", toy, seed, tokenizer)
+        processor = build_processor(model, toy, tokenizer)
+        train(model, convert_tasks(processor, toy), replace(toy, steps=toy.pretrain_steps), seed)
+        return model, processor, score_both(model, processor, toy, seed)
+
+    return made_once(folder / f"seed{seed}" / "a-pretrained", make)
 
 
 def score_both(model, processor, toy: ToyConfig, seed: int) -> dict:
@@ -747,15 +756,8 @@ def budget_scores(model, processor, toy: ToyConfig, budget: BudgetConfig, frames
 def pretrained_flash_a(folder: Path, toy: ToyConfig, budget: BudgetConfig, seed: int) -> Path:
     """Row (a) trained from scratch on the flash task (batches of T frames and of the T/4 kept frames in turn) and
     saved: the checkpoint every row of the seed is converted from. Made once per seed."""
-    import fcntl
 
-    checkpoint = folder / f"seed{seed}" / "a-flash-pretrained"
-    checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    with open(checkpoint.parent / "a-flash-pretrained.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (checkpoint / "toy_scores.json").exists():
-            return checkpoint
-        started = time.perf_counter()
+    def make():
         tokenizer = tiny_tokenizer()
         model = build_model("a", toy, seed, tokenizer)
         processor = build_processor(model, toy, tokenizer)
@@ -769,15 +771,9 @@ def pretrained_flash_a(folder: Path, toy: ToyConfig, budget: BudgetConfig, seed:
             frames: [float(np.mean(losses[start::2][i : i + every])) for i in range(0, len(losses[start::2]), every)]
             for start, frames in ((0, "all"), (1, "kept"))
         }
-        staging = checkpoint.with_name(checkpoint.name + ".partial")
-        shutil.rmtree(staging, ignore_errors=True)
-        model.save_pretrained(staging)
-        processor.save_pretrained(staging)
-        scores["seconds"] = round(time.perf_counter() - started, 1)
-        (staging / "toy_scores.json").write_text(json.dumps(scores))
-        shutil.rmtree(checkpoint, ignore_errors=True)
-        staging.replace(checkpoint)
-    return checkpoint
+        return model, processor, scores
+
+    return made_once(folder / f"seed{seed}" / "a-flash-pretrained", make)
 
 
 def run_budget_job(job: dict) -> dict:

@@ -12,6 +12,17 @@ STYLES = {"a": "k:", "b": "s--", "c": "^-.", "pvc": "o-"}
 COLOURS = {"a": "black", "b": "tab:blue", "c": "tab:orange", "pvc": "tab:green"}  # the same row, the same colour
 
 
+def saved(figure, path: Path) -> Path:
+    """`figure` laid out, written to `path` (its folder made) and closed."""
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
 def plot_report(report: dict, folder: Path) -> list[Path]:
     """figure3.png: video accuracy against frames (left) and image accuracy against repeats (right), mean and
     standard deviation over seeds, as the paper's Figure 3; table4.png: the rows' image accuracy."""
@@ -45,11 +56,7 @@ def plot_report(report: dict, folder: Path) -> list[Path]:
         axis.set_title(title)
         axis.set_ylim(0, 1.02)
         axis.legend(fontsize=8)
-    figure.tight_layout()
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = [folder / "figure3.png", folder / "table4.png"]
-    figure.savefig(paths[0], dpi=120)
-    plt.close(figure)
+    paths = [saved(figure, folder / "figure3.png")]
 
     figure, axis = plt.subplots(figsize=(5, 3.5))
     rows = list(report["rows"])
@@ -64,10 +71,7 @@ def plot_report(report: dict, folder: Path) -> list[Path]:
     axis.set_ylabel("image task: share of cells right")
     axis.set_ylim(0, 1.02)
     axis.tick_params(axis="x", labelsize=7)
-    figure.tight_layout()
-    figure.savefig(paths[1], dpi=120)
-    plt.close(figure)
-    return paths
+    return [*paths, saved(figure, folder / "table4.png")]
 
 
 CONVERT_STYLES = {
@@ -122,12 +126,7 @@ def plot_convert(report: dict, folder: Path) -> list[Path]:
         axis.set_ylabel("share of cells right")
         axis.set_ylim(0, 1.02)
         axis.legend(fontsize=7)
-    figure.tight_layout()
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "convert_figure3.png"
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return [path]
+    return [saved(figure, folder / "convert_figure3.png")]
 
 
 BUDGET_STYLES = {row: (STYLES[row].lstrip("k"), COLOURS[row]) for row in STYLES} | {"a-kept": ("x--", "grey")}
@@ -163,12 +162,7 @@ def plot_budget(report: dict, folder: Path) -> list[Path]:
     right.set_title("Flashes: share right per frame")
     for axis in (left, right):
         axis.legend(fontsize=7)
-    figure.tight_layout()
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "budget_flashes.png"
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return [path]
+    return [saved(figure, folder / "budget_flashes.png")]
 
 
 PLOTS = {"convert": plot_convert, "budget": plot_budget}

@@ -12,25 +12,29 @@ STYLES = {"a": "k:", "b": "s--", "c": "^-.", "pvc": "o-"}
 COLOURS = {"a": "black", "b": "tab:blue", "c": "tab:orange", "pvc": "tab:green"}  # the same row, the same colour
 
 
-def saved(figure, path: Path) -> Path:
-    """`figure` laid out, written to `path` (its folder made) and closed."""
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only, no display), imported when a plot is made."""
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def saved(figure, path: Path) -> Path:
+    """`figure` laid out, written to `path` (its folder made) and closed."""
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
-    plt.close(figure)
+    pyplot().close(figure)
     return path
 
 
 def plot_report(report: dict, folder: Path) -> list[Path]:
     """figure3.png: video accuracy against frames (left) and image accuracy against repeats (right), mean and
     standard deviation over seeds, as the paper's Figure 3; table4.png: the rows' image accuracy."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for axis, section, xlabel, title in (
         (left, "video", "frames per video", "Video: last frame's grid"),
@@ -85,11 +89,7 @@ CONVERT_STYLES = {
 def plot_convert(report: dict, folder: Path) -> list[Path]:
     """convert_figure3.png, the convert protocol: image score against repeats at test time for (b) and PVC trained at
     4 repeats and trained with the repeat drawn per batch (left), and each row's image and video scores (right)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for row, (style, colour) in CONVERT_STYLES.items():
         values = report["repeats"].get(row)
@@ -135,11 +135,7 @@ BUDGET_STYLES = {row: (STYLES[row].lstrip("k"), COLOURS[row]) for row in STYLES}
 def plot_budget(report: dict, folder: Path) -> list[Path]:
     """budget_flashes.png, video at an equal token budget: each row's fine-tuning loss against the step, mean over
     seeds, with the uniform plateau (left), and its share of flashes right per frame (right)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     every = report["budget"]["log_every"]
     for row, values in report["rows"].items():
